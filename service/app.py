@@ -1,0 +1,202 @@
+"""create_app: the lifespan wires the parts, routers are mounted, errors are mapped to HTTP in one place."""
+
+import asyncio
+import gc
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.asyncio import Redis
+from starlette.exceptions import HTTPException
+
+from service.access import AccessMiddleware
+from service.auth import require_client
+from service.backends import Backend
+from service.backends.onnx import OnnxBackend
+from service.backends.triton import TritonBackend
+from service.batcher import Batcher, BatchLimits
+from service.cache import CircuitBreaker, EmbeddingCache
+from service.embedder import Embedder
+from service.errors import ApiError
+from service.metrics import Metrics
+from service.milvus import VectorMetrics
+from service.model_store import ModelStore, ModelVersion
+from service.protocol import ErrorBody, ErrorDetail
+from service.rollout_store import MemoryRolloutStore, RedisRolloutStore, RolloutMetrics, RolloutStore, RolloutWatcher
+from service.routes import collections, embeddings, ops, rollouts
+from service.settings import Settings
+from service.vectors import VectorStore
+
+log = logging.getLogger(__name__)
+
+
+def create_backend(settings: Settings) -> Backend:
+    if settings.backend == "triton":
+        return TritonBackend(settings.triton_url, timeout_s=settings.triton_timeout_s)
+    return OnnxBackend(intra_op_threads=settings.onnx_intra_op_threads)
+
+
+def create_cache(settings: Settings, metrics: Metrics) -> EmbeddingCache | None:
+    if not settings.cache_enabled:
+        return None
+    redis = None
+    if settings.redis_url:
+        timeout_s = settings.redis_timeout_ms / 1000
+        redis = Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    breaker = CircuitBreaker(settings.redis_failure_threshold, settings.redis_retry_after_s, metrics)
+    return EmbeddingCache(
+        metrics,
+        l1_max_bytes=settings.cache_memory_bytes,
+        redis=redis,
+        redis_prefix=settings.redis_prefix,
+        ttl_s=settings.cache_ttl_s,
+        breaker=breaker,
+    )
+
+
+def create_rollout_store(settings: Settings) -> RolloutStore:
+    """Redis when configured, so every replica routes alike; else this process only."""
+    if not settings.redis_url:
+        return MemoryRolloutStore()
+    timeout_s = settings.redis_timeout_ms / 1000
+    redis = Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    return RedisRolloutStore(redis, settings.redis_prefix)
+
+
+def start_batchers(
+    settings: Settings, versions: list[ModelVersion], backend: Backend, metrics: Metrics
+) -> dict[tuple[str, int], Batcher]:
+    limits = BatchLimits(
+        max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue_inputs=settings.max_queue_inputs,
+    )
+    batchers = {(v.model, v.version): Batcher(v, backend, limits, metrics) for v in versions}
+    for batcher in batchers.values():
+        batcher.start()
+    return batchers
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The gateway app; its parts are built in the lifespan from ``settings``."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = await asyncio.to_thread(ModelStore.scan, settings.model_repository)
+        metrics.describe_store(store)
+        backend = create_backend(settings)
+        await backend.start(store.all())
+        app.state.store = store
+        app.state.backend = backend
+        batchers = start_batchers(settings, store.all(), backend, metrics)
+        cache = create_cache(settings, metrics)
+        rollout_watcher = RolloutWatcher(
+            create_rollout_store(settings), store, settings.rollout_refresh_s, RolloutMetrics(metrics.registry)
+        )
+        await rollout_watcher.refresh()
+        rollout_watcher.start()
+        app.state.rollouts = rollout_watcher
+        app.state.embedder = Embedder(settings, store, batchers, cache, metrics, rollout_watcher)
+        # Vector store: connects in the background (resuming re-indexes); without Milvus only its routes fail.
+        vector_store = VectorStore(settings, app.state.embedder, VectorMetrics(metrics.registry))
+        vector_store.start()
+        app.state.vector_store = vector_store
+        # Everything built so far lives as long as the app: keep it out of the garbage collector's
+        # scans, whose full passes otherwise show up as tail latency.
+        gc.freeze()
+        log.info(
+            "gateway started",
+            extra={"versions": [v.name for v in store.all()], "refused": len(store.refused), "backend": backend.name},
+        )
+        try:
+            yield
+        finally:
+            await vector_store.close()
+            await rollout_watcher.close()
+            for batcher in batchers.values():
+                await batcher.stop()
+            if cache is not None:
+                await cache.close()
+            await backend.close()
+
+    app = FastAPI(title="embedserve", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.include_router(embeddings.router, dependencies=[Depends(require_client)])
+    app.include_router(ops.router)
+    app.include_router(collections.router, dependencies=[Depends(require_client)])
+    app.include_router(rollouts.router)
+    app.add_middleware(AccessMiddleware, metrics=metrics)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    return app
+
+
+def _error_response(
+    status: int, message: str, error_type: str, param: str | None, code: str | None, headers: dict[str, str]
+) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(message=message, type=error_type, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+async def _api_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, ApiError)
+    return _error_response(error.status_code, error.message, error.error_type, error.param, error.code, error.headers)
+
+
+async def _validation_error(request: Request, error: Exception) -> JSONResponse:
+    """Wrong JSON types or malformed JSON: a 400 naming the field, as OpenAI does (not FastAPI's 422)."""
+    assert isinstance(error, RequestValidationError)
+    first = error.errors()[0]
+    if first.get("type") == "json_invalid":
+        return _error_response(
+            400,
+            "The request body is not valid JSON; send a JSON object.",
+            "invalid_request_error",
+            None,
+            "invalid_json",
+            {},
+        )
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if not location:
+        return _error_response(
+            400,
+            "The request body must be a JSON object; send it with Content-Type: application/json.",
+            "invalid_request_error",
+            None,
+            "invalid_body",
+            {},
+        )
+    param = location[0] if location else None
+    expected = first.get("msg", "is invalid")
+    return _error_response(
+        400, f"'{param}' is invalid: {expected}.", "invalid_request_error", param, "invalid_type", {}
+    )
+
+
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+    return _error_response(
+        error.status_code, str(error.detail), "invalid_request_error", None, code, dict(error.headers or {})
+    )
+
+
+async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", None)
+    log.exception("unexpected error", extra={"request_id": request_id, "error_type": type(error).__name__})
+    return _error_response(
+        500,
+        f"Internal error (request id {request_id}); it has been logged.",
+        "server_error",
+        None,
+        "internal_error",
+        {},
+    )

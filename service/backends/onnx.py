@@ -1,0 +1,55 @@
+"""In-process ONNX Runtime backend (the embedded default)."""
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnxruntime as ort
+
+from service.errors import ServiceUnavailable
+from service.model_store import ModelVersion
+from service.tokenization import TokenBatch
+
+log = logging.getLogger(__name__)
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def __init__(self, intra_op_threads: int = 0) -> None:
+        self._intra_op_threads = intra_op_threads or os.cpu_count() or 1
+        self._sessions: dict[tuple[str, int], ort.InferenceSession] = {}
+        # One inference at a time: each run already uses every core through intra-op threads,
+        # and ONNX Runtime releases the GIL so the event loop keeps serving meanwhile.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+
+    async def start(self, versions: list[ModelVersion]) -> None:
+        for version in versions:
+            self._sessions[(version.model, version.version)] = await asyncio.to_thread(self._load, version)
+
+    def _load(self, version: ModelVersion) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self._intra_op_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(str(version.onnx_path), options, providers=["CPUExecutionProvider"])
+        log.info("onnx session loaded", extra={"model": version.model, "version": version.version})
+        return session
+
+    async def ready(self, version: ModelVersion) -> bool:
+        return (version.model, version.version) in self._sessions
+
+    async def embed(self, version: ModelVersion, batch: TokenBatch) -> np.ndarray:
+        session = self._sessions.get((version.model, version.version))
+        if session is None:
+            raise ServiceUnavailable(f"model version {version.name} is not loaded; check /readyz.")
+        feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        loop = asyncio.get_running_loop()
+        outputs = await loop.run_in_executor(self._executor, session.run, ["embedding"], feeds)
+        return np.asarray(outputs[0], dtype=np.float32)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._sessions.clear()

@@ -1,0 +1,133 @@
+"""The one manifest schema of a model version, and checksum verification.
+
+Shared by the trainer (which writes manifests at export) and the gateway (which refuses any version
+whose files don't match). Depends on pydantic and hashlib only.
+"""
+
+import hashlib
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+MANIFEST_FILE = "manifest.json"
+SCHEMA_VERSION = 1
+_CHUNK = 1 << 20
+
+
+class FileDigest(BaseModel):
+    sha256: str
+    size: int
+
+
+class EmbeddingStats(BaseModel):
+    """Reference statistics of a version's embeddings on a validation sample, for drift monitoring."""
+
+    count: int
+    mean: list[float]
+    std: list[float]
+    norm_quantiles: dict[str, float] = Field(description="Quantiles of the L2 norm, keyed '0.05', '0.5', ...")
+    sample: list[list[float]] = Field(
+        default_factory=list, description="A small sample of reference vectors (for kernel MMD)."
+    )
+
+
+class Evaluation(BaseModel):
+    primary_metric: str
+    metrics: dict[str, float]
+    gate_threshold: float | None = None
+    passed_gate: bool | None = None
+
+
+class Manifest(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    model: str
+    version: int
+    created_at: datetime
+    source: str = Field(description="Where the weights came from, e.g. a package or a training run.")
+    base_model: str | None = None
+    parent_version: int | None = None
+    embedding_dimension: int
+    max_seq_length: int
+    pooling: Literal["mean"] = "mean"
+    normalized: bool = True
+    precision: Literal["fp32", "int8"] = "fp32"
+    files: dict[str, FileDigest] = Field(description="Relative path -> digest of every file of the version.")
+    dataset_fingerprint: str | None = None
+    training_config: dict[str, Any] | None = None
+    git_commit: str | None = None
+    evaluation: Evaluation | None = None
+    reference_stats: EmbeddingStats | None = None
+    forced: bool = Field(False, description="Exported with --force past a failed evaluation gate.")
+    notes: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def sha256(self) -> str:
+        """One digest naming the whole version: sha256 over the sorted per-file digests."""
+        digest = hashlib.sha256()
+        for path in sorted(self.files):
+            digest.update(f"{path}\0{self.files[path].sha256}\n".encode())
+        return digest.hexdigest()
+
+
+class ManifestError(Exception):
+    """A version folder whose manifest is missing, unreadable, or does not match its files."""
+
+    def __init__(self, version_dir: Path, reason: str, file: str | None = None) -> None:
+        super().__init__(reason)
+        self.version_dir = version_dir
+        self.reason = reason
+        self.file = file
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def digest_files(version_dir: Path) -> dict[str, FileDigest]:
+    """Digest every file under ``version_dir`` except the manifest itself."""
+    return {
+        path.relative_to(version_dir).as_posix(): FileDigest(sha256=file_sha256(path), size=path.stat().st_size)
+        for path in sorted(version_dir.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_FILE
+    }
+
+
+def read_manifest(version_dir: Path) -> Manifest:
+    manifest_path = version_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ManifestError(version_dir, f"{MANIFEST_FILE} is missing", MANIFEST_FILE)
+    try:
+        return Manifest.model_validate_json(manifest_path.read_bytes())
+    except ValueError as error:
+        raise ManifestError(version_dir, f"{MANIFEST_FILE} is not a valid manifest: {error}", MANIFEST_FILE) from error
+
+
+def verify_version(version_dir: Path) -> Manifest:
+    """Return the manifest of ``version_dir`` if every file matches it exactly; raise ManifestError otherwise.
+
+    Exactly means: every listed file exists with its size and sha256, and no unlisted file is present.
+    """
+    manifest = read_manifest(version_dir)
+    for relative, expected in manifest.files.items():
+        path = version_dir / relative
+        if not path.is_file():
+            raise ManifestError(version_dir, f"file {relative} listed in the manifest is missing", relative)
+        if path.stat().st_size != expected.size:
+            raise ManifestError(version_dir, f"file {relative} has the wrong size", relative)
+        if file_sha256(path) != expected.sha256:
+            raise ManifestError(version_dir, f"file {relative} does not match its sha256", relative)
+    present = {
+        path.relative_to(version_dir).as_posix()
+        for path in version_dir.rglob("*")
+        if path.is_file() and path.name != MANIFEST_FILE
+    }
+    unlisted = sorted(present - set(manifest.files))
+    if unlisted:
+        raise ManifestError(version_dir, f"file {unlisted[0]} is not listed in the manifest", unlisted[0])
+    return manifest

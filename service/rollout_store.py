@@ -1,0 +1,248 @@
+"""Where rollout states live (in-process, or Redis shared by every replica) and each replica's copy of them.
+
+Saves are compare-and-set on ``revision``: a save based on a stale read raises ``Conflict``. Each replica's
+``RolloutWatcher`` re-reads every state every ``rollout_refresh_s``; when Redis is lost it keeps its last
+known states, and it only ever routes to versions verified in this replica's ``ModelStore``.
+"""
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Gauge
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from service.errors import Conflict, ServiceUnavailable
+from service.model_store import ModelStore
+from service.rollout import PHASES, RolloutState, choose_version
+
+log = logging.getLogger(__name__)
+
+_CONFLICT = "rollout of {model} changed since it was read (now revision {revision}); re-read it and retry."
+
+
+class RolloutStore:
+    """The interface: read one or all states, and save one with compare-and-set."""
+
+    async def load(self, model: str) -> RolloutState | None:
+        raise NotImplementedError
+
+    async def load_all(self) -> dict[str, RolloutState]:
+        raise NotImplementedError
+
+    async def save(self, state: RolloutState) -> RolloutState:
+        """Store ``state`` as revision ``state.revision + 1`` if the stored revision is still ``state.revision``
+        (0 = none stored); else raise ``Conflict``. Returns what was stored."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+
+class MemoryRolloutStore(RolloutStore):
+    """States of this process only (no Redis configured): one replica, nothing to share."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, RolloutState] = {}
+
+    async def load(self, model: str) -> RolloutState | None:
+        return self._states.get(model)
+
+    async def load_all(self) -> dict[str, RolloutState]:
+        return dict(self._states)
+
+    async def save(self, state: RolloutState) -> RolloutState:
+        current = self._states.get(state.model)
+        revision = current.revision if current else 0
+        if revision != state.revision:
+            raise Conflict(_CONFLICT.format(model=state.model, revision=revision), code="revision_conflict")
+        saved = state.model_copy(update={"revision": revision + 1})
+        self._states[state.model] = saved
+        return saved
+
+
+# KEYS: state key, index set. ARGV: expected revision, new JSON, model. Returns -1 when stored, else the revision.
+_SAVE_SCRIPT = """
+local stored = redis.call('GET', KEYS[1])
+local revision = 0
+if stored then revision = cjson.decode(stored)['revision'] end
+if revision ~= tonumber(ARGV[1]) then return revision end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+return -1
+"""
+
+
+class RedisRolloutStore(RolloutStore):
+    """One JSON value per model at ``{prefix}rollout:{model}``; the set ``{prefix}rollouts`` names the models,
+    so a refresh reads them without scanning the (cache-filled) keyspace."""
+
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._save = redis.register_script(_SAVE_SCRIPT)
+
+    def _key(self, model: str) -> str:
+        return f"{self._prefix}rollout:{model}"
+
+    async def load(self, model: str) -> RolloutState | None:
+        value = await self._redis.get(self._key(model))
+        return None if value is None else RolloutState.model_validate_json(value)
+
+    async def load_all(self) -> dict[str, RolloutState]:
+        models = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in await self._redis.smembers(self._index))
+        if not models:
+            return {}
+        values = await self._redis.mget([self._key(model) for model in models])
+        states = (RolloutState.model_validate_json(v) for v in values if v is not None)
+        return {state.model: state for state in states}
+
+    @property
+    def _index(self) -> str:
+        return f"{self._prefix}rollouts"
+
+    async def save(self, state: RolloutState) -> RolloutState:
+        saved = state.model_copy(update={"revision": state.revision + 1})
+        keys = [self._key(state.model), self._index]
+        result = await self._save(keys=keys, args=[state.revision, saved.model_dump_json(), state.model])
+        if int(result) != -1:
+            raise Conflict(_CONFLICT.format(model=state.model, revision=int(result)), code="revision_conflict")
+        return saved
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+class RolloutMetrics:
+    """``embedserve_rollout_weight{model,version}`` and ``embedserve_rollout_phase{model,phase}``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.weight = Gauge(
+            "embedserve_rollout_weight",
+            "Percent of a model's unpinned traffic routed to each version of its rollout.",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.phase = Gauge(
+            "embedserve_rollout_phase",
+            "1 for the phase a model's rollout is in, else 0.",
+            ["model", "phase"],
+            registry=registry,
+        )
+        self._versions: dict[str, set[str]] = {}
+
+    def describe(self, state: RolloutState) -> None:
+        weights = {str(state.stable_version): 100 - state.weight if state.active else 100}
+        if state.canary_version is not None:
+            weights[str(state.canary_version)] = state.weight if state.active else 0
+        # A version that left the rollout (the old stable after a promotion) drops to 0 rather than keep its last value.
+        for version in self._versions.get(state.model, set()) - weights.keys():
+            weights[version] = 0
+        self._versions[state.model] = set(weights)
+        for version, weight in weights.items():
+            self.weight.labels(state.model, version).set(weight)
+        for phase in PHASES:
+            self.phase.labels(state.model, phase).set(1 if phase == state.phase else 0)
+
+
+class RolloutWatcher:
+    """This replica's copy of every rollout state, refreshed in the background, and the routing it implies."""
+
+    def __init__(
+        self,
+        store: RolloutStore,
+        models: ModelStore,
+        refresh_s: float = 1.0,
+        metrics: RolloutMetrics | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self._models = models
+        self._refresh_s = refresh_s
+        self._metrics = metrics
+        self._rng = rng or random.Random()
+        self._states: dict[str, RolloutState] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._unservable_logged: set[tuple[str, int]] = set()
+        self._failing = False
+
+    def get(self, model: str) -> RolloutState | None:
+        return self._states.get(model)
+
+    def all(self) -> list[RolloutState]:
+        return [self._states[model] for model in sorted(self._states)]
+
+    def stable_version(self, model: str) -> int | None:
+        """The rollout's stable version of ``model`` when there is a rollout and this replica can serve it."""
+        state = self._states.get(model)
+        if state is None or self._models.get(model, state.stable_version) is None:
+            return None
+        return state.stable_version
+
+    def route(self, model: str, routing_key: str | None) -> int | None:
+        """The version an unpinned request for ``model`` gets; None = no rollout here, use the default. Never a
+        version this replica hasn't verified: an unservable canary sends everything to stable (and is logged)."""
+        state = self._states.get(model)
+        if state is None:
+            return None
+        chosen = choose_version(state, routing_key, self._rng)
+        if chosen != state.stable_version and self._models.get(model, chosen) is None:
+            if (model, chosen) not in self._unservable_logged:
+                self._unservable_logged.add((model, chosen))
+                log.error(
+                    "canary not verified on this replica: routing everything to stable",
+                    extra={"model": model, "version": chosen, "stable_version": state.stable_version},
+                )
+            chosen = state.stable_version
+        return chosen if self._models.get(model, chosen) is not None else None
+
+    def _accept(self, state: RolloutState) -> None:
+        current = self._states.get(state.model)
+        if current is None or state.revision >= current.revision:
+            self._states[state.model] = state
+            if self._metrics is not None:
+                self._metrics.describe(state)
+
+    async def refresh(self) -> None:
+        """Read every state once; on a Redis error keep the last known ones."""
+        try:
+            states = await self.store.load_all()
+        except (RedisError, OSError, TimeoutError) as error:
+            if not self._failing:
+                log.warning(
+                    "rollout refresh failed: keeping the last known states", extra={"error": type(error).__name__}
+                )
+            self._failing = True
+            return
+        if self._failing:
+            log.warning("rollout refresh works again")
+        self._failing = False
+        for state in states.values():
+            self._accept(state)
+
+    async def update(self, model: str, change: Callable[[RolloutState | None], RolloutState]) -> RolloutState:
+        """Read ``model``'s state from the store, apply ``change``, save it compare-and-set; seen here at once."""
+        try:
+            saved = await self.store.save(change(await self.store.load(model)))
+        except (RedisError, OSError, TimeoutError) as error:
+            raise ServiceUnavailable(f"rollout state store is unavailable ({type(error).__name__}); retry.") from None
+        self._accept(saved)
+        return saved
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._refresh_forever())
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self._refresh_s)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.store.close()

@@ -1,0 +1,121 @@
+"""The gateway's settings: environment variables with the prefix ``EMBEDSERVE_``.
+
+Built once at the edge (``service.__main__`` or a test) and passed inward; nothing reads the
+environment at import time. Every field is documented where it is declared and listed in the README.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EMBEDSERVE_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
+    port: int = Field(8000, description="Port the HTTP server listens on.")
+    model_repository: Path = Field(
+        Path("model_repository"),
+        description="Triton-layout model repository: <model>/config.pbtxt and one folder per version.",
+    )
+    default_model: str = Field(
+        "minilm", description="Model used when a request names one the gateway does not know as an alias."
+    )
+    model_aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description='JSON map of extra names to served models, e.g. {"text-embedding-3-small": "minilm"}.',
+    )
+    stable_versions: dict[str, int] = Field(
+        default_factory=dict,
+        description="JSON map model -> version served when a request does not pin one; "
+        "a model missing here serves its highest verified version.",
+    )
+    backend: Literal["onnx", "triton"] = Field(
+        "onnx", description="Inference backend: in-process ONNX Runtime, or a Triton server."
+    )
+    triton_url: str = Field("127.0.0.1:8011", description="host:port of Triton's gRPC endpoint (backend=triton).")
+    triton_timeout_s: float = Field(10.0, description="Timeout of one Triton inference call.")
+    onnx_intra_op_threads: int = Field(
+        0, description="ONNX Runtime intra-op threads per session; 0 = one per CPU core."
+    )
+    truncate: bool = Field(
+        True,
+        description="Truncate inputs longer than the model's token limit; when false they get a 400.",
+    )
+    max_inputs_per_request: int = Field(2048, description="Most inputs one embeddings request may carry.")
+    max_input_chars: int = Field(
+        32_768, description="Most characters in one input; longer inputs get a 400 before tokenisation."
+    )
+    max_batch_size: int = Field(32, description="Most inputs in one inference batch.")
+    max_batch_tokens: int = Field(
+        512,
+        description="Most tokens in one inference batch, padding included (rows x longest row). On CPU, "
+        "throughput peaks around 500 padded tokens per batch (see README); raise it on GPUs.",
+    )
+    max_wait_ms: float = Field(
+        0.0,
+        description="Longest a queued input waits for its batch to fill while the backend is idle; 0 = run at "
+        "once (batches still fill while the previous one runs).",
+    )
+    max_queue_inputs: int = Field(
+        4096, description="Most inputs waiting per model version; beyond it requests get 429 with Retry-After."
+    )
+    request_timeout_s: float = Field(30.0, description="Deadline of one embedding request; past it, 504.")
+    cache_enabled: bool = Field(True, description="Cache embeddings (in-process LRU, and Redis when configured).")
+    cache_memory_bytes: int = Field(
+        256 * 1024 * 1024, description="Byte budget of the in-process LRU cache; 0 turns that layer off."
+    )
+    cache_ttl_s: int = Field(7 * 24 * 3600, description="Time to live of cache entries in Redis.")
+    redis_url: str | None = Field(
+        None, description="Redis for the shared cache (and rollout state), e.g. redis://127.0.0.1:6379/0; unset = none."
+    )
+    redis_prefix: str = Field("embedserve:", description="Prefix of every Redis key this gateway writes.")
+    redis_timeout_ms: float = Field(100.0, description="Timeout of one Redis call; slower counts as a failure.")
+    redis_failure_threshold: int = Field(3, description="Redis failures in a row that open the circuit breaker.")
+    redis_retry_after_s: float = Field(5.0, description="How long an open circuit skips Redis before probing it.")
+    log_level: str = Field("INFO", description="Log level of the JSON logs.")
+
+    # Access and rollouts (service/auth.py, service/rollout_store.py).
+    admin_api_key: SecretStr | None = Field(
+        None, description="Key of the admin routes (/v1/rollouts), sent as a Bearer token; unset = admin API off."
+    )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description='JSON list of client keys, e.g. ["k1", "k2"]; when set, /v1/embeddings, /v1/models and '
+        "/v1/collections need one as a Bearer token. They never open admin routes.",
+    )
+    rollout_refresh_s: float = Field(
+        1.0, gt=0, description="Seconds between two reads of the rollout states from Redis by each replica."
+    )
+
+    # Vector search (service/vectors.py).
+    milvus_uri: str = Field(
+        "data/milvus.db",
+        description="Milvus to store collections in: a local file path ending in .db runs Milvus Lite in-process; "
+        "http://host:19530 is a Milvus standalone or cluster.",
+    )
+    milvus_token: str = Field("", description="Milvus token (user:password or API key); empty = none.")
+    vector_index: str = Field(
+        "HNSW", description="Milvus index type of the dense vectors (HNSW, IVF_FLAT, FLAT, AUTOINDEX, ...)."
+    )
+    vector_index_params: dict[str, int | float | str] = Field(
+        default_factory=lambda: dict[str, int | float | str]({"M": 16, "efConstruction": 200}),
+        description='JSON map of build parameters of vector_index, e.g. {"M": 16, "efConstruction": 200}.',
+    )
+    vector_search_ef: int = Field(
+        128, description="HNSW search breadth (ef); raised to top_k when a search asks for more hits."
+    )
+    vector_consistency: Literal["Strong", "Bounded", "Session", "Eventually"] = Field(
+        "Strong", description="Milvus consistency level of new collections; Strong = a search sees every prior write."
+    )
+    reindex_batch_size: int = Field(256, description="Items re-embedded per batch while a collection is re-indexed.")
+    reindex_grace_s: int = Field(
+        300, description="Seconds the previous version's collection is kept after a re-index moves the alias."
+    )
+
+
+def load_settings() -> Settings:
+    """Read settings from the environment (call at the edge, never at import time)."""
+    return Settings()

@@ -1,0 +1,79 @@
+"""Session fixtures: a real model repository built by the trainer (tiny random encoders + MiniLM)."""
+
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from trainer.bootstrap import bootstrap, packaged_minilm
+from trainer.encoder import from_scratch
+from trainer.export import ExportRequest, export_version
+from trainer.sample_text import sentences
+
+TINY_DIMENSION = 32
+# The machine's Redis; tests keep to their own key prefix there (see shared_redis_prefix).
+SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def export_tiny(repository: Path, model: str = "tiny", seed: int = 0, max_seq_length: int = 64) -> Path:
+    """Export a randomly initialised 2-layer encoder (MiniLM's tokenizer) as the next version of ``model``."""
+    folder = packaged_minilm()
+    encoder = from_scratch(
+        vocab_size=30522, hidden_size=TINY_DIMENSION, layers=2, heads=2, max_seq_length=max_seq_length, seed=seed
+    )
+    request = ExportRequest(
+        model=model,
+        source=f"test:random-init seed={seed}",
+        tokenizer_dir=folder.path,
+        validation_texts=list(sentences()[:64]),
+    )
+    return export_version(encoder, request, repository)
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """minilm/1 (all-MiniLM-L6-v2), tiny/1 and tiny/2 (two random encoders). Treat as read-only."""
+    repository = tmp_path_factory.mktemp("model_repository")
+    bootstrap(repository)
+    export_tiny(repository, seed=1)
+    export_tiny(repository, seed=2)
+    return repository
+
+
+@pytest.fixture
+def repository_copy(model_repository: Path, tmp_path: Path) -> Path:
+    """A private copy of the session repository that a test may damage."""
+    copy = tmp_path / "model_repository"
+    shutil.copytree(model_repository, copy)
+    return copy
+
+
+@pytest.fixture
+def shared_redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own on the machine's Redis; only those keys are deleted afterwards."""
+    prefix = f"embedserve-test-{uuid.uuid4().hex}:"
+    yield prefix
+    client = redis.Redis.from_url(SHARED_REDIS_URL)
+    keys = list(client.scan_iter(match=f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+def settings(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    # A private Milvus Lite file: never the developer's data/milvus.db.
+    milvus_file = tmp_path_factory.mktemp("milvus") / "milvus.db"
+    return Settings(model_repository=model_repository, milvus_uri=str(milvus_file))
+
+
+@pytest.fixture(scope="session")
+def client(settings: Settings) -> Iterator[TestClient]:
+    """The gateway on the session repository, driven in-process through its real ASGI stack."""
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client

@@ -1,0 +1,39 @@
+"""Shared test helpers: an in-process gateway over real ASGI, and reading its Prometheus metrics."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+from service.settings import Settings
+
+
+@asynccontextmanager
+async def running_gateway(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The app with its lifespan run, and an async client on its real ASGI stack."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=60) as client:
+            yield app, client
+
+
+def parse_metrics(text: str) -> dict[str, list]:
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def metric(found: dict[str, list], sample_name: str, **labels: str) -> float:
+    """Sum of the samples called ``sample_name`` whose labels include ``labels``."""
+    return sum(
+        sample.value
+        for samples in found.values()
+        for sample in samples
+        if sample.name == sample_name and labels.items() <= sample.labels.items()
+    )
+
+
+async def read_metrics(client: httpx.AsyncClient) -> dict[str, list]:
+    return parse_metrics((await client.get("/metrics")).text)

@@ -1,0 +1,43 @@
+"""The official openai SDK works unchanged against the gateway over real HTTP."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from openai import OpenAI
+
+from loadtests.processes import gateway
+
+
+@pytest.fixture(scope="module")
+def base_url(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    with gateway({"EMBEDSERVE_MODEL_REPOSITORY": str(model_repository)}, log) as url:
+        yield url
+
+
+def test_sdk_float_and_base64_give_the_same_vectors(base_url: str) -> None:
+    client = OpenAI(base_url=f"{base_url}/v1", api_key="not-needed")
+    texts = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
+    as_float = client.embeddings.create(model="minilm", input=texts, encoding_format="float")
+    # Without encoding_format the SDK asks for base64 and decodes it itself.
+    as_default = client.embeddings.create(model="minilm", input=texts)
+    floats = np.array([d.embedding for d in as_float.data])
+    decoded = np.array([d.embedding for d in as_default.data])
+    assert floats.shape == (3, 384)
+    np.testing.assert_allclose(decoded, floats, atol=1e-7)
+    assert as_float.model == "minilm@1" and as_float.usage.prompt_tokens > 0
+    assert floats[0] @ floats[1] > floats[0] @ floats[2]  # a real model: related sentences are closer
+
+
+def test_sdk_sees_errors_as_exceptions_with_the_message(base_url: str) -> None:
+    import openai
+
+    client = OpenAI(base_url=f"{base_url}/v1", api_key="not-needed", max_retries=0)
+    with pytest.raises(openai.NotFoundError, match="no-such-model"):
+        client.embeddings.create(model="no-such-model", input="x")
+    with pytest.raises(openai.BadRequestError, match="empty string"):
+        client.embeddings.create(model="minilm", input="")
+    response = client.embeddings.with_raw_response.create(model="minilm", input="hello")
+    assert response.headers["x-model-version"] == "1"

@@ -1,0 +1,110 @@
+"""Everything a client can get wrong gets a 4xx in OpenAI's error shape that says what to fix."""
+
+import json
+import random
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+
+
+def assert_openai_error(response, status: int, *fragments: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["type"]
+    for fragment in fragments:
+        assert fragment in error["message"], error["message"]
+    return error
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragments"),
+    [
+        ({"input": []}, 400, ["empty list"]),
+        ({"input": ""}, 400, ["empty string"]),
+        ({"input": ["ok", ""]}, 400, ["input[1]", "empty string"]),
+        ({"input": ["x"] * 2049}, 400, ["2049", "2048"]),
+        ({"input": "y" * 40_000}, 400, ["40000 characters", "32768"]),
+        ({"input": 5}, 400, ["'input'"]),
+        ({"input": [1.5, 2.5]}, 400, ["'input'"]),
+        ({"input": {"text": "x"}}, 400, ["'input'"]),
+        ({"input": [[1, 2], [3]]}, 400, ["token ids"]),
+        ({"input": "x", "model": 7}, 400, ["'model'"]),
+        ({"input": "x", "encoding_format": "hex"}, 400, ["'encoding_format'"]),
+        ({"input": "x", "dimensions": 128}, 400, ["128", "384"]),
+        ({"input": "x", "dimensions": "384"}, 400, ["'dimensions'"]),
+        ({}, 400, ["'input'"]),
+        ({"input": "x", "model": "no-such-model"}, 404, ["no-such-model", "minilm"]),
+        ({"input": "x", "model": "minilm@9"}, 404, ["no version 9", "1"]),
+        ({"input": "x", "model": "minilm@latest"}, 400, ["not a number"]),
+    ],
+)
+def test_bad_request_bodies(client: TestClient, body: dict, status: int, fragments: list[str]) -> None:
+    assert_openai_error(client.post("/v1/embeddings", json=body), status, *fragments)
+
+
+def test_malformed_json(client: TestClient) -> None:
+    response = client.post("/v1/embeddings", content=b'{"input": "x",', headers={"content-type": "application/json"})
+    assert_openai_error(response, 400, "not valid JSON")
+
+
+def test_body_that_is_not_json_says_how_to_send_it(client: TestClient) -> None:
+    response = client.post("/v1/embeddings", content=b"input=hello")
+    assert_openai_error(response, 400, "Content-Type: application/json")
+
+
+def test_unknown_route_and_method_use_the_same_error_shape(client: TestClient) -> None:
+    assert_openai_error(client.get("/v1/nothing-here"), 404)
+    assert_openai_error(client.get("/v1/embeddings"), 405)
+
+
+def test_over_the_token_limit_without_truncation_names_the_limit(settings: Settings) -> None:
+    strict = settings.model_copy(update={"truncate": False})
+    with TestClient(create_app(strict)) as client:
+        error = assert_openai_error(
+            client.post("/v1/embeddings", json={"input": ["fine", "word " * 400], "model": "minilm"}),
+            400,
+            "input[1]",
+            "limit of 256",
+        )
+        assert error["code"] == "context_length_exceeded"
+        assert client.post("/v1/embeddings", json={"input": "word " * 100, "model": "minilm"}).status_code == 200
+
+
+def _random_json(rng: random.Random, depth: int = 0) -> object:
+    kinds = ["str", "int", "float", "bool", "null", "list", "dict"] if depth < 3 else ["str", "int", "null"]
+    kind = rng.choice(kinds)
+    if kind == "str":
+        return "".join(rng.choice("ab \u00e9\u4e2d\x00\U0001f600@") for _ in range(rng.randint(0, 8)))
+    if kind == "int":
+        return rng.choice([0, -1, 1, 2**63, 10**30, 384])
+    if kind == "float":
+        return rng.choice([0.5, -1e308, 1e308])
+    if kind == "bool":
+        return rng.choice([True, False])
+    if kind == "null":
+        return None
+    if kind == "list":
+        return [_random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return {
+        rng.choice(["input", "model", "encoding_format", "dimensions", "user", "x"]): _random_json(rng, depth + 1)
+        for _ in range(rng.randint(0, 5))
+    }
+
+
+def test_random_bodies_never_produce_a_server_error(client: TestClient) -> None:
+    rng = random.Random(7)
+    statuses = set()
+    for _ in range(300):
+        body = _random_json(rng)
+        response = client.post(
+            "/v1/embeddings", content=json.dumps(body).encode(), headers={"content-type": "application/json"}
+        )
+        statuses.add(response.status_code)
+        assert response.status_code < 500, (body, response.text)
+        if response.status_code != 200:
+            assert "error" in response.json()
+    assert statuses & {400, 404}

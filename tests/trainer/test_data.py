@@ -1,0 +1,313 @@
+"""Corpus preparation: reading, normalisation, PII scrubbing, de-duplication, fingerprint, split,
+sharding and a batch order that resumes exactly."""
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer.data import (
+    PII_KINDS,
+    BatchOrder,
+    CorpusError,
+    DataPosition,
+    epoch_permutation,
+    equal_shard,
+    fingerprint,
+    normalise,
+    prepare_corpus,
+    prepare_texts,
+    read_corpus,
+    scrub_pii,
+    shard,
+    split,
+)
+from trainer.sample_text import sentences
+
+SENTENCES = [
+    "The river rose overnight and flooded the lower fields.",
+    "She packed two sandwiches, an apple and a flask of tea.",
+    "Our library opens at nine on weekdays and at ten on Saturdays.",
+    "The committee postponed its decision until the spring meeting.",
+    "He repaired the bicycle chain with a borrowed set of pliers.",
+    "A light rain fell as the last train left the station.",
+]
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def test_a_txt_file_is_one_document_per_line(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    # A BOM, Windows line ends, an empty line, and a U+2028 that is not a line end in this format.
+    path.write_bytes("\ufeff".encode() + b"first line\r\n\r\nsecond\xe2\x80\xa8still second\nthird")
+    assert read_corpus(path) == ["first line", "", "second\u2028still second", "third"]
+
+
+def test_a_jsonl_file_reads_the_configured_field_and_skips_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "tickets.jsonl"
+    records = [{"body": SENTENCES[0], "id": 1}, {"body": "line\u2028separator inside a string", "id": 2}]
+    path.write_text(json.dumps(records[0]) + "\n\n" + json.dumps(records[1], ensure_ascii=False) + "\n")
+    assert read_corpus(path, text_field="body") == [SENTENCES[0], "line\u2028separator inside a string"]
+
+
+def test_a_folder_is_read_recursively_in_sorted_path_order(tmp_path: Path) -> None:
+    (tmp_path / "b.txt").write_text(SENTENCES[2] + "\n")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "z.jsonl").write_text(json.dumps({"text": SENTENCES[1]}) + "\n")
+    (tmp_path / "a" / "c.txt").write_text(SENTENCES[0] + "\n")
+    (tmp_path / "a" / "README.md").write_text("not part of the corpus\n")
+    assert read_corpus(tmp_path) == SENTENCES[:3]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"text": "fine"}\n{"text": "broken\n', r"bad\.jsonl:2: not valid JSON"),
+        ('{"text": "fine"}\n\n{"body": "x"}\n', r"bad\.jsonl:3: no field 'text' \(fields: body\)"),
+        ('{"text": 42}\n', r"bad\.jsonl:1: field 'text' holds int, not a string"),
+        ('["text"]\n', r"bad\.jsonl:1: expected a JSON object, got list"),
+    ],
+)
+def test_bad_jsonl_names_the_file_and_line(tmp_path: Path, content: str, message: str) -> None:
+    (tmp_path / "bad.jsonl").write_text(content)
+    with pytest.raises(CorpusError, match=message):
+        read_corpus(tmp_path)
+
+
+def test_other_unreadable_corpora_are_named(tmp_path: Path) -> None:
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xc3\xa9\nna\xefve\n")
+    with pytest.raises(CorpusError, match=r"latin1\.txt:2: not valid UTF-8"):
+        read_corpus(tmp_path / "latin1.txt")
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(CorpusError, match=r"data\.csv: unsupported corpus file"):
+        read_corpus(tmp_path / "data.csv")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CorpusError, match=r"holds no \.txt or \.jsonl files"):
+        read_corpus(tmp_path / "empty")
+    with pytest.raises(CorpusError, match="no such file or folder"):
+        read_corpus(tmp_path / "missing.txt")
+
+
+# -- normalisation and PII -------------------------------------------------------------------------
+
+
+def test_normalise_applies_nfkc_and_collapses_whitespace() -> None:
+    assert normalise("  The\u00a0ﬁrst\tＡpple \n\n was  red.  ") == "The first Apple was red."
+    assert normalise(" \t\n ") == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "kind"),
+    [
+        ("Write to jane.roe+news@mail.example.org today.", "Write to [EMAIL] today.", "email"),
+        ("Reply to <a.b@c.de> please.", "Reply to <[EMAIL]> please.", "email"),
+        ("Call +44 20 7946 0958 now.", "Call [PHONE] now.", "phone"),
+        ("Call +1 (415) 555-2671 now.", "Call [PHONE] now.", "phone"),
+        ("Call (415) 555-2671 now.", "Call [PHONE] now.", "phone"),
+        ("Call 415.555.2671 now.", "Call [PHONE] now.", "phone"),
+        ("Dial 1-800-555-0199.", "Dial [PHONE].", "phone"),
+        ("Ring 020 7946 0958 in London.", "Ring [PHONE] in London.", "phone"),
+        ("Ring 01 23 45 67 89 in Paris.", "Ring [PHONE] in Paris.", "phone"),
+        ("Card 4111 1111 1111 1111 expires.", "Card [CARD] expires.", "card"),
+        ("Card 5500-0000-0000-0004 expires.", "Card [CARD] expires.", "card"),
+        ("Amex 3782 822463 10005 on file.", "Amex [CARD] on file.", "card"),
+        ("Old visa 4222222222222 on file.", "Old visa [CARD] on file.", "card"),
+        ("Expiry 2027 4111 1111 1111 1111 here.", "Expiry 2027 [CARD] here.", "card"),
+        ("From 10.0.0.254 to the gateway.", "From [IP] to the gateway.", "ip"),
+        ("It came from 192.168.1.1.", "It came from [IP].", "ip"),
+        ("Host 2001:db8::8a2e:370:7334 is up.", "Host [IP] is up.", "ip"),
+        ("Link-local fe80::1ff:fe23:4567:890a, too.", "Link-local [IP], too.", "ip"),
+        ("Mapped ::ffff:192.0.2.1 counts once.", "Mapped [IP] counts once.", "ip"),
+    ],
+)
+def test_pii_is_replaced_by_placeholders(text: str, expected: str, kind: str) -> None:
+    assert scrub_pii(text) == (expected, Counter({kind: 1}))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "In 2024 the price rose from $1,299.99 to 24.50 dollars.",
+        "Install torch 2.13.0 and numpy 2.4.6, or v1.2.3.4 of the old tool.",
+        "Windows 10.0.19041.1 shipped on 2024-01-05, not 05/01/2024 or 12.05.2024.",
+        "The meeting is at 12:30:45 in room 10:20.",
+        "Order 1234567890123 shipped; the ISBN is 978-0-13-110362-7 and 9780131103627.",
+        "The log timestamp 1700000000000 is in milliseconds.",
+        "Card 4111 1111 1111 1112 fails the Luhn check.",
+        "The population passed 8 000 000 000 people between 1990-2000 and pages 100-200.",
+        "Scores went +5 points, then +20.5% on three dates: 2024-01-05 2024-02-05 2024-03-05.",
+        "Use a[1::2], x[::1], std::vector and f :: Int, but not MAC 00:1a:2b:3c:4d:5e.",
+        "Call extension 4412 or see section 3.1.4 of the guide.",
+    ],
+)
+def test_ordinary_numbers_are_left_alone(text: str) -> None:
+    assert scrub_pii(text) == (text, Counter())
+
+
+def test_every_kind_is_counted_in_one_text() -> None:
+    text = "Mail ann@example.com or bob@example.net, call (415) 555-2671, pay 4111-1111-1111-1111 from 10.1.2.3."
+    scrubbed, counts = scrub_pii(text)
+    assert scrubbed == "Mail [EMAIL] or [EMAIL], call [PHONE], pay [CARD] from [IP]."
+    assert counts == Counter({"email": 2, "phone": 1, "card": 1, "ip": 1})
+
+
+def test_pathological_input_is_scrubbed_quickly() -> None:
+    # Long runs of hex and colons, or of digit groups, must not make a regex backtrack for ages.
+    for text in ["1:" * 5000 + "z", "1 " * 20000 + "x", "a" * 20000 + "@" + "b." * 5000 + "1"]:
+        assert scrub_pii(text)[0] == text
+
+
+# -- preparation -----------------------------------------------------------------------------------
+
+
+def test_preparation_normalises_scrubs_dedupes_and_reports() -> None:
+    documents = [
+        "  The river rose overnight and  flooded the lower fields. ",
+        "The river rose overnight and flooded the lower fields.",  # duplicate after normalisation
+        "",
+        "Too short.",
+        "Questions go to ann@example.com before Friday.",
+        "Questions go to bob@example.org before Friday.",  # duplicate once scrubbed
+        "Ｆull-width letters become ordinary ones here.",
+        "Call (415) 555-2671 or 415-555-2672 about the order.",
+    ]
+    texts, report = prepare_texts(documents, min_chars=12)
+    assert texts == [
+        "The river rose overnight and flooded the lower fields.",
+        "Questions go to [EMAIL] before Friday.",
+        "Full-width letters become ordinary ones here.",
+        "Call [PHONE] or [PHONE] about the order.",
+    ]
+    assert (report.documents_read, report.empty_or_short_dropped, report.duplicates_dropped, report.kept) == (
+        8,
+        2,
+        2,
+        4,
+    )
+    # Placeholders in kept texts only: the dropped duplicate's email is not counted.
+    assert report.pii_replaced == {"email": 1, "phone": 2, "ip": 0, "card": 0}
+    assert set(report.pii_replaced) == set(PII_KINDS)
+
+
+def test_preparation_keeps_the_first_occurrence_and_can_skip_scrubbing() -> None:
+    texts, report = prepare_texts(["b text", "a text", "b  text", "mail x@example.com"], scrub=False)
+    assert texts == ["b text", "a text", "mail x@example.com"]
+    assert report.duplicates_dropped == 1 and report.pii_replaced == dict.fromkeys(PII_KINDS, 0)
+
+
+def test_fingerprint_is_sha256_of_texts_each_ended_by_a_newline() -> None:
+    expected = hashlib.sha256("".join(f"{text}\n" for text in SENTENCES).encode("utf-8")).hexdigest()
+    assert fingerprint(SENTENCES) == expected
+    assert fingerprint(reversed(SENTENCES)) != expected
+    assert fingerprint(["ab", "c"]) != fingerprint(["a", "bc"])
+    assert fingerprint(["café"]) == hashlib.sha256("café\n".encode()).hexdigest()
+
+
+def test_split_depends_on_text_and_seed_only() -> None:
+    texts = list(sentences()[:1000])
+    train, validation = split(texts, 0.1, "seed-a")
+    assert 60 <= len(validation) <= 140 and len(train) + len(validation) == len(texts)
+    assert not set(train) & set(validation)
+    # Order does not matter, and each part keeps input order.
+    assert split(texts[::-1], 0.1, "seed-a") == (train[::-1], validation[::-1])
+    # Adding documents does not move the ones already there.
+    more_train, more_validation = split(texts + list(sentences()[1000:1200]), 0.1, "seed-a")
+    assert more_train[: len(train)] == train and more_validation[: len(validation)] == validation
+    assert split(texts, 0.1, "seed-b")[1] != validation
+    assert split(texts, 0.0, "seed-a") == (texts, [])
+    with pytest.raises(ValueError, match="validation_fraction"):
+        split(texts, 1.0, "seed-a")
+
+
+def test_prepare_corpus_reads_prepares_fingerprints_and_splits(tmp_path: Path) -> None:
+    (tmp_path / "part-1.txt").write_text("\n".join([*SENTENCES, SENTENCES[0]]) + "\n")
+    (tmp_path / "part-2.jsonl").write_text(json.dumps({"text": "Mail me at ann@example.com tomorrow."}) + "\n")
+    corpus = prepare_corpus(tmp_path, validation_fraction=0.3, split_seed="s")
+    texts = [*SENTENCES, "Mail me at [EMAIL] tomorrow."]
+    assert corpus.fingerprint == fingerprint(texts)
+    assert (corpus.train, corpus.validation) == split(texts, 0.3, "s")
+    assert (corpus.report.documents_read, corpus.report.duplicates_dropped, corpus.report.kept) == (8, 1, 7)
+
+
+# -- sharding and batch order ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "world_size"), [(10, 3), (9, 3), (2, 4), (0, 2), (17, 1)])
+def test_shards_are_disjoint_near_equal_and_cover_everything(size: int, world_size: int) -> None:
+    items = list(range(size))
+    shards = [shard(items, rank, world_size) for rank in range(world_size)]
+    assert sorted(i for s in shards for i in s) == items
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert [len(s) for s in shards] == sorted((len(s) for s in shards), reverse=True)  # extras on low ranks
+
+
+@pytest.mark.parametrize(("size", "world_size"), [(10, 3), (9, 3), (2, 4), (17, 1)])
+def test_equal_shards_truncate_or_pad_to_one_length(size: int, world_size: int) -> None:
+    items = list(range(size))
+    truncated = [equal_shard(items, rank, world_size, "truncate") for rank in range(world_size)]
+    assert {len(s) for s in truncated} == {size // world_size}
+    assert sorted(i for s in truncated for i in s) == items[: size - size % world_size]
+    padded = [equal_shard(items, rank, world_size, "pad") for rank in range(world_size)]
+    assert {len(s) for s in padded} == {-(-size // world_size)}
+    assert {i for s in padded for i in s} == set(items)
+
+
+def test_shard_rejects_a_rank_outside_the_world() -> None:
+    with pytest.raises(ValueError, match="rank 3"):
+        shard([1, 2, 3], 3, 3)
+    with pytest.raises(ValueError, match="empty"):
+        equal_shard([], 0, 2, "pad")
+
+
+def test_epoch_permutations_are_seeded_by_seed_and_epoch() -> None:
+    first = epoch_permutation(100, seed=7, epoch=0)
+    assert sorted(first.tolist()) == list(range(100))
+    assert np.array_equal(first, epoch_permutation(100, seed=7, epoch=0))
+    assert not np.array_equal(first, epoch_permutation(100, seed=7, epoch=1))
+    assert not np.array_equal(epoch_permutation(100, seed=1, epoch=0), epoch_permutation(100, seed=0, epoch=1))
+    with pytest.raises(ValueError, match="non-negative"):
+        epoch_permutation(10, seed=-1, epoch=0)
+
+
+def test_an_epoch_gives_each_rank_full_disjoint_batches() -> None:
+    orders = [BatchOrder(103, 8, seed=5, rank=rank, world_size=3) for rank in range(3)]
+    assert {order.batches_per_epoch for order in orders} == {4}  # 103 // 3 = 34 per rank → 4 full batches
+    for epoch in range(2):
+        seen = [[i for batch in range(4) for i in order.batch(DataPosition(epoch, batch))] for order in orders]
+        assert all(len(s) == len(set(s)) == 32 for s in seen)
+        assert not set(seen[0]) & set(seen[1]) and not set(seen[1]) & set(seen[2])
+    assert orders[0].batch(DataPosition(0, 0)) != orders[0].batch(DataPosition(1, 0))  # reshuffled per epoch
+
+
+def test_a_resumed_run_sees_exactly_the_batches_of_an_uninterrupted_one() -> None:
+    def fresh() -> BatchOrder:
+        return BatchOrder(50, 4, seed=11, rank=1, world_size=2, remainder="pad")
+
+    stream = fresh().batches()
+    uninterrupted = [next(stream)[0] for _ in range(20)]  # 6 batches per epoch: crosses three epochs
+
+    stream = fresh().batches()
+    before = []
+    for _ in range(9):
+        indices, position = next(stream)
+        before.append(indices)
+    saved = json.dumps(position.to_dict())  # what a checkpoint keeps
+    assert DataPosition.from_dict(json.loads(saved)) == DataPosition(epoch=1, batch=3)
+
+    resumed = fresh().batches(DataPosition.from_dict(json.loads(saved)))
+    after = [next(resumed)[0] for _ in range(11)]
+    assert before + after == uninterrupted
+
+
+def test_batch_order_refuses_impossible_settings() -> None:
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        BatchOrder(10, 8, seed=0, world_size=2)
+    order = BatchOrder(10, 4, seed=0)
+    with pytest.raises(ValueError, match="past the 2 batches"):
+        order.batch(DataPosition(0, 2))
+    with pytest.raises(ValueError, match="not a data position"):
+        DataPosition.from_dict({"epoch": 1})

@@ -1,0 +1,208 @@
+"""Training on real text with tiny encoders: learning, exact resume, guards, gated export, serving."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+import trainer.train as training
+from service.app import create_app
+from service.manifest import verify_version
+from service.settings import Settings
+from trainer.checkpoint import CorruptCheckpoint, list_checkpoints, load_checkpoint
+from trainer.config import TrainConfig
+from trainer.export import ExportRefused
+from trainer.monitor import CollapseDetected
+from trainer.publish import publish
+from trainer.sample_text import paragraphs, sentences
+from trainer.train import NonFiniteLoss, train
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join([*paragraphs(), *sentences()]))
+    return path
+
+
+def tiny_config(corpus_file: Path, output_dir: Path, **overrides: object) -> TrainConfig:
+    raw: dict = {
+        "run_name": "tiny",
+        "output_dir": str(output_dir),
+        "corpus": {"path": str(corpus_file)},
+        "encoder": {
+            "base_model": None,
+            "scratch": {"vocab_size": 1500, "hidden_size": 32, "layers": 2, "heads": 2, "max_seq_length": 48},
+        },
+        "objective": {
+            "contrastive_weight": 1.0,
+            "mlm_weight": 0.5,
+            "temperature": 0.1,
+            "views": {"token_deletion": 0.1, "span_crop": [0.6, 1.0]},
+        },
+        "optim": {"max_steps": 20, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 3, "seed": 3},
+        "checkpoint": {"every_steps": 10, "keep": 3},
+        "monitor": {"eval_every_steps": 10, "validation_sample": 64},
+        "export": {"model": "trained", "repository": str(output_dir / "repository"), "gate_threshold": 0.5},
+    }
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        raw[section][key] = value
+    return TrainConfig.model_validate(raw)
+
+
+def losses(run_dir: Path) -> list[float]:
+    import json
+
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished_run(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainConfig:
+    """A 20-step run with checkpoints at steps 10 and 20."""
+    config = tiny_config(corpus_file, tmp_path_factory.mktemp("run"))
+    train(config)
+    return config
+
+
+def test_loss_falls_on_real_text(corpus_file: Path, tmp_path: Path) -> None:
+    config = tiny_config(corpus_file, tmp_path, optim__max_steps=60, monitor__eval_every_steps=30)
+    result = train(config)
+    history = losses(result.run_dir)
+    assert len(history) == 60
+    assert sum(history[-10:]) / 10 < 0.8 * sum(history[:10]) / 10
+    assert (result.run_dir / "curves.png").stat().st_size > 1000
+
+
+def test_resuming_from_step_n_gives_the_weights_of_an_uninterrupted_run(
+    finished_run: TrainConfig, tmp_path: Path
+) -> None:
+    checkpoints = list_checkpoints(finished_run.run_dir / "checkpoints")
+    assert [p.name for p in checkpoints] == ["step-00000010.pt", "step-00000020.pt"]
+    resumed = finished_run.model_copy(update={"output_dir": tmp_path})
+    shutil.copytree(finished_run.run_dir / "tokenizer", resumed.run_dir / "tokenizer")
+    torch.manual_seed(12345)  # whatever state this process is in, resume restores the run's
+    train(resumed, resume=checkpoints[0])
+    uninterrupted = load_checkpoint(checkpoints[1])["encoder"]
+    after_resume = load_checkpoint(resumed.run_dir / "checkpoints" / "step-00000020.pt")["encoder"]
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(after_resume[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_refused_and_the_previous_good_one_offered(
+    finished_run: TrainConfig, tmp_path: Path
+) -> None:
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(finished_run.run_dir / "checkpoints", copy)
+    newest = copy / "step-00000020.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    newest.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint, match=r"step-00000010\.pt") as refused:
+        load_checkpoint(newest)
+    assert refused.value.previous_good == copy / "step-00000010.pt"
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A NaN can't be produced on demand from real data; the loss is poisoned from step 13 on.
+    real_info_nce = training.info_nce
+    calls = {"n": 0}
+
+    def poisoned(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+        calls["n"] += 1
+        loss = real_info_nce(a, b, temperature)
+        return loss * float("nan") if calls["n"] >= 13 else loss
+
+    monkeypatch.setattr(training, "info_nce", poisoned)
+    config = tiny_config(corpus_file, tmp_path)
+    with pytest.raises(NonFiniteLoss, match="step 13"):
+        train(config)
+    kept = list_checkpoints(config.run_dir / "checkpoints")
+    assert [p.name for p in kept] == ["step-00000010.pt"]
+    load_checkpoint(kept[0])
+
+
+def test_a_collapsing_run_stops_with_an_explanation(corpus_file: Path, tmp_path: Path) -> None:
+    # MLM alone with a huge learning rate drives every text to one vector.
+    config = tiny_config(
+        corpus_file,
+        tmp_path,
+        objective__contrastive_weight=0.0,
+        optim__learning_rate=0.5,
+        optim__max_steps=40,
+        monitor__min_effective_rank=3.0,
+    )
+    with pytest.raises(CollapseDetected, match="collapsed"):
+        train(config)
+
+
+def test_export_holds_parity_records_provenance_and_is_served(finished_run: TrainConfig) -> None:
+    checkpoint = finished_run.run_dir / "checkpoints" / "step-00000020.pt"
+    version_dir = publish(checkpoint)
+    manifest = verify_version(version_dir)
+    assert (manifest.model, manifest.version, manifest.parent_version) == ("trained", 1, None)
+    assert manifest.dataset_fingerprint == load_checkpoint(checkpoint)["dataset_fingerprint"]
+    assert manifest.training_config is not None and manifest.training_config["run_name"] == "tiny"
+    assert manifest.evaluation is not None and manifest.evaluation.primary_metric == "neg_uniformity"
+    assert manifest.evaluation.passed_gate is True and manifest.forced is False
+    assert manifest.reference_stats is not None and len(manifest.reference_stats.mean) == 32
+
+    second = publish(checkpoint)
+    assert verify_version(second).parent_version == 1
+    with TestClient(create_app(Settings(model_repository=finished_run.export.repository))) as client:
+        response = client.post(
+            "/v1/embeddings", json={"input": "served from a trained checkpoint", "model": "trained@2"}
+        )
+        assert response.status_code == 200 and response.headers["x-model-version"] == "2"
+        assert len(response.json()["data"][0]["embedding"]) == 32
+
+
+def test_the_gate_refuses_a_bad_model_unless_forced(finished_run: TrainConfig, tmp_path: Path) -> None:
+    strict = finished_run.model_copy(
+        update={"export": finished_run.export.model_copy(update={"gate_threshold": 100.0, "repository": tmp_path})}
+    )
+    checkpoint = finished_run.run_dir / "checkpoints" / "step-00000020.pt"
+    state = load_checkpoint(checkpoint)
+    state["config"] = strict.model_dump(mode="json")
+    from trainer.checkpoint import save_checkpoint
+
+    strict_checkpoint = save_checkpoint(tmp_path / "checkpoints", 20, state, keep=1)
+    with pytest.raises(ExportRefused, match=r"neg_uniformity = .* < threshold 100.0"):
+        publish(strict_checkpoint)
+    assert not (tmp_path / "trained").exists() or not any((tmp_path / "trained").glob("[0-9]*"))
+    forced = verify_version(publish(strict_checkpoint, force=True))
+    assert forced.forced is True and forced.evaluation is not None and forced.evaluation.passed_gate is False
+
+
+def test_a_corpus_too_small_to_split_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    from trainer.config import CorpusConfig
+    from trainer.train import load_corpus
+
+    (tmp_path / "c.txt").write_text("only one document here\n")
+    with pytest.raises(ValueError, match=r"add text or change corpus\.validation_fraction"):
+        load_corpus(CorpusConfig(path=tmp_path / "c.txt", min_chars=5))
+
+
+def test_torchrun_runs_the_loop_as_one_gloo_process(corpus_file: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tiny_config(corpus_file, tmp_path, optim__max_steps=4, checkpoint__every_steps=4)
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node=1", "-m", "trainer", "train", "--config", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = load_checkpoint(config.run_dir / "checkpoints" / "step-00000004.pt")
+    assert state["step"] == 4

@@ -1,0 +1,1 @@
+"""embedserve trainer: self-supervised pretraining of text encoders, evaluation and export."""

@@ -1,0 +1,122 @@
+"""python -m trainer — build, train, evaluate and export encoder versions."""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from service.logs import configure_logging
+
+log = logging.getLogger("trainer")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="embedserve trainer")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    boot = commands.add_parser(
+        "bootstrap", help="export the packaged all-MiniLM-L6-v2 as version 1 of a model unless it has one"
+    )
+    boot.add_argument("--repository", type=Path, default=Path("model_repository"))
+    boot.add_argument("--model", default="minilm")
+
+    train = commands.add_parser("train", help="self-supervised pretraining from a YAML run configuration")
+    train.add_argument("--config", type=Path, required=True)
+    train.add_argument("--resume", type=Path, help="a checkpoint of this run to continue from exactly")
+
+    evaluate = commands.add_parser("evaluate", help="alignment, uniformity, effective rank, recall@10, MRR@10")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="a training checkpoint")
+    source.add_argument("--version-dir", type=Path, help="an exported version, e.g. model_repository/minilm/1")
+    evaluate.add_argument("--pairs", type=Path, help='labeled JSONL {"query", "document"} for retrieval metrics')
+    evaluate.add_argument("--texts", type=Path, help="texts (one per line) for representation metrics")
+
+    export = commands.add_parser("export", help="export a checkpoint as the next version of a model")
+    export.add_argument("--checkpoint", type=Path, required=True)
+    export.add_argument("--model", help="model name (default: the run's export.model)")
+    export.add_argument("--repository", type=Path, help="model repository (default: the run's export.repository)")
+    export.add_argument("--force", action="store_true", help="export even if the evaluation gate fails (recorded)")
+
+    quantize = commands.add_parser("quantize", help="write the INT8 (per-channel) twin of a version as a new version")
+    quantize.add_argument("--version-dir", type=Path, required=True, help="e.g. model_repository/minilm/1")
+
+    python_repo = commands.add_parser(
+        "triton-repository", help="write a python-backend copy of the verified versions for a CPU-only Triton"
+    )
+    python_repo.add_argument("--source", type=Path, default=Path("model_repository"))
+    python_repo.add_argument("--target", type=Path, default=Path(".triton/repository"))
+
+    args = parser.parse_args()
+    configure_logging("INFO")
+    try:
+        run(args)
+    except Exception as error:  # the CLI's edge: one clear line, not a traceback, for what a user can fix
+        from trainer.checkpoint import CorruptCheckpoint
+        from trainer.export import ExportRefused
+        from trainer.monitor import CollapseDetected
+        from trainer.train import NonFiniteLoss
+
+        if isinstance(error, CorruptCheckpoint | ExportRefused | CollapseDetected | NonFiniteLoss | ValueError):
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "bootstrap":
+        from trainer.bootstrap import bootstrap
+
+        written = bootstrap(args.repository, args.model)
+        log.info("bootstrap done", extra={"written": str(written) if written else None})
+    elif args.command == "train":
+        from trainer.config import load_config
+        from trainer.train import train
+
+        result = train(load_config(args.config), resume=args.resume)
+        log.info("training done", extra={"steps": result.steps, "checkpoint": str(result.last_checkpoint)})
+    elif args.command == "evaluate":
+        print(json.dumps(evaluate_command(args), indent=2))
+    elif args.command == "export":
+        from trainer.publish import publish
+
+        written = publish(args.checkpoint, args.model, args.repository, force=args.force)
+        log.info("exported", extra={"version_dir": str(written)})
+    elif args.command == "quantize":
+        from trainer.quantize import quantize_version
+        from trainer.sample_text import sentences
+
+        written = quantize_version(args.version_dir, list(sentences()[:256]))
+        log.info("quantized", extra={"version_dir": str(written)})
+    elif args.command == "triton-repository":
+        from trainer.triton_config import write_python_repository
+
+        copied = write_python_repository(args.source, args.target)
+        log.info("python-backend repository written", extra={"versions": copied})
+
+
+def evaluate_command(args: argparse.Namespace) -> dict[str, object]:
+    from trainer.evaluate import evaluate, load_pairs
+    from trainer.sample_text import sentences
+
+    texts = args.texts.read_text().splitlines() if args.texts else list(sentences()[:512])
+    pairs = load_pairs(args.pairs) if args.pairs else None
+    if args.checkpoint:
+        from trainer.publish import evaluate_encoder, load_trained
+
+        result = evaluate_encoder(load_trained(args.checkpoint), texts, args.pairs)
+    else:
+        from service.manifest import verify_version
+        from service.tokenization import TextTokenizer
+        from trainer.export import embed_with_onnx
+
+        manifest = verify_version(args.version_dir)
+        tokenizer = TextTokenizer(args.version_dir / "tokenizer.json", manifest.max_seq_length)
+        result = evaluate(
+            lambda batch: embed_with_onnx(args.version_dir / "model.onnx", tokenizer, batch), texts, pairs
+        )
+    return {"primary_metric": result.primary_metric, "primary": result.primary, "metrics": result.metrics}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Process-group set-up for torchrun (DDP across GPUs and nodes; one gloo process on CPU works too)."""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Topology:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def init_topology() -> Topology:
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set), else run alone.
+
+    NCCL on CUDA, gloo on CPU; each process drives the GPU of its LOCAL_RANK."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return Topology(0, 1, 0, torch.device("cuda" if cuda else "cpu"))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world_size)
+    return Topology(rank, world_size, local_rank, torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
+
+
+def shutdown(topology: Topology) -> None:
+    if topology.distributed:
+        dist.destroy_process_group()

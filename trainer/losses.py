@@ -1,0 +1,102 @@
+"""Self-supervised losses and representation metrics: pure functions of embeddings or logits.
+
+Each is tested against a slow, obviously-correct reference in tests/trainer/test_losses.py. How the
+losses are weighted against each other is the training loop's business.
+"""
+
+import torch
+from torch.nn import functional as F
+
+IGNORE_INDEX = -100  # the label of positions masked_lm_loss skips (also torch's cross_entropy default)
+
+
+def _check_pairs(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(f"expected two [B, D] tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE with in-batch negatives (SimCLR, Chen et al. 2020; SimCSE, Gao et al. 2021).
+
+    ``a``, ``b``: [B, D], row i of each a view of text i; both are L2-normalised here. Logits are
+    cosine similarities / ``temperature``. For anchor a_i the positive is b_i and the negatives are
+    the other B − 1 rows of ``b`` — cross-view only, as in SimCSE; SimCLR's NT-Xent would also use
+    the same-view rows a_j. The loss is the mean of the a→b and b→a cross-entropies (SimCSE itself
+    uses a→b only). Returns a scalar; 0 for B = 1, where there is no negative.
+    """
+    _check_pairs(a, b)
+    a = F.normalize(a, dim=1)
+    b = F.normalize(b, dim=1)
+    logits = a @ b.T / temperature
+    targets = torch.arange(a.shape[0], device=a.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over masked positions (BERT, Devlin et al. 2019).
+
+    ``logits``: [..., V], e.g. [B, T, V]; ``labels``: the same leading shape, the original token id
+    at masked positions and -100 elsewhere. With no masked position the loss is 0 — still attached
+    to the graph, so backward works and gives zero gradients — never NaN.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
+    masked = labels != IGNORE_INDEX
+    if not bool(masked.any()):
+        return logits.sum() * 0.0
+    loss: torch.Tensor = F.cross_entropy(logits[masked], labels[masked])
+    return loss
+
+
+def alignment(a: torch.Tensor, b: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+    """Mean ‖a_i − b_i‖^alpha over positive pairs, rows L2-normalised first (Wang & Isola 2020).
+
+    ``a``, ``b``: [B, D], row i of each a view of the same text. Lower is better: 0 when every pair
+    maps to the same point; at most 2^alpha.
+    """
+    _check_pairs(a, b)
+    distances: torch.Tensor = (F.normalize(a, dim=1) - F.normalize(b, dim=1)).norm(dim=1)
+    return distances.pow(alpha).mean()
+
+
+def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """log of the mean of exp(−t‖x_i − x_j‖²) over pairs i < j, rows L2-normalised first
+    (Wang & Isola 2020).
+
+    ``x``: [N, D], N ≥ 2. Lower is better (spread over the sphere); 0, its maximum, when every row
+    is the same point (collapse).
+    """
+    if x.dim() != 2 or x.shape[0] < 2:
+        raise ValueError(f"uniformity needs [N, D] with N >= 2, got {tuple(x.shape)}")
+    x = F.normalize(x, dim=1)
+    return torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log()
+
+
+def effective_rank(x: torch.Tensor) -> torch.Tensor:
+    """exp of the Shannon entropy of the singular values of ``x`` normalised to sum 1
+    (Roy & Vetterli 2007; RankMe, Garrido et al. 2023).
+
+    ``x``: [N, D], as given (not centred), so a batch whose rows are all one vector has rank 1.
+    Ranges from 1 (rows on one line) to min(N, D) (energy spread evenly over that many
+    directions). Computed in float64; returns a float64 scalar, 1 for an all-zero ``x``.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"effective_rank needs [N, D], got {tuple(x.shape)}")
+    singular = torch.linalg.svdvals(x.to(torch.float64))
+    # Clamping instead of branching on zeros keeps the result on the device and the gradient
+    # finite; a zero singular value adds 0 · log(tiny) = 0 to the entropy.
+    tiny = torch.finfo(torch.float64).tiny
+    p = singular / singular.sum().clamp(min=tiny)
+    return torch.exp(-(p * p.clamp(min=tiny).log()).sum())
+
+
+def dimension_std(x: torch.Tensor) -> torch.Tensor:
+    """Standard deviation over the batch of each dimension of the L2-normalised rows of ``x``
+    (the collapse indicator of SimSiam, Chen & He 2021).
+
+    ``x``: [N, D], N ≥ 2; returns [D] (unbiased, N − 1 in the denominator). About 1/√D per
+    dimension for embeddings spread over the sphere; 0 when every row is the same vector.
+    """
+    if x.dim() != 2 or x.shape[0] < 2:
+        raise ValueError(f"dimension_std needs [N, D] with N >= 2, got {tuple(x.shape)}")
+    return F.normalize(x, dim=1).std(dim=0)

@@ -1,0 +1,341 @@
+"""The training loop: self-supervised pretraining of a sentence encoder on unlabeled text.
+
+Objectives: InfoNCE over two views of each text with in-batch negatives (SimCSE dropout twins,
+optionally with token deletion / span cropping), masked-token modelling, or a weighted sum.
+AdamW with warm-up then cosine decay, gradient clipping and accumulation, bf16 autocast on CUDA,
+DDP under torchrun. Checkpoints every N steps restore the run exactly (weights, optimiser,
+scheduler, scaler, every RNG, data position). A non-finite loss or a collapsing encoder stops the
+run with the reason; the last good checkpoint stays.
+"""
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from service.tokenization import TextTokenizer, pad_batch
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.config import CorpusConfig, TrainConfig
+from trainer.data import BatchOrder, DataPosition, PreparedCorpus, prepare_corpus
+from trainer.distributed import Topology, init_topology, shutdown
+from trainer.encoder import (
+    BaseModelFolder,
+    MaskedLmHead,
+    PretrainingModel,
+    SentenceEncoder,
+    from_scratch,
+    load_base,
+)
+from trainer.losses import info_nce, masked_lm_loss
+from trainer.monitor import check_collapse
+from trainer.plots import plot_metrics
+from trainer.tokenizer import train_wordpiece
+from trainer.views import make_views, mask_tokens
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    last_checkpoint: Path
+    steps: int
+    final_loss: float
+
+
+def load_corpus(config: CorpusConfig) -> PreparedCorpus:
+    """The run's prepared, split corpus; a clear error when it is too small to train on."""
+    corpus = prepare_corpus(
+        config.path,
+        text_field=config.text_field,
+        min_chars=config.min_chars,
+        scrub=config.scrub_pii,
+        validation_fraction=config.validation_fraction,
+        split_seed=config.split_seed,
+    )
+    if not corpus.train or not corpus.validation:
+        raise ValueError(
+            f"{config.path}: {corpus.report.kept} usable documents give {len(corpus.train)} training and "
+            f"{len(corpus.validation)} validation texts; add text or change corpus.validation_fraction"
+        )
+    return corpus
+
+
+def resolve_base(base_model: str) -> BaseModelFolder:
+    if base_model == "minilm":
+        from trainer.bootstrap import packaged_minilm
+
+        return packaged_minilm()
+    folder = BaseModelFolder(Path(base_model))
+    if not (folder.path / "config.json").is_file():
+        raise FileNotFoundError(f"base model folder {folder.path} has no config.json (a Hugging Face layout)")
+    return folder
+
+
+def build_encoder(config: TrainConfig, corpus: PreparedCorpus) -> tuple[SentenceEncoder, Path]:
+    """The encoder to train and the folder holding its tokenizer files."""
+    encoder_config = config.encoder
+    if encoder_config.base_model is not None:
+        folder = resolve_base(encoder_config.base_model)
+        encoder = load_base(folder)
+        if encoder_config.max_seq_length:
+            encoder.max_seq_length = encoder_config.max_seq_length
+        return encoder, folder.path
+    scratch = encoder_config.scratch
+    assert scratch is not None  # the config validator guarantees one of the two
+    tokenizer_dir = config.run_dir / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        train_wordpiece(corpus.train, scratch.vocab_size, tokenizer_dir)
+    vocab_size = TextTokenizer(tokenizer_dir / "tokenizer.json", scratch.max_seq_length).vocab_size
+    encoder = from_scratch(
+        vocab_size, scratch.hidden_size, scratch.layers, scratch.heads, scratch.max_seq_length, seed=config.optim.seed
+    )
+    return encoder, tokenizer_dir
+
+
+def warmup_cosine(warmup_steps: int, max_steps: int) -> Any:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _rng_state(views_rng: random.Random) -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "views": views_rng.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any], views_rng: random.Random) -> None:
+    random.setstate(state["python"])
+    views_rng.setstate(state["views"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, topology: Topology) -> None:
+        self.config = config
+        self.topology = topology
+        torch.manual_seed(config.optim.seed)
+        random.seed(config.optim.seed)
+        np.random.seed(config.optim.seed)
+        self.corpus = load_corpus(config.corpus)
+        self.encoder, self.tokenizer_dir = build_encoder(config, self.corpus)
+        self.tokenizer = TextTokenizer(self.tokenizer_dir / "tokenizer.json", self.encoder.max_seq_length)
+        self.encoder.to(topology.device)
+        self.mlm_head = MaskedLmHead(self.encoder).to(topology.device) if config.objective.mlm_weight > 0 else None
+        self.model: nn.Module = PretrainingModel(self.encoder, self.mlm_head)
+        if topology.distributed:
+            self.model = DistributedDataParallel(
+                self.model, device_ids=[topology.local_rank] if topology.device.type == "cuda" else None
+            )
+        parameters = list(self.encoder.parameters()) + (
+            [p for n, p in self.mlm_head.named_parameters() if not n.startswith("word_embeddings")]
+            if self.mlm_head
+            else []
+        )
+        self.optimizer = torch.optim.AdamW(
+            parameters, lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(config.optim.warmup_steps, config.optim.max_steps)
+        )
+        self.use_bf16 = config.precision == "bf16" or (config.precision == "auto" and topology.device.type == "cuda")
+        # bf16 needs no loss scaling; the scaler is kept (disabled) so checkpoints have one shape everywhere.
+        self.scaler = torch.amp.GradScaler(enabled=False)
+        self.views_rng = random.Random(config.optim.seed)
+        self.batch_order = BatchOrder(
+            len(self.corpus.train),
+            config.optim.batch_size,
+            seed=config.optim.seed,
+            rank=topology.rank,
+            world_size=topology.world_size,
+        )
+        self.position = DataPosition()
+        self.step = 0
+        self.run_dir = config.run_dir
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # -- state ---------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "position": self.position.to_dict(),
+            "encoder": self.encoder.state_dict(),
+            "mlm_head": self.mlm_head.state_dict() if self.mlm_head else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(self.views_rng),
+            "config": self.config.model_dump(mode="json"),
+            "dataset_fingerprint": self.corpus.fingerprint,
+            "tokenizer_dir": str(self.tokenizer_dir),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if state["dataset_fingerprint"] != self.corpus.fingerprint:
+            raise ValueError("the checkpoint was trained on another dataset (fingerprints differ); resume refused")
+        self.encoder.load_state_dict(state["encoder"])
+        if self.mlm_head and state["mlm_head"]:
+            self.mlm_head.load_state_dict(state["mlm_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        _restore_rng(state["rng"], self.views_rng)
+        self.position = DataPosition.from_dict(state["position"])
+        self.step = int(state["step"])
+
+    # -- data ----------------------------------------------------------------------------------
+    def next_texts(self) -> list[str]:
+        """The next micro-batch of this process's share of the corpus, in a seeded per-epoch order."""
+        indices = self.batch_order.batch(self.position)
+        self.position = self.batch_order.after(self.position)
+        return [self.corpus.train[i] for i in indices]
+
+    # -- loss ----------------------------------------------------------------------------------
+    def loss(self, texts: list[str]) -> torch.Tensor:
+        objective = self.config.objective
+        device = self.topology.device
+        token_ids = self.tokenizer.encode(texts, truncate=True)
+        total = torch.zeros((), device=device)
+        view_ids = view_mask = mlm_ids = mlm_mask = labels = None
+        if objective.contrastive_weight > 0:
+            # Both views in one batch: one forward per step, as DDP requires.
+            first, second = make_views(token_ids, objective.views, self.views_rng)
+            views = pad_batch(first + second, self.tokenizer.pad_id)
+            view_ids = torch.from_numpy(views.input_ids).to(device)
+            view_mask = torch.from_numpy(views.attention_mask).to(device)
+        if objective.mlm_weight > 0 and self.mlm_head is not None:
+            batch = pad_batch(token_ids, self.tokenizer.pad_id)
+            mlm_mask = torch.from_numpy(batch.attention_mask).to(device)
+            mlm_ids, labels = mask_tokens(
+                torch.from_numpy(batch.input_ids).to(device), mlm_mask, self.tokenizer, objective.mlm_probability
+            )
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            vectors, logits = self.model(view_ids, view_mask, mlm_ids, mlm_mask)
+        if vectors is not None:
+            a, b = vectors[: len(texts)], vectors[len(texts) :]
+            total = total + objective.contrastive_weight * info_nce(a.float(), b.float(), objective.temperature)
+        if logits is not None and labels is not None:
+            total = total + objective.mlm_weight * masked_lm_loss(logits.float(), labels)
+        return total
+
+    def _embed(self, token_ids: list[list[int]]) -> torch.Tensor:
+        batch = pad_batch(token_ids, self.tokenizer.pad_id)
+        device = self.topology.device
+        vectors: torch.Tensor = self.encoder(
+            torch.from_numpy(batch.input_ids).to(device), torch.from_numpy(batch.attention_mask).to(device)
+        )
+        return vectors
+
+    # -- loop ----------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        optim = self.config.optim
+        main = self.topology.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        progress = tqdm(total=optim.max_steps, initial=self.step, disable=not main, desc=self.config.run_name)
+        last_checkpoint = self.run_dir / "checkpoints"
+        loss_value = float("nan")
+        tokens_seen, started = 0, time.perf_counter()
+        while self.step < optim.max_steps:
+            self.encoder.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for _ in range(optim.grad_accumulation):
+                texts = self.next_texts()
+                loss = self.loss(texts) / optim.grad_accumulation
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f"loss became {loss.item()} at step {self.step + 1}; the run stopped and the last good "
+                        f"checkpoint in {last_checkpoint} is kept. Lower the learning rate or check the data."
+                    )
+                loss.backward()  # type: ignore[no-untyped-call]
+                step_loss += loss.item()
+                tokens_seen += sum(len(ids) for ids in self.tokenizer.encode(texts, truncate=True))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), optim.clip_norm))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            loss_value = step_loss
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}")
+            record: dict[str, Any] = {
+                "step": self.step,
+                "loss": loss_value,
+                "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_seen * self.topology.world_size / (time.perf_counter() - started),
+            }
+            if self.step % self.config.monitor.eval_every_steps == 0 or self.step == optim.max_steps:
+                record.update(self.monitor())
+            if main:
+                with self.metrics_path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            if self.step % self.config.checkpoint.every_steps == 0 or self.step == optim.max_steps:
+                last_checkpoint = self.save()
+        progress.close()
+        if main:
+            plot_metrics(self.metrics_path, self.run_dir / "curves.png")
+        return TrainResult(self.run_dir, last_checkpoint, self.step, loss_value)
+
+    def monitor(self) -> dict[str, float]:
+        """Collapse checks on a validation sample; raises CollapseDetected with the explanation."""
+        sample = self.corpus.validation[: self.config.monitor.validation_sample]
+        if len(sample) < 2:
+            return {}
+        self.encoder.eval()
+        token_ids = self.tokenizer.encode(sample, truncate=True)
+        with torch.no_grad():
+            vectors = torch.cat([self._embed(token_ids[i : i + 64]).float() for i in range(0, len(sample), 64)])
+            self.encoder.train()  # a second dropout pass gives each text a positive view for alignment
+            twins = torch.cat([self._embed(token_ids[i : i + 64]).float() for i in range(0, len(sample), 64)])
+        self.encoder.train()
+        report = check_collapse(vectors.cpu(), twins.cpu(), self.config.monitor)
+        return {f"val_{name}": value for name, value in report.items()}
+
+    def save(self) -> Path:
+        path = self.run_dir / "checkpoints"
+        if self.topology.is_main:
+            path = save_checkpoint(path, self.step, self.state(), self.config.checkpoint.keep)
+            log.info("checkpoint written", extra={"step": self.step, "path": str(path)})
+        return path
+
+
+def train(config: TrainConfig, resume: Path | None = None) -> TrainResult:
+    """Run (or resume) the training described by ``config``."""
+    topology = init_topology()
+    try:
+        trainer = Trainer(config, topology)
+        if resume is not None:
+            trainer.restore(load_checkpoint(resume))
+            log.info("resumed", extra={"step": trainer.step, "checkpoint": str(resume)})
+        return trainer.run()
+    finally:
+        shutdown(topology)
