@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_REPOSITORY ?= model_repository
 
-.PHONY: run test lint typecheck bootstrap-model ensure-redis clean bench bench-ssl bench-search triton triton-setup
+.PHONY: run test lint typecheck bootstrap-model ensure-redis clean bench bench-ssl bench-search triton triton-setup loadtest
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,3 +60,16 @@ bench-search: bootstrap-model
 ## Benchmark the gateway against raw ONNX Runtime and a naive server (writes loadtests/results/bench_embeddings.json).
 bench: bootstrap-model
 	$(PY) -m loadtests.bench_embeddings
+
+## Load test a running gateway: make loadtest URL=http://host:8000 [DURATION=60 USERS=16 MODEL=minilm SLO=... OUT=...]
+## Locust headless for DURATION s (stages: warm-up, peak, cool-down), then a verdict against SLO (exit 1 on breach);
+## writes OUT/loadtest.html, OUT/loadtest-latency.png and OUT/loadtest.json. Extra options: LOADTEST_ARGS="...".
+URL ?= http://127.0.0.1:8000
+DURATION ?= 60
+USERS ?= 16
+MODEL ?= minilm
+SLO ?= loadtests/slo.yaml
+OUT ?= loadtests/results
+loadtest: $(STAMP)
+	$(PY) -m loadtests.loadtest --url $(URL) --duration $(DURATION) --users $(USERS) --model $(MODEL) \
+		--slo $(SLO) --out $(OUT) $(LOADTEST_ARGS)
