@@ -204,7 +204,9 @@ def test_production_takes_every_key_from_a_secret(rendered: dict[str, list[dict[
     assert refs["EMBEDSERVE_ADMIN_API_KEY"] == {"name": "embedserve-admin", "key": "admin-api-key"}
     # The Redis password is spliced into the URL by Kubernetes at start, never written into the chart's output.
     assert variables["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "embedserve-redis", "key": "password"}
-    assert variables["EMBEDSERVE_REDIS_URL"]["value"] == "redis://:$(REDIS_PASSWORD)@redis.data.svc.cluster.local:6379/0"
+    assert (
+        variables["EMBEDSERVE_REDIS_URL"]["value"] == "redis://:$(REDIS_PASSWORD)@redis.data.svc.cluster.local:6379/0"
+    )
 
 
 @pytest.mark.parametrize(

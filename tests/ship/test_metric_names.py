@@ -16,7 +16,11 @@ SELECTOR = re.compile(r"\b(embedserve_[a-z0-9_]+)\{([^}]*)\}")
 LABEL_MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
 # Labels Prometheus adds to every scraped series (Prometheus Operator's ServiceMonitor targets).
 TARGET_LABELS = {"namespace", "pod", "service", "job", "instance", "container", "endpoint"}
-SERIES_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("", "_sum", "_count")}
+SERIES_SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "summary": ("", "_sum", "_count"),
+}
 
 
 def exported(client: TestClient) -> dict[str, set[str]]:
