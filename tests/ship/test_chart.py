@@ -386,3 +386,41 @@ def test_schema_knows_every_top_level_value() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert set(values) <= set(schema["properties"])
     assert schema["additionalProperties"] is False
+
+
+# The views SREs asked for, by panel (or row) title.
+DASHBOARD_VIEWS = {
+    "embedserve-executive": ["Traffic by route", "Embedding P95 vs SLO", "Error budget left", "Versions served"],
+    "embedserve-oncall": [
+        "Embedding P95 by version",
+        "5xx share by version",
+        "429 responses",
+        "Queue depth",
+        "Cache hit rate by layer",
+        "Dependency health",
+        "Rollout phase",
+        "Rollout weight",
+    ],
+    "embedserve-debug": [
+        "Batch size",
+        "Padding",
+        "Stages of an embedding request (mean)",
+        "Drift: MMD",
+        "Neighbourhood agreement",
+    ],
+}
+
+
+def test_dashboards_show_each_view_without_overlapping_panels() -> None:
+    for uid, titles in DASHBOARD_VIEWS.items():
+        board = json.loads((CHART / "dashboards" / f"{uid}.json").read_text())
+        assert board["uid"] == uid
+        assert set(titles) <= {panel["title"] for panel in board["panels"]}, uid
+        cells: set[tuple[int, int]] = set()
+        for panel in board["panels"]:
+            box = panel["gridPos"]
+            assert box["x"] + box["w"] <= 24, panel["title"]
+            area = {(x, y) for x in range(box["x"], box["x"] + box["w"]) for y in range(box["y"], box["y"] + box["h"])}
+            assert not area & cells, f"{uid}: {panel['title']} overlaps another panel"
+            cells |= area
+        assert {v["name"] for v in board["templating"]["list"]} >= {"datasource", "namespace", "model"}
