@@ -390,7 +390,7 @@ def test_schema_knows_every_top_level_value() -> None:
 
 # The views SREs asked for, by panel (or row) title.
 DASHBOARD_VIEWS = {
-    "embedserve-executive": ["Traffic by route", "Embedding P95 vs SLO", "Error budget left", "Versions served"],
+    "embedserve-executive": ["Traffic by route", "Embedding P95 vs SLO", "Error budget left (30d)", "Versions served"],
     "embedserve-oncall": [
         "Embedding P95 by version",
         "5xx share by version",
