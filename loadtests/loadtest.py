@@ -6,7 +6,7 @@ Writes to ``--out`` (default loadtests/results/): ``loadtest.html`` (Locust's re
 model version), ``loadtest-latency.png`` (P50/P95 over time per request group, one line per model
 version) and ``loadtest.json`` (per group and version: count, errors, percentiles; the verdict).
 Exit status: 0 every SLO met, 1 an SLO breached, 2 the run itself failed (Locust did not finish within
-its bound, or no request was made).
+its bound, the gateway could not be reached, or no request was made).
 """
 
 import argparse
@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -275,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # interleave with Locust's output
     config = SloConfig.load(args.slo)  # fail on a bad config before loading anything
+    try:
+        httpx.get(f"{args.url.rstrip('/')}/healthz", timeout=10)
+    except httpx.TransportError as error:
+        print(f"loadtest: cannot reach the gateway at {args.url}: {error}")
+        return EXIT_RUN_FAILED
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="loadtest-") as scratch:
         samples_path = Path(scratch) / "samples.jsonl"

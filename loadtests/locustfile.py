@@ -79,21 +79,29 @@ def _unique(rng: random.Random, text: str) -> str:
 class Expectations:
     """What a correct answer looks like: each (model, version)'s dimension, read from ``GET /v1/models``."""
 
+    REFRESH_S = 5.0
+
     def __init__(self) -> None:
         self.dimensions: dict[tuple[str, str], int] = {}
         self.host = ""
         self.headers: dict[str, str] = {}
+        self.loaded_at = 0.0
 
     def load(self, host: str, headers: dict[str, str]) -> None:
-        self.host, self.headers = host, headers
-        listing = _get_json(f"{host}/v1/models", headers)
+        self.host, self.headers, self.loaded_at = host, headers, time.monotonic()
+        try:
+            listing = _get_json(f"{host}/v1/models", headers)
+        except (OSError, ValueError) as error:  # URLError and HTTPError are OSErrors
+            print(f"loadtest: cannot read {host}/v1/models ({error}); embedding checks will fail")
+            return
         for model in listing.get("data", []):
             for version in model.get("versions", []):
                 if version.get("dimension"):
                     self.dimensions[(model["id"], str(version["version"]))] = int(version["dimension"])
 
     def dimension(self, model: str, version: str) -> int | None:
-        if (model, version) not in self.dimensions and self.host:
+        stale = time.monotonic() - self.loaded_at > self.REFRESH_S
+        if (model, version) not in self.dimensions and self.host and stale:
             self.load(self.host, self.headers)  # a version that appeared during the test
         return self.dimensions.get((model, version))
 

@@ -12,7 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from loadtests.loadtest import DEFAULT_SLO, Sample, SloConfig, judge
-from loadtests.processes import gateway
+from loadtests.processes import free_port, gateway
 from tests.ship.conftest import ROOT
 
 ADMIN_KEY = "loadtest-admin-key"
@@ -98,6 +98,13 @@ def test_make_loadtest_fails_an_slo_tighter_than_reality(canary_gateway: str, tm
     assert breached and all(o["p95_ms"] > o["p95_limit_ms"] for o in breached)
     assert set(summary["groups"]) == {"embeddings short"}
     assert (out / "loadtest.html").exists() and (out / "loadtest-latency.png").exists()
+
+
+def test_an_unreachable_gateway_is_a_failed_run_not_a_verdict(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "loadtests.loadtest", "--url", f"http://127.0.0.1:{free_port()}"]
+    result = subprocess.run([*command, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "cannot reach the gateway" in result.stdout
+    assert not (tmp_path / "loadtest.json").exists()
 
 
 def samples(group: str, version: str, count: int, ms: float, failures: int = 0) -> list[Sample]:
