@@ -16,17 +16,15 @@ Run it through the runner (``python -m loadtests.loadtest``, ``make loadtest``),
 """
 
 import base64
-import json
 import random
-import string
 import time
-import urllib.error
-import urllib.request
 from typing import Any, ClassVar
 
 from locust import FastHttpUser, LoadTestShape, between, events, task
 from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
+
+from loadtests.locust_support import EXPECTED, SAMPLES, WORDS, send_json, sentence, unique
 
 GROUP_SHORT = "embeddings short"
 GROUP_LONG = "embeddings long"
@@ -36,15 +34,6 @@ UNVERSIONED = "?"
 HOT_TEXTS = 32
 UPSERT_ID_SPACE = 2000  # upserts replace items in a bounded id space, so the collection stays small
 SEED_ITEMS = 64
-
-_VOCABULARY = (
-    "model vector search index query cache latency batch token version canary stable rollout gateway "
-    "replica shard region cluster request response embedding sentence paragraph document retrieval "
-    "ranking metric dashboard alert budget error queue worker memory network storage backup restore "
-    "customer order invoice product price shipping return review rating support ticket account login "
-    "the a of and to in for on with by from at as is was are be this that it new old fast slow"
-)
-_WORDS = _VOCABULARY.split()
 
 
 @events.init_command_line_parser.add_listener
@@ -67,67 +56,6 @@ def _arguments(parser: LocustArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the generated texts.")
 
 
-def _sentence(rng: random.Random, words: int) -> str:
-    return " ".join(rng.choice(_WORDS) for _ in range(words)).capitalize() + "."
-
-
-def _unique(rng: random.Random, text: str) -> str:
-    # A nonce word makes the text new to the cache without changing its length much.
-    return f"{text} {''.join(rng.choices(string.ascii_lowercase, k=8))}"
-
-
-class Expectations:
-    """What a correct answer looks like: each (model, version)'s dimension, read from ``GET /v1/models``."""
-
-    REFRESH_S = 5.0
-
-    def __init__(self) -> None:
-        self.dimensions: dict[tuple[str, str], int] = {}
-        self.host = ""
-        self.headers: dict[str, str] = {}
-        self.loaded_at = 0.0
-
-    def load(self, host: str, headers: dict[str, str]) -> None:
-        self.host, self.headers, self.loaded_at = host, headers, time.monotonic()
-        try:
-            listing = _get_json(f"{host}/v1/models", headers)
-        except (OSError, ValueError) as error:  # URLError and HTTPError are OSErrors
-            print(f"loadtest: cannot read {host}/v1/models ({error}); embedding checks will fail")
-            return
-        for model in listing.get("data", []):
-            for version in model.get("versions", []):
-                if version.get("dimension"):
-                    self.dimensions[(model["id"], str(version["version"]))] = int(version["dimension"])
-
-    def dimension(self, model: str, version: str) -> int | None:
-        stale = time.monotonic() - self.loaded_at > self.REFRESH_S
-        if (model, version) not in self.dimensions and self.host and stale:
-            self.load(self.host, self.headers)  # a version that appeared during the test
-        return self.dimensions.get((model, version))
-
-
-EXPECTED = Expectations()
-
-
-def _get_json(url: str, headers: dict[str, str]) -> dict[str, Any]:
-    request = urllib.request.Request(url, headers=headers)
-    with urllib.request.urlopen(request, timeout=10) as response:
-        body: dict[str, Any] = json.load(response)
-        return body
-
-
-def _send_json(method: str, url: str, headers: dict[str, str], body: dict[str, Any]) -> int:
-    data = json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={**headers, "content-type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return int(error.code)
-
-
 def _options(environment: Environment) -> Any:
     """Locust's parsed command line, this file's options included."""
     assert environment.parsed_options is not None, "run through the locust command line"
@@ -147,7 +75,7 @@ def _seed_collection(environment: Environment, host: str, headers: dict[str, str
     deadline = time.monotonic() + 30
     status = 0
     while time.monotonic() < deadline:
-        status = _send_json("PUT", url, headers, {"model": options.model, "fields": {"topic": "string"}})
+        status = send_json("PUT", url, headers, {"model": options.model, "fields": {"topic": "string"}})
         if status != 503:
             break
         time.sleep(1)  # the gateway connects to Milvus in the background
@@ -155,10 +83,10 @@ def _seed_collection(environment: Environment, host: str, headers: dict[str, str
         print(f"loadtest: creating collection {options.collection} answered {status}; searches will fail")
         return
     items = [
-        {"id": f"seed-{i}", "text": _sentence(rng, 12), "metadata": {"topic": rng.choice(_WORDS)}}
+        {"id": f"seed-{i}", "text": sentence(rng, 12), "metadata": {"topic": rng.choice(WORDS)}}
         for i in range(SEED_ITEMS)
     ]
-    _send_json("POST", f"{url}/items", headers, {"items": items})
+    send_json("POST", f"{url}/items", headers, {"items": items})
 
 
 @events.test_start.add_listener
@@ -168,31 +96,6 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     EXPECTED.load(host, headers)
     if any(user_class.__name__ == "CollectionUser" for user_class in environment.user_classes):
         _seed_collection(environment, host, headers)
-
-
-class SampleWriter:
-    """One JSON line per request: the runner's verdict and plot are computed from these."""
-
-    def __init__(self) -> None:
-        self.file: Any = None
-
-    def open(self, path: str) -> None:
-        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed on quitting
-
-    def write(self, name: str, response_time_ms: float, ok: bool, status: int) -> None:
-        if self.file is None:
-            return
-        group, _, version = name.rpartition(" v")
-        line = {"t": time.time(), "group": group, "version": version, "ms": response_time_ms, "ok": ok}
-        self.file.write(json.dumps({**line, "status": status}) + "\n")
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-
-SAMPLES = SampleWriter()
 
 
 @events.init.add_listener
@@ -304,7 +207,7 @@ class ShortTextUser(EmbeddingUser):
     def on_start(self) -> None:
         super().on_start()
         seed_rng = random.Random(_options(self.environment).seed)
-        self.hot = [_sentence(seed_rng, seed_rng.randint(5, 15)) for _ in range(HOT_TEXTS)]
+        self.hot = [sentence(seed_rng, seed_rng.randint(5, 15)) for _ in range(HOT_TEXTS)]
         self.hit_share: float = _options(self.environment).cache_hit_share
 
     def texts(self) -> list[str]:
@@ -312,7 +215,7 @@ class ShortTextUser(EmbeddingUser):
         return [
             self.rng.choice(self.hot)
             if self.rng.random() < self.hit_share
-            else _unique(self.rng, _sentence(self.rng, self.rng.randint(5, 15)))
+            else unique(self.rng, sentence(self.rng, self.rng.randint(5, 15)))
             for _ in range(count)
         ]
 
@@ -329,7 +232,7 @@ class LongTextUser(EmbeddingUser):
 
     def texts(self) -> list[str]:
         words = self.rng.randint(120, 300)
-        return [_unique(self.rng, " ".join(_sentence(self.rng, 10) for _ in range(words // 10)))]
+        return [unique(self.rng, " ".join(sentence(self.rng, 10) for _ in range(words // 10)))]
 
     @task
     def long_text(self) -> None:
@@ -349,7 +252,7 @@ class CollectionUser(GatewayUser):
     def search(self) -> None:
         top_k = 10
         payload = {
-            "query": _sentence(self.rng, self.rng.randint(3, 8)),
+            "query": sentence(self.rng, self.rng.randint(3, 8)),
             "top_k": top_k,
             "mode": self.rng.choice(("dense", "dense", "keyword", "hybrid")),
             "output_fields": [],
@@ -377,8 +280,8 @@ class CollectionUser(GatewayUser):
         items = [
             {
                 "id": f"lt-{self.rng.randrange(UPSERT_ID_SPACE)}",
-                "text": _sentence(self.rng, self.rng.randint(8, 30)),
-                "metadata": {"topic": self.rng.choice(_WORDS)},
+                "text": sentence(self.rng, self.rng.randint(8, 30)),
+                "metadata": {"topic": self.rng.choice(WORDS)},
             }
             for _ in range(self.rng.randint(1, 8))
         ]
