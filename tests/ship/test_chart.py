@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.ship.conftest import CHART, NAMESPACE, RELEASE, SCENARIOS, find, render, scenario_values
+from tests.ship.operator_schemas import CRD_SCHEMAS
 
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest the validator knows.
 KUBE_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
@@ -19,89 +20,6 @@ KUBE_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
 MISSING_DEPENDENCIES = "chart directory is missing these dependencies: redis,milvus"
 LINT_WARNING = 2
 SECRET_SETTINGS = ("EMBEDSERVE_API_KEYS", "EMBEDSERVE_ADMIN_API_KEY", "EMBEDSERVE_MILVUS_TOKEN")
-
-# The fields of the Prometheus Operator's CRDs the chart uses (kubernetes-validate ships no CRD schemas).
-_DURATION = {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"}
-SERVICE_MONITOR_SCHEMA = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "spec": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["selector", "endpoints"],
-            "properties": {
-                "selector": {
-                    "type": "object",
-                    "required": ["matchLabels"],
-                    "properties": {"matchLabels": {"type": "object", "minProperties": 1}},
-                },
-                "namespaceSelector": {"type": "object"},
-                "endpoints": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "required": ["port", "path"],
-                        "properties": {"port": {"type": "string"}, "path": {"type": "string"}, "interval": _DURATION},
-                    },
-                },
-            },
-        },
-    },
-}
-PROMETHEUS_RULE_SCHEMA = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "spec": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["groups"],
-            "properties": {
-                "groups": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "required": ["name", "rules"],
-                        "properties": {
-                            "name": {"type": "string"},
-                            "rules": {
-                                "type": "array",
-                                "minItems": 1,
-                                "items": {
-                                    "type": "object",
-                                    "additionalProperties": False,
-                                    "required": ["alert", "expr", "labels", "annotations"],
-                                    "properties": {
-                                        "alert": {"type": "string", "pattern": "^[A-Z][A-Za-z0-9]+$"},
-                                        "expr": {"type": "string", "minLength": 1},
-                                        "for": _DURATION,
-                                        "labels": {
-                                            "type": "object",
-                                            "required": ["severity"],
-                                            "properties": {"severity": {"enum": ["page", "warning", "info"]}},
-                                        },
-                                        "annotations": {
-                                            "type": "object",
-                                            "required": ["summary", "description"],
-                                            "additionalProperties": {"type": "string"},
-                                        },
-                                    },
-                                },
-                            },
-                        },
-                    },
-                }
-            },
-        },
-    },
-}
-CRD_SCHEMAS = {"ServiceMonitor": SERVICE_MONITOR_SCHEMA, "PrometheusRule": PROMETHEUS_RULE_SCHEMA}
 
 
 def gateway(manifests: list[dict[str, Any]]) -> dict[str, Any]:
@@ -323,43 +241,6 @@ def test_ingress_and_network_policy_are_optional(rendered: dict[str, list[dict[s
     assert grpc_rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
 
 
-REQUIRED_ALERTS = {
-    "EmbedserveEmbeddingLatencyP95High",
-    "EmbedserveServerErrors",
-    "EmbedserveThrottling",
-    "EmbedserveDriftMmdHigh",
-    "EmbedserveRolloutFailed",
-    "EmbedserveRedisCircuitOpen",
-}
-
-
-def test_monitoring_is_switched_by_values(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    laptop = rendered["laptop"]
-    assert find(laptop, "ServiceMonitor") == [] and find(laptop, "PrometheusRule") == []
-    production = rendered["gpu-production"]
-    monitors = {m["metadata"]["name"]: m["spec"]["endpoints"][0]["port"] for m in find(production, "ServiceMonitor")}
-    assert monitors == {RELEASE: "http", f"{RELEASE}-triton": "metrics"}
-    (rule,) = find(production, "PrometheusRule")
-    alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
-    assert set(alerts) >= REQUIRED_ALERTS
-    assert alerts["EmbedserveEmbeddingLatencyP95High"]["expr"].rstrip().endswith("> 0.1")
-    assert alerts["EmbedserveEmbeddingLatencyP95High"]["annotations"]["runbook_url"].startswith("https://")
-    # Prometheus templates survive Helm's templating.
-    assert "{{ $labels.model }}" in alerts["EmbedserveEmbeddingLatencyP95High"]["annotations"]["summary"]
-    for alert in alerts.values():
-        expr = alert["expr"]
-        assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), alert["alert"]
-
-
-def test_dashboards_are_provisioned_when_enabled(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    assert find(rendered["laptop"], "ConfigMap", f"{RELEASE}-dashboards") == []
-    (config_map,) = find(rendered["gpu-production"], "ConfigMap", f"{RELEASE}-dashboards")
-    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
-    dashboards = {name: json.loads(text) for name, text in config_map["data"].items()}
-    assert set(dashboards) == {"embedserve-executive.json", "embedserve-oncall.json", "embedserve-debug.json"}
-    assert all(board["uid"] == name.removesuffix(".json") for name, board in dashboards.items())
-
-
 def _leaf_paths(node: Any, prefix: str = "") -> list[str]:
     if isinstance(node, dict) and node:
         return [path for key, value in node.items() for path in _leaf_paths(value, f"{prefix}{key}.")]
@@ -386,41 +267,3 @@ def test_schema_knows_every_top_level_value() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert set(values) <= set(schema["properties"])
     assert schema["additionalProperties"] is False
-
-
-# The views SREs asked for, by panel (or row) title.
-DASHBOARD_VIEWS = {
-    "embedserve-executive": ["Traffic by route", "Embedding P95 vs SLO", "Error budget left (30d)", "Versions served"],
-    "embedserve-oncall": [
-        "Embedding P95 by version",
-        "5xx share by version",
-        "429 responses",
-        "Queue depth",
-        "Cache hit rate by layer",
-        "Dependency health",
-        "Rollout phase",
-        "Rollout weight",
-    ],
-    "embedserve-debug": [
-        "Batch size",
-        "Padding",
-        "Stages of an embedding request (mean)",
-        "Drift: MMD",
-        "Neighbourhood agreement",
-    ],
-}
-
-
-def test_dashboards_show_each_view_without_overlapping_panels() -> None:
-    for uid, titles in DASHBOARD_VIEWS.items():
-        board = json.loads((CHART / "dashboards" / f"{uid}.json").read_text())
-        assert board["uid"] == uid
-        assert set(titles) <= {panel["title"] for panel in board["panels"]}, uid
-        cells: set[tuple[int, int]] = set()
-        for panel in board["panels"]:
-            box = panel["gridPos"]
-            assert box["x"] + box["w"] <= 24, panel["title"]
-            area = {(x, y) for x in range(box["x"], box["x"] + box["w"]) for y in range(box["y"], box["y"] + box["h"])}
-            assert not area & cells, f"{uid}: {panel['title']} overlaps another panel"
-            cells |= area
-        assert {v["name"] for v in board["templating"]["list"]} >= {"datasource", "namespace", "model"}
