@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pymilvus import AnnSearchRequest, RRFRanker
+from pymilvus.exceptions import MilvusException
 
 from service.catalog import (
     Catalog,
@@ -30,7 +31,7 @@ from service.catalog import (
     served_version,
 )
 from service.collections_protocol import CollectionInfo, Hit, IndexInfo, Item, ItemIn, ReindexInfo, SearchRequest
-from service.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
+from service.errors import ApiError, Conflict, InvalidRequest, NotFound, ServiceUnavailable
 from service.filters import FIELD_TYPES, MAX_LIST_VALUES, FieldType, compile_filter, value_problem
 from service.milvus import Milvus, MissingCollection, VectorMetrics
 from service.model_store import ModelVersion
@@ -79,22 +80,36 @@ class VectorStore:
         await self._milvus.close()
 
     async def _start_when_reachable(self) -> None:
+        """Resume every collection once. Milvus unreachable, or one collection failing to load (a timeout
+        included), is retried with backoff; it never stops the other collections from resuming."""
+        resumed: set[str] = set()
         attempt = 0
         while True:
+            failed = 0
             try:
                 records = await self._catalog.records()
-                for record in list(records.values()):
+                for record in records.values():
+                    if record.name in resumed:
+                        continue
                     try:
                         await self._resume(record)
-                    except NotFound as error:  # one broken collection does not keep the others from resuming
+                        resumed.add(record.name)
+                    except NotFound as error:  # gone from Milvus: nothing to retry
+                        resumed.add(record.name)
                         log.error("collection not resumed", extra={"collection": record.name, "reason": error.message})
-                log.info("vector store ready", extra={"collections": len(records), "uri": self._milvus.uri})
-                return
+                    except (ApiError, MilvusException) as error:
+                        failed += 1
+                        reason = str(error)
+                        log.warning("collection not resumed yet", extra={"collection": record.name, "reason": reason})
+                if not failed:
+                    log.info("vector store ready", extra={"collections": len(records), "uri": self._milvus.uri})
+                    return
             except ServiceUnavailable as error:
-                delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
-                attempt += 1
-                log.warning("vector store unreachable; retrying", extra={"reason": error.message, "retry_s": delay})
-                await asyncio.sleep(delay)
+                log.warning("vector store unreachable", extra={"reason": error.message})
+            delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
+            attempt += 1
+            log.warning("vector store start retrying", extra={"retry_s": delay, "failed_collections": failed})
+            await asyncio.sleep(delay)
 
     async def _resume(self, record: CollectionRecord) -> None:
         # Milvus Lite opens collections released: loading (and warming) now keeps that off the first search.
