@@ -42,6 +42,20 @@ class AnalysisSettings(BaseModel):
     thresholds: AnalysisThresholds = Field(default_factory=AnalysisThresholds)
 
 
+class Judgement(BaseModel):
+    """One judgement of the analysis loop: what it measured over an interval and what it concluded."""
+
+    at: datetime
+    result: Literal["pass", "fail", "wait"]
+    reason: str
+    canary_requests: int = 0
+    canary_error_rate: float | None = None
+    stable_p95_s: float | None = None
+    canary_p95_s: float | None = None
+    drift_mmd: float | None = None
+    neighbour_agreement: float | None = None
+
+
 class Decision(BaseModel):
     """One change of a rollout, by whom and why."""
 
@@ -65,6 +79,9 @@ class RolloutState(BaseModel):
     shadow_percent: float = Field(0.0, ge=0, le=100, description="Percent of stable requests mirrored to the canary.")
     analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
     history: list[Decision] = Field(default_factory=list)
+    passes: int = Field(0, description="Judgements passed in a row at the current weight.")
+    failures: int = Field(0, description="Judgements failed in a row.")
+    last_judgement: Judgement | None = None
     revision: int = 0
 
     @model_validator(mode="after")
@@ -78,9 +95,12 @@ class RolloutState(BaseModel):
 
 
 def check_steps(steps: list[int]) -> None:
-    if any(not 0 < step <= 100 for step in steps) or any(a >= b for a, b in itertools.pairwise(steps)):
+    """Weights climb strictly within 0..100; only the first may be 0 (the canary sees shadow traffic only)."""
+    if any(not 0 <= step <= 100 for step in steps) or any(a >= b for a, b in itertools.pairwise(steps)):
         raise InvalidRequest(
-            f"steps {steps} must climb strictly within 1..100, e.g. [5, 10, 25, 50, 100].", param="steps"
+            f"steps {steps} must climb strictly within 0..100, e.g. [5, 10, 25, 50, 100] "
+            "(a first step of 0 mirrors traffic to the canary without serving from it).",
+            param="steps",
         )
 
 
@@ -118,7 +138,8 @@ def _decided(
         to_weight=to_weight,
         reason=reason or f"{action} by {actor}",
     )
-    return state.model_copy(update={**changes, "weight": to_weight, "history": [*state.history, decision]})
+    update = {"passes": 0, "failures": 0, **changes, "weight": to_weight, "history": [*state.history, decision]}
+    return state.model_copy(update=update)
 
 
 def _require_active(state: RolloutState | None, model: str, action: str) -> RolloutState:
@@ -150,6 +171,11 @@ def start(
     if not steps:
         raise InvalidRequest("steps is empty; give the canary weights to climb, e.g. [5, 25, 50, 100].", param="steps")
     check_steps(steps)
+    if steps[0] == 0 and shadow_percent == 0:
+        raise InvalidRequest(
+            "a first step of 0 serves nothing from the canary; set shadow_percent to measure it on mirrored traffic.",
+            param="shadow_percent",
+        )
     base = RolloutState(
         model=model,
         stable_version=stable_version,
@@ -157,6 +183,7 @@ def start(
         steps=steps,
         revision=current.revision if current else 0,
         history=current.history if current else [],
+        last_judgement=None,
     )
     return _decided(
         base,
@@ -171,10 +198,22 @@ def start(
     )
 
 
-def promote(state: RolloutState | None, model: str, reason: str | None = None, actor: str = ADMIN_API) -> RolloutState:
-    """The canary becomes the stable version (phase promoted). Moving the model's collections to the canary
-    version is the caller's job, done before this is saved."""
+def begin_promotion(
+    state: RolloutState | None, model: str, reason: str | None = None, actor: str = ADMIN_API
+) -> RolloutState:
+    """Phase promoting: the canary keeps its weight while the model's collections are re-indexed to it;
+    ``promote`` ends it once they all are."""
     active = _require_active(state, model, "promote")
+    if active.phase == "promoting":
+        raise Conflict(f"{model} is already being promoted; watch GET /v1/rollouts/{model}.")
+    return _decided(active, "promoting", active.weight, reason, actor, phase="promoting")
+
+
+def promote(state: RolloutState | None, model: str, reason: str | None = None, actor: str = ADMIN_API) -> RolloutState:
+    """The canary becomes the stable version (phase promoted): only once its collections have followed it."""
+    active = _require_active(state, model, "promote")
+    if active.phase != "promoting":
+        raise Conflict(f"cannot finish promoting {model}: its rollout is {active.phase}, not promoting.")
     return _decided(
         active, "promote", 0, reason, actor, stable_version=active.canary_version, canary_version=None, phase="promoted"
     )
@@ -182,7 +221,31 @@ def promote(state: RolloutState | None, model: str, reason: str | None = None, a
 
 def rollback(state: RolloutState | None, model: str, reason: str | None = None, actor: str = ADMIN_API) -> RolloutState:
     """All traffic back to stable; the canary version stays recorded for the history."""
-    return _decided(_require_active(state, model, "roll back"), "rollback", 0, reason, actor, phase="rolled_back")
+    active = _require_active(state, model, "roll back")
+    if active.phase == "promoting":
+        raise Conflict(f"cannot roll back {model} while its collections are being re-indexed to the canary; wait.")
+    return _decided(active, "rollback", 0, reason, actor, phase="rolled_back")
+
+
+def fail(state: RolloutState, reason: str, actor: str) -> RolloutState:
+    """The analysis gave up on the canary: weight 0, phase failed, the failed threshold as the reason."""
+    return _decided(state, "fail", 0, reason, actor, phase="failed")
+
+
+def step(state: RolloutState, reason: str, actor: str) -> RolloutState:
+    """The next weight of the schedule (the caller promotes when there is none)."""
+    following = [weight for weight in state.steps if weight > state.weight]
+    return _decided(state, "step", following[0], reason, actor)
+
+
+def judged(state: RolloutState, judgement: "Judgement") -> RolloutState:
+    """``state`` with one more judgement counted (passes or failures in a row; a wait changes neither)."""
+    passes, failures = state.passes, state.failures
+    if judgement.result == "pass":
+        passes, failures = passes + 1, 0
+    elif judgement.result == "fail":
+        passes, failures = 0, failures + 1
+    return state.model_copy(update={"passes": passes, "failures": failures, "last_judgement": judgement})
 
 
 def pause(state: RolloutState | None, model: str, reason: str | None = None, actor: str = ADMIN_API) -> RolloutState:
@@ -205,6 +268,8 @@ def set_weight(
 ) -> RolloutState:
     """The operator puts the canary's weight at ``weight`` percent (0..100)."""
     active = _require_active(state, model, "set the weight of")
+    if active.phase == "promoting":
+        raise Conflict(f"cannot set the weight of {model} while it is being promoted; wait.")
     if not 0 <= weight <= 100:
         raise InvalidRequest(f"weight {weight} is outside 0..100.", param="weight")
     return _decided(active, "weight", weight, reason, actor)

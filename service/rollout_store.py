@@ -11,7 +11,7 @@ import logging
 import random
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -36,6 +36,11 @@ class RolloutStore:
     async def save(self, state: RolloutState) -> RolloutState:
         """Store ``state`` as revision ``state.revision + 1`` if the stored revision is still ``state.revision``
         (0 = none stored); else raise ``Conflict``. Returns what was stored."""
+        raise NotImplementedError
+
+    async def hold_lease(self, model: str, holder: str, ttl_s: float) -> bool:
+        """Whether ``holder`` holds (now, for ``ttl_s``) the right to drive ``model``'s rollout: the one replica
+        that judges the canary and steps, promotes or fails it."""
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -63,6 +68,9 @@ class MemoryRolloutStore(RolloutStore):
         self._states[state.model] = saved
         return saved
 
+    async def hold_lease(self, model: str, holder: str, ttl_s: float) -> bool:
+        return True  # one process: it drives every rollout
+
 
 # KEYS: state key, index set. ARGV: expected revision, new JSON, model. Returns -1 when stored, else the revision.
 _SAVE_SCRIPT = """
@@ -76,6 +84,15 @@ return -1
 """
 
 
+# KEYS: lease key. ARGV: holder, ttl in ms. Returns 1 when the holder has (or took) the lease, else 0.
+_LEASE_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
 class RedisRolloutStore(RolloutStore):
     """One JSON value per model at ``{prefix}rollout:{model}``; the set ``{prefix}rollouts`` names the models,
     so a refresh reads them without scanning the (cache-filled) keyspace."""
@@ -84,6 +101,7 @@ class RedisRolloutStore(RolloutStore):
         self._redis = redis
         self._prefix = prefix
         self._save = redis.register_script(_SAVE_SCRIPT)
+        self._lease = redis.register_script(_LEASE_SCRIPT)
 
     def _key(self, model: str) -> str:
         return f"{self._prefix}rollout:{model}"
@@ -112,12 +130,17 @@ class RedisRolloutStore(RolloutStore):
             raise Conflict(_CONFLICT.format(model=state.model, revision=int(result)), code="revision_conflict")
         return saved
 
+    async def hold_lease(self, model: str, holder: str, ttl_s: float) -> bool:
+        key = f"{self._prefix}rollout-lease:{model}"
+        return int(await self._lease(keys=[key], args=[holder, max(1, int(ttl_s * 1000))])) == 1
+
     async def close(self) -> None:
         await self._redis.aclose()
 
 
 class RolloutMetrics:
-    """``embedserve_rollout_weight{model,version}`` and ``embedserve_rollout_phase{model,phase}``."""
+    """``embedserve_rollout_weight{model,version}`` and ``embedserve_rollout_phase{model,version,phase}`` (version:
+    the canary's, or the stable one's when there is no canary), plus the analysis loop's series."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.weight = Gauge(
@@ -128,10 +151,29 @@ class RolloutMetrics:
         )
         self.phase = Gauge(
             "embedserve_rollout_phase",
-            "1 for the phase a model's rollout is in, else 0.",
-            ["model", "phase"],
+            "1 for the phase a model's rollout (of the labelled version) is in, else 0.",
+            ["model", "version", "phase"],
             registry=registry,
         )
+        self.analysis = Counter(
+            "embedserve_rollout_analysis",
+            "Judgements of a canary by the analysis loop, by result (pass, fail, wait).",
+            ["model", "version", "result"],
+            registry=registry,
+        )
+        self.agreement = Gauge(
+            "embedserve_neighbour_agreement",
+            "Mean top-10 nearest-neighbour overlap between the canary (version) and stable on sampled texts.",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.shadow = Counter(
+            "embedserve_shadow_requests",
+            "Requests mirrored to a canary, by outcome (ok, error, skipped when too many are in flight).",
+            ["model", "version", "outcome"],
+            registry=registry,
+        )
+        self._phase_version: dict[str, str] = {}
         self._versions: dict[str, set[str]] = {}
 
     def describe(self, state: RolloutState) -> None:
@@ -144,8 +186,14 @@ class RolloutMetrics:
         self._versions[state.model] = set(weights)
         for version, weight in weights.items():
             self.weight.labels(state.model, version).set(weight)
+        version = str(state.canary_version if state.canary_version is not None else state.stable_version)
+        previous = self._phase_version.get(state.model)
+        if previous is not None and previous != version:  # the previous rollout's series end at 0
+            for phase in PHASES:
+                self.phase.labels(state.model, previous, phase).set(0)
+        self._phase_version[state.model] = version
         for phase in PHASES:
-            self.phase.labels(state.model, phase).set(1 if phase == state.phase else 0)
+            self.phase.labels(state.model, version, phase).set(1 if phase == state.phase else 0)
 
 
 class RolloutWatcher:

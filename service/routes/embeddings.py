@@ -2,14 +2,18 @@
 
 import asyncio
 import base64
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Header, Request, Response
 
-from service.embedder import Embedder
-from service.errors import InvalidRequest
+from service.canary_window import CanaryWindow
+from service.embedder import Embedder, EmbedResult
+from service.errors import ApiError, InvalidRequest
+from service.model_store import ModelVersion
 from service.protocol import Embedding, EmbeddingRequest, EmbeddingResponse, Usage
+from service.shadow import ShadowMirror
 
 router = APIRouter()
 
@@ -39,6 +43,23 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
+async def _recorded(request: Request, work: Coroutine[Any, Any, EmbedResult], version: ModelVersion) -> EmbedResult:
+    """``work``, its latency and outcome recorded in the canary window (what the rollout analysis judges)."""
+    window: CanaryWindow = request.app.state.canary_window
+    started = time.perf_counter()
+    try:
+        result = await work
+    except ApiError as error:
+        window.record(version.model, version.version, time.perf_counter() - started, error.status_code >= 500)
+        raise
+    except Exception:
+        window.record(version.model, version.version, time.perf_counter() - started, failed=True)
+        raise
+    elapsed = time.perf_counter() - started
+    window.record(version.model, version.version, elapsed, failed=False, computed=result.computed > 0)
+    return result
+
+
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
 async def create_embeddings(
     body: EmbeddingRequest,
@@ -47,7 +68,7 @@ async def create_embeddings(
     x_routing_key: str | None = Header(None, description="Sticky key of a canary rollout; default: 'user'."),
 ) -> Response:
     embedder: Embedder = request.app.state.embedder
-    version = embedder.resolve(body.model, x_model_version, x_routing_key or body.user)
+    version, pinned = embedder.route(body.model, x_model_version, x_routing_key or body.user)
     request.state.model_version = version
     texts = embedder.check_inputs(body.input)
     if body.dimensions is not None and body.dimensions != version.dimension:
@@ -56,9 +77,11 @@ async def create_embeddings(
             f"vectors; omit it or send {version.dimension}.",
             param="dimensions",
         )
-    result = await _unless_client_leaves(request, embedder.embed(texts, version))
+    result = await _unless_client_leaves(request, _recorded(request, embedder.embed(texts, version), version))
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
+    shadow: ShadowMirror = request.app.state.shadow
+    shadow.after_served(texts, version, pinned)
     request.state.log_fields = {"inputs": len(texts), "tokens": result.prompt_tokens}
     if body.encoding_format == "base64":
         little_endian = result.vectors.astype("<f4", copy=False)

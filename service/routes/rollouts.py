@@ -8,7 +8,7 @@ from service.auth import require_admin
 from service.embedder import Embedder
 from service.errors import Conflict, InvalidRequest, ModelNotFound, NotFound
 from service.model_store import ModelStore
-from service.rollout import RolloutState, pause, promote, resume, rollback, set_weight, start
+from service.rollout import RolloutState, begin_promotion, pause, resume, rollback, set_weight, start
 from service.rollout_protocol import RolloutAction, RolloutList, SetWeight, StartRollout
 from service.rollout_store import RolloutWatcher
 
@@ -90,8 +90,9 @@ async def _operator_action(
 
 @router.post("/{model}/promote", response_model=RolloutState)
 async def promote_rollout(model: str, request: Request, body: RolloutAction | None = None) -> RolloutState:
-    """The canary becomes stable. Re-indexing the model's collections to it is done by the caller first."""
-    return await _operator_action(request, model, body, promote)
+    """Phase promoting: the model's collections are re-indexed to the canary, then it becomes stable (phase
+    promoted); watch GET /v1/rollouts/{model}."""
+    return await _operator_action(request, model, body, begin_promotion)
 
 
 @router.post("/{model}/rollback", response_model=RolloutState)

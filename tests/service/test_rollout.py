@@ -17,7 +17,17 @@ from loadtests.processes import gateway
 from service import rollout_cli
 from service.errors import Conflict, InvalidRequest
 from service.model_store import ModelStore
-from service.rollout import AnalysisSettings, RolloutState, choose_version, promote, set_weight, shadow, start
+from service.rollout import (
+    AnalysisSettings,
+    RolloutState,
+    begin_promotion,
+    choose_version,
+    promote,
+    rollback,
+    set_weight,
+    shadow,
+    start,
+)
 from service.rollout_store import MemoryRolloutStore, RedisRolloutStore, RolloutStore, RolloutWatcher
 from service.settings import Settings
 from tests.conftest import SHARED_REDIS_URL
@@ -68,7 +78,7 @@ def test_without_a_key_the_split_is_weighted_random_and_ended_rollouts_send_noth
     rng = random.Random(1)
     share = sum(choose_version(canary(20), None, rng) == 2 for _ in range(10_000)) / 10_000
     assert abs(share - 0.20) <= 0.02
-    promoted = promote(canary(20), "tiny")
+    promoted = promote(begin_promotion(canary(20), "tiny"), "tiny")
     assert (promoted.stable_version, promoted.canary_version, promoted.weight) == (2, None, 0)
     assert choose_version(promoted, "someone", rng) == 2
     assert not shadow(promoted, rng)
@@ -88,6 +98,16 @@ def test_actions_are_recorded_and_bad_ones_refused() -> None:
         start(None, "tiny", 1, 2, [50, 25], 0.0, AnalysisSettings())
     with pytest.raises(InvalidRequest, match="already"):
         start(None, "tiny", 1, 1, [5], 0.0, AnalysisSettings())
+    with pytest.raises(InvalidRequest, match="shadow_percent"):
+        start(None, "tiny", 1, 2, [0, 50], 0.0, AnalysisSettings())
+    shadow_only = start(None, "tiny", 1, 2, [0, 50], 25.0, AnalysisSettings())
+    assert (shadow_only.weight, shadow_only.shadow_percent) == (0, 25.0)
+    with pytest.raises(Conflict, match="not promoting"):
+        promote(state, "tiny")  # promotion goes through phase promoting (collections first)
+    promoting = begin_promotion(state, "tiny")
+    assert (promoting.phase, promoting.weight) == ("promoting", 20)
+    with pytest.raises(Conflict, match="re-indexed"):
+        rollback(promoting, "tiny")
 
 
 async def check_compare_and_set(store: RolloutStore) -> None:
@@ -196,19 +216,29 @@ async def test_admin_api_drives_routing_of_embeddings(settings: Settings) -> Non
 
         found = await read_metrics(client)
         assert metric(found, "embedserve_rollout_weight", model="tiny", version="2") == 50
-        assert metric(found, "embedserve_rollout_phase", model="tiny", phase="progressing") == 1
+        assert metric(found, "embedserve_rollout_phase", model="tiny", version="2", phase="progressing") == 1
 
-        promoted = await client.post("/v1/rollouts/tiny/promote", headers=admin())
-        assert (promoted.json()["phase"], promoted.json()["stable_version"]) == ("promoted", 2)
+        promoting = await client.post("/v1/rollouts/tiny/promote", headers=admin())
+        assert (promoting.json()["phase"], promoting.json()["stable_version"]) == ("promoting", 1)
+        promoted = await wait_for_phase(client, "tiny", "promoted")  # no collection to re-index first
+        assert promoted["stable_version"] == 2
         assert {await served(user) for user in users[:20]} == {"2"}
         found = await read_metrics(client)
         assert metric(found, "embedserve_rollout_weight", model="tiny", version="1") == 0
         assert metric(found, "embedserve_rollout_weight", model="tiny", version="2") == 100
-        assert metric(found, "embedserve_rollout_phase", model="tiny", phase="promoted") == 1
+        assert metric(found, "embedserve_rollout_phase", model="tiny", version="2", phase="promoted") == 1
         listed = await client.get("/v1/rollouts", headers=admin())
         assert [r["model"] for r in listed.json()["data"]] == ["tiny"]
         refused = await client.put("/v1/rollouts/tiny", json={"canary_version": 7}, headers=admin())
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "canary_version"
+
+
+async def wait_for_phase(client: httpx.AsyncClient, model: str, phase: str, timeout_s: float = 30) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while (state := (await client.get(f"/v1/rollouts/{model}", headers=admin())).json())["phase"] != phase:
+        assert time.monotonic() < deadline, f"still {state['phase']}: {state['history'][-1]}"
+        await asyncio.sleep(0.1)
+    return state
 
 
 def rollout_command(*argv: str) -> int:

@@ -1,0 +1,288 @@
+"""The analysis loop: judges each canary against stable every interval, then steps, promotes or fails it;
+and the promotion, which moves the model's collections to the canary before the canary becomes stable.
+
+Only the replica holding a model's lease (``RolloutStore.hold_lease``) acts on its rollout; it judges the
+traffic it served itself. Its counts of passes and failures in a row live in the rollout state, so another
+replica taking the lease over goes on from them. Every change is a compare-and-set save: an operator's
+change made meanwhile wins, and the loop judges again at its next interval.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+
+from service.canary_window import CanaryWindow, VersionWindow
+from service.drift import DriftMonitor, TextSample, neighbour_agreement
+from service.embedder import Embedder
+from service.errors import ApiError, Conflict
+from service.model_store import ModelVersion
+from service.rollout import (
+    AnalysisThresholds,
+    Judgement,
+    RolloutState,
+    begin_promotion,
+    fail,
+    judged,
+    promote,
+    step,
+)
+from service.rollout_store import RolloutMetrics, RolloutWatcher
+from service.vectors import VectorStore
+
+log = logging.getLogger(__name__)
+
+ANALYSIS = "analysis"
+TICK_S = 0.25
+# Recently served texts embedded by both versions to compare their neighbourhoods (fewer than
+# MIN_AGREEMENT_TEXTS can't judge); once AGREEMENT_TEXTS are there they stay the rollout's reference sample.
+AGREEMENT_TEXTS = 100
+MIN_AGREEMENT_TEXTS = 30
+NEIGHBOURS = 10
+# A collection whose re-index failed is restarted this many times before the promotion gives up.
+MAX_REINDEX_ATTEMPTS = 3
+
+
+class RolloutAnalysis:
+    def __init__(
+        self,
+        rollouts: RolloutWatcher,
+        window: CanaryWindow,
+        drift: DriftMonitor,
+        texts: TextSample,
+        embedder: Embedder,
+        vector_store: VectorStore,
+        metrics: RolloutMetrics,
+    ) -> None:
+        self._rollouts = rollouts
+        self._window = window
+        self._drift = drift
+        self._texts = texts
+        self._embedder = embedder
+        self._vector_store = vector_store
+        self._metrics = metrics
+        self._holder = uuid.uuid4().hex
+        self._last_judged: dict[str, float] = {}
+        self._judging: dict[str, tuple[int | None, datetime | None]] = {}
+        # The stable version's last measured P95, for steps where stable serves too little to measure it (100 %).
+        self._stable_p95: dict[tuple[str, int], float] = {}
+        self._reindex_attempts: dict[tuple[str, str, int], int] = {}
+        self._reference_texts: dict[tuple[str, int], list[str]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            for state in self._rollouts.all():
+                try:
+                    await self.tend(state)
+                except Conflict:
+                    pass  # an operator changed it meanwhile: look again next tick
+                except Exception:  # a background loop's boundary: logged, tried again next tick
+                    log.exception("rollout analysis failed", extra={"model": state.model})
+            await asyncio.sleep(TICK_S)
+
+    async def tend(self, state: RolloutState) -> None:
+        """One look at ``state``: drive its promotion, or judge it when its interval has passed."""
+        if not state.active:
+            return
+        if state.phase == "promoting":
+            if await self._rollouts.store.hold_lease(state.model, self._holder, 10 * TICK_S + 5):
+                await self._promote(state)
+            return
+        if state.phase != "progressing" or not state.analysis.enabled:
+            return
+        now = time.monotonic()
+        started = next((d.at for d in reversed(state.history) if d.action == "start"), None)
+        if self._judging.get(state.model) != (state.canary_version, started):
+            # A rollout seen for the first time: its first interval starts now, not at the last one's end.
+            self._judging[state.model] = (state.canary_version, started)
+            self._last_judged[state.model] = now
+            self._window.take(state.model, state.stable_version)
+            self._window.take(state.model, state.canary_version)  # type: ignore[arg-type]  # active: has one
+            return
+        if now - self._last_judged[state.model] < state.analysis.interval_s:
+            return
+        self._last_judged[state.model] = now
+        if not await self._rollouts.store.hold_lease(state.model, self._holder, 2 * state.analysis.interval_s + 5):
+            return
+        judgement = await self.judge(state)
+        await self._act(state, judgement)
+
+    # ── judging ────────────────────────────────────────────────────────────
+
+    async def judge(self, state: RolloutState) -> Judgement:
+        """Canary vs stable over the interval that just ended. Too little traffic, or no sample to compare
+        neighbourhoods on, is a wait: the loop never passes a canary it could not measure."""
+        assert state.canary_version is not None
+        thresholds = state.analysis.thresholds
+        canary = self._window.take(state.model, state.canary_version)
+        stable = self._window.take(state.model, state.stable_version)
+        if stable.p95_s is not None and stable.requests >= thresholds.min_requests:
+            self._stable_p95[(state.model, state.stable_version)] = stable.p95_s
+        stable_p95 = self._stable_p95.get((state.model, state.stable_version))
+        drift = await asyncio.to_thread(self._drift.scores, state.model, state.canary_version)
+        agreement = await self._agreement(state)
+        if agreement is not None:
+            self._metrics.agreement.labels(state.model, str(state.canary_version)).set(agreement)
+        measured = {
+            "at": datetime.now(UTC),
+            "canary_requests": canary.requests,
+            "canary_error_rate": canary.error_rate,
+            "stable_p95_s": stable_p95,
+            "canary_p95_s": canary.p95_s,
+            "drift_mmd": None if drift is None else drift.mmd,
+            "neighbour_agreement": agreement,
+        }
+        failed = _failed_checks(thresholds, canary, stable_p95, measured)
+        if failed:
+            result, reason = "fail", "; ".join(failed)
+        else:
+            missing = _missing_measures(thresholds, canary, stable_p95, drift is None, agreement)
+            if missing:
+                result, reason = "wait", "cannot judge yet: " + "; ".join(missing)
+            else:
+                result, reason = "pass", "every threshold met"
+        self._metrics.analysis.labels(state.model, str(state.canary_version), result).inc()
+        return Judgement(result=result, reason=reason, **measured)
+
+    async def _agreement(self, state: RolloutState) -> float | None:
+        """Mean top-10 neighbour overlap of stable's and canary's embeddings of recently served texts."""
+        assert state.canary_version is not None
+        key = (state.model, state.canary_version)
+        texts = self._reference_texts.get(key) or self._texts.sample(state.model)[-AGREEMENT_TEXTS:]
+        if len(texts) < MIN_AGREEMENT_TEXTS:
+            return None
+        if len(texts) == AGREEMENT_TEXTS:
+            # The rollout's reference sample from now on: the same texts every interval, embedded once (cached).
+            self._reference_texts[key] = texts
+        try:
+            stable = self._version(state.model, state.stable_version)
+            canary = self._version(state.model, state.canary_version)
+            stable_vectors = (await self._embedder.embed(texts, stable, observe=False)).vectors
+            canary_vectors = (await self._embedder.embed(texts, canary, observe=False)).vectors
+        except ApiError as error:  # overloaded, timed out, or a version this replica can't serve: no measure
+            log.warning("neighbour agreement not measured", extra={"model": state.model, "reason": error.message})
+            return None
+        return await asyncio.to_thread(neighbour_agreement, stable_vectors, canary_vectors, NEIGHBOURS)
+
+    def _version(self, model: str, version: int) -> ModelVersion:
+        return self._embedder.resolve(f"{model}@{version}")
+
+    # ── acting ─────────────────────────────────────────────────────────────
+
+    async def _act(self, state: RolloutState, judgement: Judgement) -> None:
+        log.info(
+            "canary judged",
+            extra={"model": state.model, "version": state.canary_version, "result": judgement.result,
+                   "reason": judgement.reason, "weight": state.weight},
+        )
+        analysis = state.analysis
+
+        def change(current: RolloutState | None) -> RolloutState:
+            if current is None or current.revision != state.revision:
+                raise Conflict(f"rollout of {state.model} changed while it was judged")
+            counted = judged(current, judgement)
+            if counted.failures >= analysis.failures_to_rollback:
+                return fail(counted, f"{judgement.reason} ({counted.failures} judgements in a row)", ANALYSIS)
+            if counted.passes >= analysis.passes_to_step:
+                reason = f"{counted.passes} judgements passed in a row at {counted.weight} %"
+                if counted.weight >= counted.steps[-1]:
+                    return begin_promotion(counted, counted.model, reason, ANALYSIS)
+                return step(counted, reason, ANALYSIS)
+            return counted
+
+        saved = await self._rollouts.update(state.model, change)
+        if saved.phase == "promoting":
+            await self._promote(saved)
+
+    async def _promote(self, state: RolloutState) -> None:
+        """Re-index every collection of the model to the canary; once all serve it, the canary becomes stable."""
+        assert state.canary_version is not None
+        pending = []
+        for name in await self._vector_store.collections_on(state.model):
+            info = await self._vector_store.describe(name)
+            if info.version == state.canary_version:
+                continue
+            pending.append(name)
+            reindex = info.reindex
+            if reindex is not None and reindex.state == "running":
+                continue  # to the canary (or an operator's re-index, which finishes first)
+            key = (state.model, name, state.canary_version)
+            attempts = self._reindex_attempts.get(key, 0)
+            if reindex is not None and reindex.state == "failed" and attempts >= MAX_REINDEX_ATTEMPTS:
+                version = state.canary_version
+                await self._give_up(state, f"collection '{name}' could not be re-indexed to {version}: {reindex.error}")
+                return
+            self._reindex_attempts[key] = attempts + 1
+            await self._vector_store.reindex(name, state.canary_version)
+            log.info("promotion re-indexes a collection", extra={"collection": name, "version": state.canary_version})
+        if pending:
+            return
+        reason = f"collections of {state.model} serve version {state.canary_version}; it is stable now"
+        await self._rollouts.update(state.model, lambda current: promote(_at(current, state), state.model, reason))
+        log.info("canary promoted", extra={"model": state.model, "version": state.canary_version})
+
+    async def _give_up(self, state: RolloutState, reason: str) -> None:
+        await self._rollouts.update(state.model, lambda current: fail(_at(current, state), reason, ANALYSIS))
+        log.error("promotion failed", extra={"model": state.model, "reason": reason})
+
+
+def _at(current: RolloutState | None, expected: RolloutState) -> RolloutState:
+    """``current``, refused when it is no longer the state this decision was based on."""
+    if current is None or current.revision != expected.revision:
+        raise Conflict(f"rollout of {expected.model} changed meanwhile")
+    return current
+
+
+def _failed_checks(
+    thresholds: AnalysisThresholds, canary: VersionWindow, stable_p95: float | None, measured: dict[str, object]
+) -> list[str]:
+    """The thresholds the canary broke, each with its measure (only measures taken on enough traffic count)."""
+    failed = []
+    enough = canary.requests >= thresholds.min_requests
+    if enough and canary.error_rate is not None and canary.error_rate > thresholds.max_error_rate:
+        failed.append(f"error rate {canary.error_rate:.3f} > {thresholds.max_error_rate}")
+    if enough and canary.p95_s is not None and stable_p95:
+        ratio = canary.p95_s / stable_p95
+        if ratio > thresholds.max_p95_latency_ratio:
+            failed.append(
+                f"P95 latency {canary.p95_s * 1000:.1f} ms is {ratio:.2f}x stable's {stable_p95 * 1000:.1f} ms "
+                f"> {thresholds.max_p95_latency_ratio}x"
+            )
+    mmd = measured["drift_mmd"]
+    if isinstance(mmd, float) and mmd > thresholds.max_drift_mmd:
+        failed.append(f"drift MMD {mmd:.4f} > {thresholds.max_drift_mmd}")
+    agreement = measured["neighbour_agreement"]
+    if isinstance(agreement, float) and agreement < thresholds.min_neighbour_agreement:
+        failed.append(f"neighbour agreement {agreement:.3f} < {thresholds.min_neighbour_agreement}")
+    return failed
+
+
+def _missing_measures(
+    thresholds: AnalysisThresholds,
+    canary: VersionWindow,
+    stable_p95: float | None,
+    no_drift: bool,
+    agreement: float | None,
+) -> list[str]:
+    missing = []
+    if canary.requests < thresholds.min_requests:
+        missing.append(f"{canary.requests} canary requests < {thresholds.min_requests}")
+    if stable_p95 is None:
+        missing.append("no stable latency measured yet")
+    if no_drift:
+        missing.append("too few canary embeddings for a drift score")
+    if agreement is None:
+        missing.append(f"fewer than {MIN_AGREEMENT_TEXTS} sampled texts to compare neighbourhoods on")
+    return missing
