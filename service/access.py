@@ -1,24 +1,35 @@
-"""ASGI middleware: request id, one JSON access-log line and request metrics per HTTP request."""
+"""ASGI middleware: request id, a server span, one JSON access-log line and request metrics per HTTP request."""
 
 import logging
 import time
 import uuid
 from typing import Any
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import UNRESOLVED, Metrics
+from service.model_store import ModelVersion
+from service.tracing import version_attributes
 
 log = logging.getLogger("embedserve.access")
 
-# Probes and scrapes would drown the access log and the request metrics.
+# Probes and scrapes would drown the access log, the request metrics and the traces.
 _QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}
+# W3C Trace Context: a caller's traceparent makes each request span a child of the caller's span.
+_PROPAGATOR = TraceContextTextMapPropagator()
+# Its headers, cut to their longest valid size (a longer traceparent is invalid anyway, and would log a warning).
+_TRACE_HEADERS = {b"traceparent": 64, b"tracestate": 512}
 
 
 class AccessMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, tracer: Tracer) -> None:
         self.app = app
         self.metrics = metrics
+        self.tracer = tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -36,20 +47,39 @@ class AccessMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
+        if scope["path"] in _QUIET_PATHS:
+            await self.app(scope, receive, send_with_id)
+            return
+        parent = _PROPAGATOR.extract(_trace_headers(scope))
+        # Named by the method until routing has found the route template (never the raw path: ids, names).
+        span = self.tracer.start_span(
+            scope["method"],
+            parent,
+            SpanKind.SERVER,
+            attributes={"http.request.method": scope["method"], "embedserve.request_id": request_id},
+        )
+        # Made current by hand: start_as_current_span's context managers cost more than the rest, tracing off.
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as error:
+            span.record_exception(error)
+            raise
         finally:
-            self._observe(scope, status, time.perf_counter() - started, request_id)
+            # Still current: the access-log line carries its trace id.
+            self._observe(scope, status, time.perf_counter() - started, request_id, span)
+            span.end()
+            otel_context.detach(token)
 
-    def _observe(self, scope: Scope, status: int, elapsed_s: float, request_id: str) -> None:
-        path = scope["path"]
-        if path in _QUIET_PATHS:
-            return
-        route = getattr(scope.get("route"), "path", None) or "unmatched"
+    def _observe(self, scope: Scope, status: int, elapsed_s: float, request_id: str, span: Span) -> None:
+        matched: str | None = getattr(scope.get("route"), "path", None)
+        route = matched or "unmatched"
         version = scope["state"].get("model_version")
         model, version_label = (version.model, str(version.version)) if version else (UNRESOLVED, UNRESOLVED)
         self.metrics.requests.labels(route, model, version_label, str(status)).inc()
         self.metrics.request_latency.labels(route, model, version_label).observe(elapsed_s)
+        if span.is_recording():
+            _describe_span(span, scope["method"], matched, status, version)
         fields: dict[str, Any] = {
             "request_id": request_id,
             "method": scope["method"],
@@ -61,6 +91,25 @@ class AccessMiddleware:
         }
         fields.update(scope["state"].get("log_fields", {}))
         log.info("request", extra=fields)
+
+
+def _describe_span(span: Span, method: str, route: str | None, status: int, version: ModelVersion | None) -> None:
+    span.set_attribute("http.response.status_code", status)
+    if route is not None:
+        span.update_name(f"{method} {route}")
+        span.set_attribute("http.route", route)
+    if version is not None:
+        span.set_attributes(version_attributes(version))
+    if status >= 500:
+        span.set_status(Status(StatusCode.ERROR))
+
+
+def _trace_headers(scope: Scope) -> dict[str, str]:
+    return {
+        key.decode(): value.decode("latin-1")[: _TRACE_HEADERS[key]]
+        for key, value in scope["headers"]
+        if key in _TRACE_HEADERS
+    }
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

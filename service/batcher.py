@@ -7,21 +7,31 @@ an idle gateway adds no delay. Inputs are grouped by token length so padding sta
 input is always in the next batch, so nothing starves. A full queue refuses new work (429) instead of
 letting waits grow without bound; inputs whose request was cancelled or timed out are dropped before
 inference.
+
+Tracing: a batch serves several requests, so each request gets its own spans for its part of a batch,
+children of the span that was current when it queued its inputs: ``batch.queue_wait`` (from queueing to the
+batch's start) and ``inference`` (the backend call, with the batch's size and padded tokens, the request's
+``inputs`` in it and how many ``requests`` share it). Each request's trace shows where its time went; the
+requests of one batch have ``inference`` spans with the same times.
 """
 
 import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
 from service.backends import Backend
 from service.errors import ApiError, Overloaded
 from service.metrics import Metrics
 from service.model_store import ModelVersion
 from service.tokenization import pad_batch
+from service.tracing import NO_TRACING, version_attributes
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +49,35 @@ class BatchLimits:
 
 
 @dataclass(eq=False)
+class _Origin:
+    """The ``embed`` call an input came from: the trace context it was called in, when it queued (ns)."""
+
+    context: otel_context.Context
+    enqueued_ns: int = field(default_factory=time.time_ns)
+
+
+@dataclass(eq=False)
 class _Input:
     token_ids: list[int]
     future: asyncio.Future[np.ndarray]
+    origin: _Origin
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
 class Batcher:
-    def __init__(self, version: ModelVersion, backend: Backend, limits: BatchLimits, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        version: ModelVersion,
+        backend: Backend,
+        limits: BatchLimits,
+        metrics: Metrics,
+        tracer: Tracer = NO_TRACING,
+    ) -> None:
         self.version = version
         self._backend = backend
         self._limits = limits
         self._metrics = metrics
+        self._tracer = tracer
         self._labels = (version.model, str(version.version))
         self._queue: list[_Input] = []
         self._arrived = asyncio.Event()
@@ -79,7 +106,8 @@ class Batcher:
                 f"{self.version.name} has {len(self._queue)} inputs waiting; retry shortly.", retry_after_s=1
             )
         loop = asyncio.get_running_loop()
-        inputs = [_Input(ids, loop.create_future()) for ids in token_ids]
+        origin = _Origin(otel_context.get_current())
+        inputs = [_Input(ids, loop.create_future(), origin) for ids in token_ids]
         self._queue.extend(inputs)
         self._metrics.queue_depth.labels(*self._labels).set(len(self._queue))
         self._arrived.set()
@@ -154,20 +182,56 @@ class Batcher:
         self._metrics.batch_size.labels(*self._labels).observe(len(batch))
         self._metrics.batch_padded_tokens.labels(*self._labels).observe(tokens.padded_tokens)
         self._metrics.padding_ratio.labels(*self._labels).observe(1 - tokens.real_tokens / tokens.padded_tokens)
+        spans = self._start_spans(batch, tokens.padded_tokens)
         try:
             vectors = await self._backend.embed(self.version, tokens)
         except ApiError as error:
+            _record_error(spans, error)
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(error)
             return
         except Exception as error:
+            _record_error(spans, error)
             log.exception("inference failed", extra={"model": self.version.model, "version": self.version.version})
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(error)
             return
+        finally:
+            for span in spans:
+                span.end()
         self._metrics.inference_latency.labels(*self._labels).observe(time.monotonic() - started)
         for item, vector in zip(batch, vectors, strict=True):
             if not item.future.done():
                 item.future.set_result(vector)
+
+    def _start_spans(self, batch: list[_Input], padded_tokens: int) -> list[Span]:
+        """Per request in ``batch``: its ``batch.queue_wait`` span (ended now) and its ``inference`` span (open)."""
+        now_ns = time.time_ns()
+        inputs_per_origin = Counter(item.origin for item in batch)
+        version = version_attributes(self.version)
+        spans: list[Span] = []
+        for origin, inputs in inputs_per_origin.items():
+            queue_wait = self._tracer.start_span(
+                "batch.queue_wait",
+                origin.context,
+                attributes={**version, "inputs": inputs},
+                start_time=origin.enqueued_ns,
+            )
+            queue_wait.end(now_ns)
+            attributes = {
+                **version,
+                "inputs": inputs,
+                "batch_size": len(batch),
+                "padded_tokens": padded_tokens,
+                "requests": len(inputs_per_origin),
+            }
+            spans.append(self._tracer.start_span("inference", origin.context, attributes=attributes, start_time=now_ns))
+        return spans
+
+
+def _record_error(spans: list[Span], error: Exception) -> None:
+    for span in spans:
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR, type(error).__name__))

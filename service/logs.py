@@ -1,10 +1,15 @@
-"""Structured JSON logs. Never log request text or embeddings: only sizes, hashes and ids."""
+"""Structured JSON logs. Never log request text or embeddings: only sizes, hashes and ids.
+
+A line logged while a span is current (during a request) carries its ``trace_id`` and ``span_id``.
+"""
 
 import json
 import logging
 import sys
 from datetime import UTC, datetime
 from typing import Any
+
+from opentelemetry import trace
 
 # Attributes every LogRecord has; anything else passed through ``extra=`` becomes a JSON field.
 _STANDARD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName", "color_message"}
@@ -18,6 +23,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            entry["trace_id"] = trace.format_trace_id(span_context.trace_id)
+            entry["span_id"] = trace.format_span_id(span_context.span_id)
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
                 entry[key] = value

@@ -10,14 +10,18 @@ collection is dropped after a grace period: searches that chose it before the mo
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from typing import Any
+
+from opentelemetry.trace import Tracer
 
 from service.catalog import Catalog, CollectionRecord, Encoder, Physical, Reindex, Retired, embed, served_version
 from service.errors import ApiError, DeadlineExceeded, Overloaded, ServiceUnavailable
 from service.milvus import Milvus, VectorMetrics
 from service.settings import Settings
+from service.tracing import version_attributes
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +34,16 @@ class Reindexer:
     """Runs re-indexes and the drops of previous versions, as background tasks of the store."""
 
     def __init__(
-        self, settings: Settings, milvus: Milvus, catalog: Catalog, encoder: Encoder, metrics: VectorMetrics
+        self,
+        settings: Settings,
+        milvus: Milvus,
+        catalog: Catalog,
+        encoder: Encoder,
+        metrics: VectorMetrics,
+        tracer: Tracer,
     ) -> None:
         self._settings = settings
+        self._tracer = tracer
         self._milvus = milvus
         self._catalog = catalog
         self._encoder = encoder
@@ -81,7 +92,8 @@ class Reindexer:
             await asyncio.gather(task, return_exceptions=True)
 
     def _start(self, name: str) -> None:
-        self._running[name] = asyncio.create_task(self._run(name))
+        # A job of its own, not part of the request that started it: its batches are traces of their own.
+        self._running[name] = asyncio.create_task(self._run(name), context=contextvars.Context())
 
     async def _run(self, name: str) -> None:
         failures = 0
@@ -114,26 +126,28 @@ class Reindexer:
         batches = self._milvus.iterate(source.name, self._settings.reindex_batch_size, after=record.reindex.cursor)
         async with contextlib.aclosing(batches):
             async for batch in batches:
-                vectors = await embed(self._encoder, [row["text"] for row in batch], version)
-                async with self._milvus.write_lock(name):
-                    # Only rows nobody changed since they were read: a concurrent upsert or delete has already
-                    # written the newer state to the target, and must not be overwritten by this older one.
-                    ids = [row["id"] for row in batch]
-                    current = {row["id"]: row for row in await self._milvus.get(source.name, ids)}
-                    unchanged = [
-                        {**row, "vector": vector}
-                        for row, vector in zip(batch, vectors, strict=True)
-                        if _same_item(current.get(row["id"]), row)
-                    ]
-                    if unchanged:
-                        await self._milvus.upsert(name, target.name, unchanged)
-                    record = await self._catalog.get(name)
-                    assert record.reindex is not None
-                    reindex = record.reindex.model_copy(
-                        update={"copied": record.reindex.copied + len(batch), "cursor": batch[-1]["id"]}
-                    )
-                    await self._catalog.save(record.model_copy(update={"reindex": reindex}))
-                self._metrics.set_progress(name, record.model, target.version, reindex.progress)
+                attributes = {**version_attributes(version), "collection": name, "items": len(batch)}
+                with self._tracer.start_as_current_span("reindex.batch", attributes=attributes):
+                    vectors = await embed(self._encoder, [row["text"] for row in batch], version)
+                    async with self._milvus.write_lock(name):
+                        # Only rows nobody changed since they were read: a concurrent upsert or delete has already
+                        # written the newer state to the target, and must not be overwritten by this older one.
+                        ids = [row["id"] for row in batch]
+                        current = {row["id"]: row for row in await self._milvus.get(source.name, ids)}
+                        unchanged = [
+                            {**row, "vector": vector}
+                            for row, vector in zip(batch, vectors, strict=True)
+                            if _same_item(current.get(row["id"]), row)
+                        ]
+                        if unchanged:
+                            await self._milvus.upsert(name, target.name, unchanged)
+                        record = await self._catalog.get(name)
+                        assert record.reindex is not None
+                        reindex = record.reindex.model_copy(
+                            update={"copied": record.reindex.copied + len(batch), "cursor": batch[-1]["id"]}
+                        )
+                        await self._catalog.save(record.model_copy(update={"reindex": reindex}))
+                    self._metrics.set_progress(name, record.model, target.version, reindex.progress)
 
     async def _switch(self, name: str) -> None:
         async with self._milvus.write_lock(name):

@@ -9,14 +9,19 @@ Knows nothing about HTTP; raises ``service.errors`` for anything a client can fi
 """
 
 import asyncio
+import functools
 import json
 import logging
 import math
 import re
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
+from opentelemetry.util.types import AttributeValue
 from pymilvus import AnnSearchRequest, RRFRanker
 from pymilvus.exceptions import MilvusException
 
@@ -37,6 +42,7 @@ from service.milvus import Milvus, MissingCollection, VectorMetrics
 from service.model_store import ModelVersion
 from service.reindex import RETRY_DELAYS_S, Reindexer
 from service.settings import Settings
+from service.tracing import NO_TRACING
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +55,43 @@ MAX_METADATA_BYTES = 65_536  # Milvus JSON field limit
 RRF_K = 60
 SEARCH_OUTPUTS = ("text", "metadata")
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _traced(
+    method: Callable[Concatenate["VectorStore", P], Awaitable[R]],
+) -> Callable[Concatenate["VectorStore", P], Awaitable[R]]:
+    """Run ``method`` in a ``vector_store.<method>`` span naming its collection (the first argument)."""
+
+    @functools.wraps(method)
+    async def traced(self: "VectorStore", /, *args: P.args, **kwargs: P.kwargs) -> R:
+        collection = args[0] if args else kwargs.get("name")
+        attributes: dict[str, AttributeValue] = {"collection": collection} if isinstance(collection, str) else {}
+        with self._tracer.start_as_current_span(f"vector_store.{method.__name__}", attributes=attributes):
+            return await method(self, *args, **kwargs)
+
+    return traced
+
+
+def _tag(model: str, version: int, **attributes: AttributeValue) -> None:
+    """The collection's model version, and more, on the current ``vector_store.*`` span."""
+    trace.get_current_span().set_attributes({"model": model, "version": version, **attributes})
+
 
 class VectorStore:
     """The collections, their items and searches; every method may raise ``ServiceUnavailable``."""
 
-    def __init__(self, settings: Settings, encoder: Encoder, metrics: VectorMetrics) -> None:
+    def __init__(
+        self, settings: Settings, encoder: Encoder, metrics: VectorMetrics, tracer: Tracer = NO_TRACING
+    ) -> None:
         self._settings = settings
         self._encoder = encoder
         self._metrics = metrics
+        self._tracer = tracer
         self._milvus = Milvus(settings)
         self._catalog = Catalog(self._milvus)
-        self._reindexer = Reindexer(settings, self._milvus, self._catalog, encoder, metrics)
+        self._reindexer = Reindexer(settings, self._milvus, self._catalog, encoder, metrics, tracer)
         self._startup: asyncio.Task[None] | None = None
 
     # ── lifecycle ──────────────────────────────────────────────────────────
@@ -120,12 +152,14 @@ class VectorStore:
 
     # ── collections ────────────────────────────────────────────────────────
 
+    @_traced
     async def create(self, name: str, model: str, fields: dict[str, FieldType]) -> tuple[CollectionInfo, bool]:
         """Create ``name`` on ``model`` (name or name@version); (its description, whether it was created).
         Creating an existing collection with the same model and fields changes nothing."""
         check_collection_name(name)
         _check_fields(fields)
         version = self._encoder.resolve(model)
+        _tag(version.model, version.version)
         async with self._milvus.write_lock(name):
             existing = await self._catalog.find(name)
             if existing is not None:
@@ -165,6 +199,7 @@ class VectorStore:
         )
         return physical
 
+    @_traced
     async def list_collections(self) -> list[CollectionInfo]:
         records = await self._catalog.records()
         return [await self._describe(records[name]) for name in sorted(records)]
@@ -173,8 +208,11 @@ class VectorStore:
         """The collections whose vectors ``model`` makes (a promotion of a new version re-indexes each)."""
         return sorted(name for name, record in (await self._catalog.records()).items() if record.model == model)
 
+    @_traced
     async def describe(self, name: str) -> CollectionInfo:
-        return await self._describe(await self._catalog.get(name))
+        record = await self._catalog.get(name)
+        _tag(record.model, record.active.version)
+        return await self._describe(record)
 
     async def _describe(self, record: CollectionRecord) -> CollectionInfo:
         try:
@@ -205,8 +243,10 @@ class VectorStore:
             created_at=record.created_at,
         )
 
+    @_traced
     async def drop(self, name: str) -> None:
-        await self._catalog.get(name)
+        record = await self._catalog.get(name)
+        _tag(record.model, record.active.version)
         await self._reindexer.cancel(name)
         async with self._milvus.write_lock(name):
             record = await self._catalog.get(name)
@@ -220,9 +260,11 @@ class VectorStore:
         self._metrics.forget(name)
         log.info("collection dropped", extra={"collection": name})
 
+    @_traced
     async def reindex(self, name: str, version: int) -> CollectionInfo:
         """Start moving ``name`` to ``version`` of its model; progress shows in ``describe``."""
         record = await self._catalog.get(name)
+        _tag(record.model, record.active.version, target_version=version)
         target_version = self._encoder.resolve(f"{record.model}@{version}")
         async with self._milvus.write_lock(name):
             record = await self._catalog.get(name)
@@ -239,9 +281,11 @@ class VectorStore:
 
     # ── items ──────────────────────────────────────────────────────────────
 
+    @_traced
     async def upsert(self, name: str, items: list[ItemIn]) -> ModelVersion:
         """Embed and store ``items`` (replacing those with the same ids); the active version that embedded them."""
         record = await self._catalog.get(name)
+        _tag(record.model, record.active.version, items=len(items))
         rows = _check_items(items, record.fields, self._settings.max_input_chars)
         started = time.perf_counter()
         texts = [row["text"] for row in rows]
@@ -264,16 +308,20 @@ class VectorStore:
             return version
         raise ServiceUnavailable(f"collection '{name}' kept changing version during the upsert; retry it.")
 
+    @_traced
     async def get(self, name: str, item_id: str) -> Item:
         record = await self._catalog.get(name)
+        _tag(record.model, record.active.version)
         rows = await self._milvus.get(record.active.name, [item_id])
         if not rows:
             raise NotFound(f"collection '{name}' has no item '{item_id[:MAX_ID_CHARS]}'.")
         row = rows[0]
         return Item(id=row["id"], text=row["text"], metadata=row.get("metadata") or {})
 
+    @_traced
     async def delete(self, name: str, item_id: str) -> None:
-        await self._catalog.get(name)
+        record = await self._catalog.get(name)
+        _tag(record.model, record.active.version)
         async with self._milvus.write_lock(name):
             record = await self._catalog.get(name)
             if not await self._milvus.get(record.active.name, [item_id]):
@@ -295,10 +343,12 @@ class VectorStore:
 
     # ── search ─────────────────────────────────────────────────────────────
 
+    @_traced
     async def search(self, name: str, request: SearchRequest) -> tuple[list[Hit], ModelVersion]:
         """The ``top_k`` best hits, best first (score: higher is more similar in every mode)."""
         record = await self._catalog.get(name)
         version = served_version(self._encoder, record, record.active.version)
+        _tag(version.model, version.version, mode=request.mode, top_k=request.top_k)
         expression = compile_filter(request.filter, record.fields) if request.filter is not None else ""
         wanted, keys = _outputs(request.output_fields, record.fields)
         query = _check_query(request, self._settings.max_input_chars)

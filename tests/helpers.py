@@ -5,6 +5,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
+from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
@@ -12,9 +13,11 @@ from service.settings import Settings
 
 
 @asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+async def running_gateway(
+    settings: Settings, span_exporter: SpanExporter | None = None
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """The app with its lifespan run, and an async client on its real ASGI stack."""
-    app = create_app(settings)
+    app = create_app(settings, span_exporter)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=60) as client:
