@@ -147,7 +147,10 @@ def check_parity(encoder: SentenceEncoder, onnx_path: Path, tokenizer: TextToken
 def reference_stats(vectors: np.ndarray) -> EmbeddingStats:
     """Statistics of a version's embeddings on a validation sample: the drift monitor's reference."""
     norms = np.linalg.norm(vectors, axis=1)
-    sample = vectors[:STATS_SAMPLE_VECTORS]
+    # Evenly spaced over the texts, not the first ones: validation texts often come grouped by source or
+    # topic, and a sample of one group makes in-distribution traffic look drifted (MMD 0.017 vs 0.004, MiniLM).
+    picked = np.unique(np.linspace(0, len(vectors) - 1, min(STATS_SAMPLE_VECTORS, len(vectors))).round().astype(int))
+    sample = vectors[picked]
     return EmbeddingStats(
         count=len(vectors),
         mean=[round(float(x), 6) for x in vectors.mean(axis=0)],
