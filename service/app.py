@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 from starlette.exceptions import HTTPException
 
@@ -19,15 +21,20 @@ from service.backends.onnx import OnnxBackend
 from service.backends.triton import TritonBackend
 from service.batcher import Batcher, BatchLimits
 from service.cache import CircuitBreaker, EmbeddingCache
+from service.canary_window import CanaryWindow
+from service.drift import DriftMonitor, TextSample
 from service.embedder import Embedder
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.milvus import VectorMetrics
 from service.model_store import ModelStore, ModelVersion
 from service.protocol import ErrorBody, ErrorDetail
+from service.rollout_analysis import RolloutAnalysis
 from service.rollout_store import MemoryRolloutStore, RedisRolloutStore, RolloutMetrics, RolloutStore, RolloutWatcher
 from service.routes import collections, embeddings, ops, rollouts
 from service.settings import Settings
+from service.shadow import ShadowMirror
+from service.tracing import create_tracing
 from service.vectors import VectorStore
 
 log = logging.getLogger(__name__)
@@ -39,7 +46,7 @@ def create_backend(settings: Settings) -> Backend:
     return OnnxBackend(intra_op_threads=settings.onnx_intra_op_threads)
 
 
-def create_cache(settings: Settings, metrics: Metrics) -> EmbeddingCache | None:
+def create_cache(settings: Settings, metrics: Metrics, tracer: Tracer) -> EmbeddingCache | None:
     if not settings.cache_enabled:
         return None
     redis = None
@@ -54,6 +61,7 @@ def create_cache(settings: Settings, metrics: Metrics) -> EmbeddingCache | None:
         redis_prefix=settings.redis_prefix,
         ttl_s=settings.cache_ttl_s,
         breaker=breaker,
+        tracer=tracer,
     )
 
 
@@ -67,7 +75,7 @@ def create_rollout_store(settings: Settings) -> RolloutStore:
 
 
 def start_batchers(
-    settings: Settings, versions: list[ModelVersion], backend: Backend, metrics: Metrics
+    settings: Settings, versions: list[ModelVersion], backend: Backend, metrics: Metrics, tracer: Tracer
 ) -> dict[tuple[str, int], Batcher]:
     limits = BatchLimits(
         max_batch_size=settings.max_batch_size,
@@ -75,15 +83,17 @@ def start_batchers(
         max_wait_ms=settings.max_wait_ms,
         max_queue_inputs=settings.max_queue_inputs,
     )
-    batchers = {(v.model, v.version): Batcher(v, backend, limits, metrics) for v in versions}
+    batchers = {(v.model, v.version): Batcher(v, backend, limits, metrics, tracer) for v in versions}
     for batcher in batchers.values():
         batcher.start()
     return batchers
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The gateway app; its parts are built in the lifespan from ``settings``."""
+def create_app(settings: Settings, span_exporter: SpanExporter | None = None) -> FastAPI:
+    """The gateway app; its parts are built in the lifespan from ``settings``. Spans go to ``span_exporter``
+    when given (tests), else to ``settings.otlp_endpoint``."""
     metrics = Metrics()
+    tracing = create_tracing(settings, span_exporter)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -93,19 +103,47 @@ def create_app(settings: Settings) -> FastAPI:
         await backend.start(store.all())
         app.state.store = store
         app.state.backend = backend
-        batchers = start_batchers(settings, store.all(), backend, metrics)
-        cache = create_cache(settings, metrics)
+        batchers = start_batchers(settings, store.all(), backend, metrics, tracing.tracer)
+        cache = create_cache(settings, metrics, tracing.tracer)
+        rollout_metrics = RolloutMetrics(metrics.registry)
         rollout_watcher = RolloutWatcher(
-            create_rollout_store(settings), store, settings.rollout_refresh_s, RolloutMetrics(metrics.registry)
+            create_rollout_store(settings), store, settings.rollout_refresh_s, rollout_metrics
         )
         await rollout_watcher.refresh()
         rollout_watcher.start()
         app.state.rollouts = rollout_watcher
-        app.state.embedder = Embedder(settings, store, batchers, cache, metrics, rollout_watcher)
+        drift = DriftMonitor(
+            store,
+            metrics.registry,
+            capacity=settings.drift_sample_size,
+            min_samples=settings.drift_min_samples,
+            interval_s=settings.drift_interval_s,
+        )
+        drift.start()
+        app.state.drift = drift
+        app.state.texts = TextSample(settings.drift_text_sample_size)
+        app.state.embedder = Embedder(
+            settings, store, batchers, cache, metrics, rollout_watcher, drift=drift, texts=app.state.texts
+        )
         # Vector store: connects in the background (resuming re-indexes); without Milvus only its routes fail.
-        vector_store = VectorStore(settings, app.state.embedder, VectorMetrics(metrics.registry))
+        vector_store = VectorStore(settings, app.state.embedder, VectorMetrics(metrics.registry), tracing.tracer)
         vector_store.start()
         app.state.vector_store = vector_store
+        # Canary rollouts: what each version served, shadow traffic, and the loop that judges canaries.
+        canary_window = CanaryWindow()
+        app.state.canary_window = canary_window
+        app.state.shadow = ShadowMirror(app.state.embedder, store, rollout_watcher, canary_window, rollout_metrics)
+        analysis = RolloutAnalysis(
+            rollout_watcher,
+            canary_window,
+            drift,
+            app.state.texts,
+            app.state.embedder,
+            vector_store,
+            rollout_metrics,
+            tracing.tracer,
+        )
+        analysis.start()
         # Everything built so far lives as long as the app: keep it out of the garbage collector's
         # scans, whose full passes otherwise show up as tail latency.
         gc.freeze()
@@ -116,22 +154,27 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            await analysis.close()
+            await app.state.shadow.close()
             await vector_store.close()
+            await drift.close()
             await rollout_watcher.close()
             for batcher in batchers.values():
                 await batcher.stop()
             if cache is not None:
                 await cache.close()
             await backend.close()
+            await asyncio.to_thread(tracing.shutdown)
 
     app = FastAPI(title="embedserve", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.tracing = tracing
     app.include_router(embeddings.router, dependencies=[Depends(require_client)])
     app.include_router(ops.router)
     app.include_router(collections.router, dependencies=[Depends(require_client)])
     app.include_router(rollouts.router)
-    app.add_middleware(AccessMiddleware, metrics=metrics)
+    app.add_middleware(AccessMiddleware, metrics=metrics, tracer=tracing.tracer)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)

@@ -14,11 +14,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+from opentelemetry.trace import Span, Tracer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from service.metrics import Metrics
 from service.model_store import ModelVersion
+from service.tracing import NO_TRACING, version_attributes
 
 log = logging.getLogger(__name__)
 
@@ -49,30 +51,38 @@ def decode_entry(value: bytes, dimension: int) -> CachedEmbedding | None:
 
 
 class ByteBoundedLru:
-    """An LRU map of bytes values whose total size stays under ``max_bytes``."""
+    """An LRU map of bytes values whose total size stays under ``max_bytes``; each entry belongs to an
+    owner (the model version's metric labels) whose bytes are counted apart."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes_used = 0
-        self._entries: OrderedDict[str, bytes] = OrderedDict()
+        self.bytes_by_owner: dict[tuple[str, str], int] = {}
+        self._entries: OrderedDict[str, tuple[bytes, tuple[str, str]]] = OrderedDict()
 
     def get(self, key: str) -> bytes | None:
-        value = self._entries.get(key)
-        if value is not None:
-            self._entries.move_to_end(key)
-        return value
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
 
-    def put(self, key: str, value: bytes) -> None:
+    def put(self, key: str, value: bytes, owner: tuple[str, str]) -> None:
         if len(value) > self.max_bytes:
             return
         previous = self._entries.pop(key, None)
         if previous is not None:
-            self.bytes_used -= len(previous)
-        self._entries[key] = value
+            self._forget(*previous)
+        self._entries[key] = (value, owner)
         self.bytes_used += len(value)
+        self.bytes_by_owner[owner] = self.bytes_by_owner.get(owner, 0) + len(value)
         while self.bytes_used > self.max_bytes:
             _, evicted = self._entries.popitem(last=False)
-            self.bytes_used -= len(evicted)
+            self._forget(*evicted)
+
+    def _forget(self, value: bytes, owner: tuple[str, str]) -> None:
+        self.bytes_used -= len(value)
+        self.bytes_by_owner[owner] -= len(value)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -133,8 +143,10 @@ class EmbeddingCache:
         redis_prefix: str = "embedserve:",
         ttl_s: int = 86_400,
         breaker: CircuitBreaker | None = None,
+        tracer: Tracer = NO_TRACING,
     ) -> None:
         self._metrics = metrics
+        self._tracer = tracer
         self._l1 = ByteBoundedLru(l1_max_bytes)
         self._redis = redis
         self._prefix = redis_prefix
@@ -147,6 +159,17 @@ class EmbeddingCache:
 
     async def get_many(self, version: ModelVersion, digests: list[str]) -> dict[str, CachedEmbedding]:
         """Entries found for ``digests`` (distinct): L1 first, then one MGET to Redis for the rest."""
+        # Never made current (it has no child spans): with tracing off, a span then costs next to nothing.
+        attributes = {**version_attributes(version), "inputs": len(digests)}
+        span = self._tracer.start_span("cache.lookup", attributes=attributes)
+        try:
+            found = await self._lookup(version, digests, span)
+            span.set_attribute("hits", len(found))
+            return found
+        finally:
+            span.end()
+
+    async def _lookup(self, version: ModelVersion, digests: list[str], span: Span) -> dict[str, CachedEmbedding]:
         found: dict[str, CachedEmbedding] = {}
         missing: list[str] = []
         for digest in digests:
@@ -159,6 +182,7 @@ class EmbeddingCache:
         labels = (version.model, str(version.version))
         self._metrics.cache_lookups.labels(*labels, "memory", "hit").inc(len(found))
         self._metrics.cache_lookups.labels(*labels, "memory", "miss").inc(len(missing))
+        span.set_attribute("memory_hits", len(found))
         if not missing or self._redis is None or not self.breaker.allow():
             return found
         keys = [self._key(version, digest) for digest in missing]
@@ -166,6 +190,7 @@ class EmbeddingCache:
             values = await self._redis.mget(keys)
         except (RedisError, OSError, TimeoutError) as error:
             self._redis_failed(version, "mget", error)
+            span.set_attribute("redis_error", type(error).__name__)
             return found
         self.breaker.record_success()
         hits = 0
@@ -173,22 +198,31 @@ class EmbeddingCache:
             entry = decode_entry(stored, version.dimension) if isinstance(stored, bytes) else None
             if entry is not None and isinstance(stored, bytes):
                 found[digest] = entry
-                self._l1.put(key, stored)
+                self._l1.put(key, stored, labels)
                 hits += 1
+        if hits:
+            self._report_memory()
         self._metrics.cache_lookups.labels(*labels, "redis", "hit").inc(hits)
         self._metrics.cache_lookups.labels(*labels, "redis", "miss").inc(len(missing) - hits)
+        span.set_attribute("redis_hits", hits)
         return found
 
     def put_many(self, version: ModelVersion, entries: dict[str, CachedEmbedding]) -> None:
         """Store computed entries: L1 now, Redis in one pipelined write in the background."""
         values = {self._key(version, d): encode_entry(e.vector, e.tokens) for d, e in entries.items()}
+        labels = (version.model, str(version.version))
         for key, value in values.items():
-            self._l1.put(key, value)
-        self._metrics.cache_memory_bytes.set(self._l1.bytes_used)
+            self._l1.put(key, value, labels)
+        self._report_memory()
         if self._redis is not None and values and self.breaker.allow():
             task = asyncio.create_task(self._write_redis(version, values))
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)
+
+    def _report_memory(self) -> None:
+        # Every owner: an entry of one version can evict another version's entries.
+        for labels, used in self._l1.bytes_by_owner.items():
+            self._metrics.cache_memory_bytes.labels(*labels).set(used)
 
     async def _write_redis(self, version: ModelVersion, values: dict[str, bytes]) -> None:
         assert self._redis is not None

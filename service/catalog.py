@@ -33,7 +33,7 @@ class Encoder(Protocol):
 
     def resolve(self, requested: str | None, header_version: str | None = None) -> ModelVersion: ...
 
-    async def embed(self, texts: list[str], version: ModelVersion) -> Embedded: ...
+    async def embed(self, texts: list[str], version: ModelVersion, observe: bool = True) -> Embedded: ...
 
 
 class Physical(BaseModel):
@@ -109,8 +109,10 @@ def served_version(encoder: Encoder, record: CollectionRecord, version: int) -> 
         ) from None
 
 
-async def embed(encoder: Encoder, texts: list[str], version: ModelVersion) -> list[list[float]]:
-    result = await encoder.embed(texts, version)
+async def embed(encoder: Encoder, texts: list[str], version: ModelVersion, observe: bool = True) -> list[list[float]]:
+    """``texts`` embedded by ``version``; ``observe=False`` for the gateway's own work (re-indexing), which must
+    not count as served traffic in drift scores and rollout text samples."""
+    result = await encoder.embed(texts, version, observe)
     vectors: list[list[float]] = result.vectors.astype(np.float32, copy=False).tolist()
     return vectors
 

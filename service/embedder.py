@@ -10,6 +10,7 @@ import numpy as np
 
 from service.batcher import Batcher
 from service.cache import CachedEmbedding, EmbeddingCache, text_digest
+from service.drift import DriftMonitor, TextSample
 from service.errors import DeadlineExceeded, InvalidRequest, ModelNotFound, ServiceUnavailable
 from service.metrics import Metrics
 from service.model_store import ModelStore, ModelVersion
@@ -27,6 +28,7 @@ class EmbedResult:
     version: ModelVersion
     vectors: np.ndarray  # float32, (inputs, dimension), unit length
     prompt_tokens: int
+    computed: int  # distinct inputs that were not in the cache (embedded now, or joined in flight)
 
 
 class Embedder:
@@ -38,8 +40,12 @@ class Embedder:
         cache: EmbeddingCache | None,
         metrics: Metrics,
         rollouts: RolloutWatcher | None = None,
+        drift: DriftMonitor | None = None,
+        texts: TextSample | None = None,
     ) -> None:
         self._settings = settings
+        self._drift = drift
+        self._texts = texts
         self._rollouts = rollouts
         self._store = store
         self._batchers = batchers
@@ -63,11 +69,27 @@ class Embedder:
             raise ServiceUnavailable(f"model {model} has no verified version to serve; see /readyz.")
         return versions[-1]
 
-    def resolve(
+    def route(
         self, requested: str | None, header_version: str | None = None, routing_key: str | None = None
-    ) -> ModelVersion:
-        """Map the request's ``model`` (name, alias or name@version) and ``x-model-version`` to a version; unpinned,
-        a model's canary rollout picks stable or canary by ``routing_key`` (sticky) or at random."""
+    ) -> tuple[ModelVersion, bool]:
+        """The version an embeddings request gets, and whether it pinned one. A pinned version (name@version or
+        ``x-model-version``) wins; unpinned, a model's canary rollout picks stable or canary by ``routing_key``
+        (sticky) or at random."""
+        name, pinned = self._parse(requested, header_version)
+        if pinned:
+            return self._pinned(name, pinned), True
+        routed = self._rollouts.route(name, routing_key) if self._rollouts else None
+        version = self._store.get(name, routed) if routed is not None else None
+        return version or self.default_version(name), False
+
+    def resolve(self, requested: str | None, header_version: str | None = None) -> ModelVersion:
+        """Map ``model`` (name, alias or name@version) and ``x-model-version`` to a version; unpinned, the
+        model's stable version (collections are created on it: a canary never gets them by chance)."""
+        name, pinned = self._parse(requested, header_version)
+        return self._pinned(name, pinned) if pinned else self.default_version(name)
+
+    def _parse(self, requested: str | None, header_version: str | None) -> tuple[str, str]:
+        """(model name, pinned version or "") of a request; 404 for a model that does not exist."""
         reference = requested or self._settings.default_model
         name, _, pinned = reference.partition("@")
         name = self._settings.model_aliases.get(name, name)
@@ -76,11 +98,9 @@ class Embedder:
                 f"model '{name}' does not exist; available: {', '.join(self._store.models()) or 'none'}.",
                 param="model",
             )
-        pinned = pinned or (header_version or "").removeprefix(f"{name}@")
-        if not pinned:
-            routed = self._rollouts.route(name, routing_key) if self._rollouts else None
-            version = self._store.get(name, routed) if routed is not None else None
-            return version or self.default_version(name)
+        return name, pinned or (header_version or "").removeprefix(f"{name}@")
+
+    def _pinned(self, name: str, pinned: str) -> ModelVersion:
         if not pinned.isdigit():
             raise InvalidRequest(f"version '{pinned}' is not a number; pin a version as {name}@<n>.", param="model")
         version = self._store.get(name, int(pinned))
@@ -123,33 +143,41 @@ class Embedder:
                 )
         return strings
 
-    async def embed(self, texts: list[str], version: ModelVersion) -> EmbedResult:
-        """Unit vectors of ``texts`` made by ``version``, in input order; 504 past the request deadline."""
+    async def embed(self, texts: list[str], version: ModelVersion, observe: bool = True) -> EmbedResult:
+        """Unit vectors of ``texts`` made by ``version``, in input order; 504 past the request deadline.
+        ``observe=False``: the gateway's own use (the rollout analysis), kept out of drift and text samples."""
         try:
             async with asyncio.timeout(self._settings.request_timeout_s):
                 digests = [text_digest(text) for text in texts]
-                entries = await self._lookup_or_compute(texts, digests, version)
+                entries, computed = await self._lookup_or_compute(texts, digests, version)
         except TimeoutError:
             self._metrics.rejected.labels(version.model, str(version.version), "timeout").inc()
             raise DeadlineExceeded(
                 f"embedding took longer than {self._settings.request_timeout_s:g}s; retry with fewer inputs."
             ) from None
         vectors = np.stack([entries[digest].vector for digest in digests])
+        if observe:
+            # Cache hits too: drift is about what is served, whatever answered it.
+            if self._drift is not None:
+                self._drift.observe(version, vectors)
+            if self._texts is not None:
+                self._texts.observe(version.model, texts)
         prompt_tokens = sum(entries[digest].tokens for digest in digests)
         labels = (version.model, str(version.version))
         self._metrics.inputs.labels(*labels).inc(len(texts))
         self._metrics.tokens.labels(*labels).inc(prompt_tokens)
-        return EmbedResult(version=version, vectors=vectors, prompt_tokens=prompt_tokens)
+        return EmbedResult(version=version, vectors=vectors, prompt_tokens=prompt_tokens, computed=computed)
 
     async def _lookup_or_compute(
         self, texts: list[str], digests: list[str], version: ModelVersion
-    ) -> dict[str, CachedEmbedding]:
-        """Each distinct text once: from the cache, from a computation already in flight, or computed now."""
+    ) -> tuple[dict[str, CachedEmbedding], int]:
+        """Each distinct text once: from the cache, from a computation already in flight, or computed now;
+        and how many were not in the cache."""
         by_digest = dict(zip(digests, texts, strict=True))
         found = await self._cache.get_many(version, list(by_digest)) if self._cache else {}
         missing = [digest for digest in by_digest if digest not in found]
         if not missing:
-            return found
+            return found, 0
         new = [d for d in missing if not self._joinable((version.model, version.version, d))]
         if new:
             self._start_computation(version, new, [by_digest[d] for d in new])
@@ -166,7 +194,7 @@ class Embedder:
                     computation.task.cancel()
         for computation in shared:
             found.update(computation.task.result())
-        return found
+        return found, len(missing)
 
     def _joinable(self, key: tuple[str, int, str]) -> bool:
         computation = self._in_flight.get(key)

@@ -1,4 +1,4 @@
-"""Prometheus metrics; every series carries the ``model`` and ``version`` labels.
+"""Prometheus metrics; every series carries the ``model`` and ``version`` labels (but the Redis circuit's).
 
 Each app owns its registry, so several apps (tests, two gateways in one process) never share series.
 """
@@ -114,7 +114,10 @@ class Metrics:
             registry=self.registry,
         )
         self.cache_memory_bytes = Gauge(
-            "embedserve_cache_memory_bytes", "Bytes held by the in-process cache.", registry=self.registry
+            "embedserve_cache_memory_bytes",
+            "Bytes of each version's entries in the in-process cache (one budget shared by all versions).",
+            versioned,
+            registry=self.registry,
         )
         self.redis_errors = Counter(
             "embedserve_redis_errors",
@@ -122,6 +125,8 @@ class Metrics:
             [*versioned, "operation"],
             registry=self.registry,
         )
+        # The one series without model and version: the breaker guards the Redis connection every version
+        # shares, so its state has no version (per-version copies would multiply pods in sum() and alerts).
         self.redis_circuit_open = Gauge(
             "embedserve_redis_circuit_open", "1 while the Redis circuit breaker skips Redis.", registry=self.registry
         )

@@ -14,6 +14,10 @@ import time
 import uuid
 from datetime import UTC, datetime
 
+from opentelemetry.context import Context
+from opentelemetry.trace import Tracer
+from opentelemetry.util.types import AttributeValue
+
 from service.canary_window import CanaryWindow, VersionWindow
 from service.drift import DriftMonitor, TextSample, neighbour_agreement
 from service.embedder import Embedder
@@ -55,7 +59,9 @@ class RolloutAnalysis:
         embedder: Embedder,
         vector_store: VectorStore,
         metrics: RolloutMetrics,
+        tracer: Tracer,
     ) -> None:
+        self._tracer = tracer
         self._rollouts = rollouts
         self._window = window
         self._drift = drift
@@ -116,8 +122,17 @@ class RolloutAnalysis:
         self._last_judged[state.model] = now
         if not await self._rollouts.store.hold_lease(state.model, self._holder, 2 * state.analysis.interval_s + 5):
             return
-        judgement = await self.judge(state)
-        await self._act(state, judgement)
+        assert state.canary_version is not None  # active
+        attributes: dict[str, AttributeValue] = {
+            "model": state.model,
+            "version": state.canary_version,
+            "stable_version": state.stable_version,
+        }
+        # One trace per judgement: the agreement's embeddings of both versions show under it.
+        with self._tracer.start_as_current_span("rollout.judge", context=Context(), attributes=attributes) as span:
+            judgement = await self.judge(state)
+            span.set_attribute("result", judgement.result)
+            await self._act(state, judgement)
 
     # ── judging ────────────────────────────────────────────────────────────
 

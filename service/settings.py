@@ -77,6 +77,20 @@ class Settings(BaseSettings):
     redis_retry_after_s: float = Field(5.0, description="How long an open circuit skips Redis before probing it.")
     log_level: str = Field("INFO", description="Log level of the JSON logs.")
 
+    # Tracing (service/tracing.py).
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/gRPC endpoint that receives the traces, e.g. http://otel-collector:4317; unset = no "
+        "exporter (spans are no-ops; an incoming traceparent still reaches the logs).",
+    )
+    otel_service_name: str = Field("embedserve", description="service.name of the exported traces.")
+    otel_sample_ratio: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of new traces recorded; a request whose traceparent says sampled (or not) follows it.",
+    )
+
     # Access and rollouts (service/auth.py, service/rollout_store.py).
     admin_api_key: SecretStr | None = Field(
         None, description="Key of the admin routes (/v1/rollouts), sent as a Bearer token; unset = admin API off."
@@ -88,6 +102,23 @@ class Settings(BaseSettings):
     )
     rollout_refresh_s: float = Field(
         1.0, gt=0, description="Seconds between two reads of the rollout states from Redis by each replica."
+    )
+
+    # Drift monitoring (service/drift.py).
+    drift_interval_s: float = Field(
+        15.0, gt=0, description="Seconds between two recomputations of the drift gauges (MMD, mean cosine distance)."
+    )
+    drift_sample_size: int = Field(
+        512, ge=2, description="Served embeddings kept per version (a uniform reservoir sample) to score drift on."
+    )
+    drift_min_samples: int = Field(
+        64, ge=2, description="Served embeddings a version needs in its sample before it gets drift scores."
+    )
+    drift_text_sample_size: int = Field(
+        256,
+        ge=0,
+        description="Recent distinct request texts kept per model, in memory only, for the rollout analysis's "
+        "neighbourhood agreement; 0 keeps none.",
     )
 
     # Vector search (service/vectors.py).

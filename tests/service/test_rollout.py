@@ -297,3 +297,46 @@ def test_two_gateway_processes_agree_within_2_s(
         assert rollout_command("--url", first, "promote", "tiny") == 1  # nothing left to promote: 409
         monkeypatch.setenv("EMBEDSERVE_ADMIN_API_KEY", "wrong")
         assert rollout_command("--url", first, "list") == 1
+
+
+async def test_shadow_traffic_mirrors_to_the_canary_without_serving_from_it(settings: Settings) -> None:
+    configured = settings.model_copy(update={"admin_api_key": SecretStr(ADMIN_KEY), "stable_versions": {"tiny": 1}})
+    async with running_gateway(configured) as (app, client):
+        body = {"canary_version": 2, "steps": [0, 50], "shadow_percent": 100}
+        started = await client.put("/v1/rollouts/tiny", json=body, headers=admin())
+        assert (started.json()["weight"], started.json()["shadow_percent"]) == (0, 100)
+        served = []
+        for i in range(20):
+            response = await client.post("/v1/embeddings", json={"model": "tiny", "input": f"shadowed {i}"})
+            served.append(response.headers["x-model-version"])
+        pinned = await client.post("/v1/embeddings", json={"model": "tiny@1", "input": "pinned, not mirrored"})
+        assert pinned.status_code == 200
+        assert set(served) == {"1"}  # the canary answers no client
+        await asyncio.gather(*app.state.shadow._in_flight)  # the mirrors still running
+        found = await read_metrics(client)
+        mirrored = metric(found, "embedserve_shadow_requests_total", model="tiny", version="2", outcome="ok")
+        skipped = metric(found, "embedserve_shadow_requests_total", model="tiny", version="2", outcome="skipped")
+        assert mirrored > 0 and mirrored + skipped == 20  # skipped: only past 16 mirrors in flight
+        # The mirrored requests count for the canary's analysis, like requests it served.
+        window = app.state.canary_window.take("tiny", 2)
+        assert (window.requests, window.errors, len(window.latencies_s)) == (mirrored, 0, mirrored)
+
+
+async def test_the_analysis_waits_and_never_passes_a_canary_without_traffic(settings: Settings) -> None:
+    configured = settings.model_copy(update={"admin_api_key": SecretStr(ADMIN_KEY), "stable_versions": {"tiny": 1}})
+    async with running_gateway(configured) as (_, client):
+        analysis = {"enabled": True, "interval_s": 0.2, "passes_to_step": 1, "thresholds": {"min_requests": 5}}
+        body = {"canary_version": 2, "steps": [10, 100], "analysis": analysis}
+        assert (await client.put("/v1/rollouts/tiny", json=body, headers=admin())).status_code == 200
+        deadline = time.monotonic() + 10
+        while (state := (await client.get("/v1/rollouts/tiny", headers=admin())).json())["last_judgement"] is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # several more intervals without a request
+        state = (await client.get("/v1/rollouts/tiny", headers=admin())).json()
+        assert (state["phase"], state["weight"], state["passes"], state["failures"]) == ("progressing", 10, 0, 0)
+        assert state["last_judgement"]["result"] == "wait"
+        assert "0 canary requests < 5" in state["last_judgement"]["reason"]
+        found = await read_metrics(client)
+        assert metric(found, "embedserve_rollout_analysis_total", model="tiny", version="2", result="wait") >= 3
+        assert metric(found, "embedserve_rollout_analysis_total", model="tiny", version="2", result="pass") == 0

@@ -45,7 +45,7 @@ class TableEncoder:
         assert version is not None
         return version
 
-    async def embed(self, texts: list[str], version: ModelVersion) -> SimpleNamespace:
+    async def embed(self, texts: list[str], version: ModelVersion, observe: bool = True) -> SimpleNamespace:
         self.embedded += [(version.version, text) for text in texts]
         return SimpleNamespace(vectors=np.stack([self.vector(text, version.version) for text in texts]))
 
@@ -426,7 +426,7 @@ async def test_dropping_a_collection_mid_reindex_removes_everything(models: Mode
 
 
 class FailingEncoder(TableEncoder):
-    async def embed(self, texts: list[str], version: ModelVersion) -> SimpleNamespace:
+    async def embed(self, texts: list[str], version: ModelVersion, observe: bool = True) -> SimpleNamespace:
         if version.version == 2:
             raise RuntimeError("the new version cannot embed")
         return await super().embed(texts, version)
