@@ -77,18 +77,20 @@ class RolloutAnalysis:
         self._reindex_attempts: dict[tuple[str, str, int], int] = {}
         self._reference_texts: dict[tuple[str, int], list[str]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:  # a cancellation swallowed by a client library must not keep it running
             for state in self._rollouts.all():
                 try:
                     await self.tend(state)

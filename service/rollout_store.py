@@ -216,6 +216,7 @@ class RolloutWatcher:
         self._task: asyncio.Task[None] | None = None
         self._unservable_logged: set[tuple[str, int]] = set()
         self._failing = False
+        self._closing = False
 
     def get(self, model: str) -> RolloutState | None:
         return self._states.get(model)
@@ -284,11 +285,14 @@ class RolloutWatcher:
         self._task = asyncio.create_task(self._refresh_forever())
 
     async def _refresh_forever(self) -> None:
-        while True:
+        # The flag, not only the cancellation, ends the loop: redis-py can turn a cancellation that lands
+        # inside a command into a connection error, which refresh() catches and goes on.
+        while not self._closing:
             await self.refresh()
             await asyncio.sleep(self._refresh_s)
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -24,14 +24,15 @@ from trainer.export import ExportRequest, export_version
 from trainer.sample_text import sentences
 
 ADMIN = {"Authorization": "Bearer canary-admin"}
-# Judged every second on at least 20 canary requests; two passes in a row step, two failures fail.
+# Judged every 2 s on at least 10 requests per version (traffic runs at 20/s, the canary starts at 50 %);
+# two passes in a row step, two failures fail.
 FAST_ANALYSIS = {
     "enabled": True,
-    "interval_s": 1.0,
+    "interval_s": 2.0,
     "passes_to_step": 2,
     "failures_to_rollback": 2,
     # Identical weights on a shared 2-core machine still differ in P95 by chance; 2x keeps that out.
-    "thresholds": {"min_requests": 20, "max_p95_latency_ratio": 2.0},
+    "thresholds": {"min_requests": 10, "max_p95_latency_ratio": 2.0},
 }
 
 
@@ -162,7 +163,7 @@ async def test_a_healthy_canary_steps_up_and_is_promoted_with_its_collections(
         answer = await client.post("/v1/embeddings", json={"model": "minilm", "input": "after", "user": "u"})
         assert answer.headers["x-model-version"] == "2"
         found = await read_metrics(client)
-        assert metric(found, "embedserve_rollout_analysis_total", model="minilm", version="2", result="pass") >= 6
+        assert metric(found, "embedserve_rollout_analysis_total", model="minilm", version="2", result="pass") >= 4
         assert metric(found, "embedserve_neighbour_agreement", model="minilm", version="2") > 0.99
         assert metric(found, "embedserve_rollout_phase", model="minilm", version="2", phase="promoted") == 1
 
@@ -188,15 +189,15 @@ async def test_a_randomly_initialised_canary_is_rolled_back_for_its_neighbourhoo
 
 async def test_a_slow_canary_is_rolled_back_for_its_latency(canary_repository: Path, tmp_path: Path) -> None:
     async with gateway(canary_repository, tmp_path) as (_, client):
-        # Judge latency alone (a random encoder's neighbourhoods would fail it first), over 2 s intervals:
-        # the slow canary answers few requests per second.
+        # Judge latency alone (a random encoder's neighbourhoods would fail it first); at 10 requests/s, 5 are
+        # enough to judge an interval.
         thresholds = {
             **FAST_ANALYSIS["thresholds"],
             "min_neighbour_agreement": 0.0,
             "max_drift_mmd": 100.0,
             "min_requests": 5,
         }
-        await start_canary(client, 4, interval_s=2.0, thresholds=thresholds)
+        await start_canary(client, 4, thresholds=thresholds)
         with traffic(client, per_second=10):
             state = await wait_until_phase(client, {"promoted", "failed", "rolled_back"})
         assert (state["phase"], state["weight"]) == ("failed", 0), json.dumps(state)

@@ -128,10 +128,10 @@ async def test_memory_store_compare_and_set() -> None:
 
 
 async def test_redis_store_round_trip_and_compare_and_set(prefix: str) -> None:
-    store = RedisRolloutStore(Redis.from_url(SHARED_REDIS_URL), prefix)
+    store = RedisRolloutStore(Redis.from_url(SHARED_REDIS_URL, socket_timeout=5), prefix)
     try:
         await check_compare_and_set(store)
-        stored = redis.Redis.from_url(SHARED_REDIS_URL).get(f"{prefix}rollout:tiny")
+        stored = redis.Redis.from_url(SHARED_REDIS_URL, socket_timeout=5).get(f"{prefix}rollout:tiny")
         assert stored is not None and RolloutState.model_validate_json(stored).weight == 10
     finally:
         await store.close()
@@ -139,7 +139,9 @@ async def test_redis_store_round_trip_and_compare_and_set(prefix: str) -> None:
 
 async def test_two_replicas_sharing_redis_agree_within_2_s(prefix: str, models: ModelStore) -> None:
     replicas = [
-        RolloutWatcher(RedisRolloutStore(Redis.from_url(SHARED_REDIS_URL), prefix), models, refresh_s=0.2)
+        RolloutWatcher(
+            RedisRolloutStore(Redis.from_url(SHARED_REDIS_URL, socket_timeout=5), prefix), models, refresh_s=0.2
+        )
         for _ in range(2)
     ]
     for replica in replicas:
