@@ -108,7 +108,7 @@ class RolloutAnalysis:
             if await self._rollouts.store.hold_lease(state.model, self._holder, 10 * TICK_S + 5):
                 await self._promote(state)
             return
-        if state.phase != "progressing" or not state.analysis.enabled:
+        if state.phase != "progressing" or not state.analysis.enabled or state.canary_version is None:
             return
         now = time.monotonic()
         started = next((d.at for d in reversed(state.history) if d.action == "start"), None)
@@ -117,14 +117,13 @@ class RolloutAnalysis:
             self._judging[state.model] = (state.canary_version, started)
             self._last_judged[state.model] = now
             self._window.take(state.model, state.stable_version)
-            self._window.take(state.model, state.canary_version)  # type: ignore[arg-type]  # active: has one
+            self._window.take(state.model, state.canary_version)
             return
         if now - self._last_judged[state.model] < state.analysis.interval_s:
             return
         self._last_judged[state.model] = now
         if not await self._rollouts.store.hold_lease(state.model, self._holder, 2 * state.analysis.interval_s + 5):
             return
-        assert state.canary_version is not None  # active
         attributes: dict[str, AttributeValue] = {
             "model": state.model,
             "version": state.canary_version,
