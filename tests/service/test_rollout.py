@@ -342,3 +342,17 @@ async def test_the_analysis_waits_and_never_passes_a_canary_without_traffic(sett
         found = await read_metrics(client)
         assert metric(found, "embedserve_rollout_analysis_total", model="tiny", version="2", result="wait") >= 3
         assert metric(found, "embedserve_rollout_analysis_total", model="tiny", version="2", result="pass") == 0
+
+
+async def test_one_replica_at_a_time_holds_a_rollouts_analysis_lease(prefix: str) -> None:
+    store = RedisRolloutStore(Redis.from_url(SHARED_REDIS_URL, socket_timeout=5), prefix)
+    try:
+        assert await store.hold_lease("tiny", "replica-a", ttl_s=0.3)
+        assert not await store.hold_lease("tiny", "replica-b", ttl_s=0.3)  # a's, still
+        assert await store.hold_lease("tiny", "replica-a", ttl_s=0.3)  # renewed by its holder
+        assert await store.hold_lease("minilm", "replica-b", ttl_s=0.3)  # one lease per model
+        await asyncio.sleep(0.5)  # a stopped renewing (crashed): b takes over
+        assert await store.hold_lease("tiny", "replica-b", ttl_s=0.3)
+        assert not await store.hold_lease("tiny", "replica-a", ttl_s=0.3)
+    finally:
+        await store.close()
