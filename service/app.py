@@ -144,6 +144,7 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
             tracing.tracer,
         )
         analysis.start()
+        app.state.analysis = analysis
         # Everything built so far lives as long as the app: keep it out of the garbage collector's
         # scans, whose full passes otherwise show up as tail latency.
         gc.freeze()

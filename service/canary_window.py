@@ -1,10 +1,12 @@
 """What each version served since the analysis loop last looked: requests, server errors and latencies.
 
 The embeddings route records every request it answered (or failed) and the shadow mirror every mirrored
-one; ``take`` hands the interval's numbers to the analysis loop and starts a new interval. In process only:
-each replica judges the traffic it served (the replica holding the analysis lease decides).
+one; ``take`` hands the interval's numbers to the analysis loop and starts a new interval. Each replica
+keeps its own; the replicas not holding a rollout's analysis lease hand theirs to the one that does,
+through the rollout store (``VersionWindow.to_json`` / ``merged``).
 """
 
+import json
 import random
 from dataclasses import dataclass, field
 
@@ -12,6 +14,8 @@ import numpy as np
 
 # Latencies kept per version and interval: enough for a stable P95, bounded memory under any load.
 MAX_LATENCIES = 4096
+# Latencies a replica hands over per interval (a uniform sample of its own).
+SHARED_LATENCIES = 512
 
 
 @dataclass
@@ -23,6 +27,26 @@ class VersionWindow:
     @property
     def error_rate(self) -> float | None:
         return self.errors / self.requests if self.requests else None
+
+    def to_json(self) -> str:
+        latencies = self.latencies_s
+        if len(latencies) > SHARED_LATENCIES:
+            latencies = random.sample(latencies, SHARED_LATENCIES)
+        return json.dumps({"requests": self.requests, "errors": self.errors, "latencies_s": latencies})
+
+    @classmethod
+    def merged(cls, windows: "list[VersionWindow]") -> "VersionWindow":
+        """One window of several replicas' intervals."""
+        return cls(
+            requests=sum(w.requests for w in windows),
+            errors=sum(w.errors for w in windows),
+            latencies_s=[latency for w in windows for latency in w.latencies_s],
+        )
+
+    @classmethod
+    def from_json(cls, value: str | bytes) -> "VersionWindow":
+        data = json.loads(value)
+        return cls(requests=int(data["requests"]), errors=int(data["errors"]), latencies_s=list(data["latencies_s"]))
 
     @property
     def p95_s(self) -> float | None:

@@ -1,9 +1,10 @@
 """The analysis loop: judges each canary against stable every interval, then steps, promotes or fails it;
 and the promotion, which moves the model's collections to the canary before the canary becomes stable.
 
-Only the replica holding a model's lease (``RolloutStore.hold_lease``) acts on its rollout; it judges the
-traffic it served itself. Its counts of passes and failures in a row live in the rollout state, so another
-replica taking the lease over goes on from them. Every change is a compare-and-set save: an operator's
+Only the replica holding a model's lease (``RolloutStore.hold_lease``) acts on its rollout; the others hand
+their interval measures over to it (through Redis), so it judges the traffic of every replica. Its counts
+of passes and failures in a row live in the rollout state, so another replica taking the lease over goes
+on from them. Every change is a compare-and-set save: an operator's
 change made meanwhile wins, and the loop judges again at its next interval.
 """
 
@@ -17,6 +18,7 @@ from datetime import UTC, datetime
 from opentelemetry.context import Context
 from opentelemetry.trace import Tracer
 from opentelemetry.util.types import AttributeValue
+from redis.exceptions import RedisError
 
 from service.canary_window import CanaryWindow, VersionWindow
 from service.drift import DriftMonitor, TextSample, neighbour_agreement
@@ -69,7 +71,7 @@ class RolloutAnalysis:
         self._embedder = embedder
         self._vector_store = vector_store
         self._metrics = metrics
-        self._holder = uuid.uuid4().hex
+        self.holder = uuid.uuid4().hex  # this replica's name on the leases it holds
         self._last_judged: dict[str, float] = {}
         self._judging: dict[str, tuple[int | None, datetime | None]] = {}
         # The stable version's last measured P95, for steps where stable serves too little to measure it (100 %).
@@ -105,7 +107,7 @@ class RolloutAnalysis:
         if not state.active:
             return
         if state.phase == "promoting":
-            if await self._rollouts.store.hold_lease(state.model, self._holder, 10 * TICK_S + 5):
+            if await self._rollouts.store.hold_lease(state.model, self.holder, 10 * TICK_S + 5):
                 await self._promote(state)
             return
         if state.phase != "progressing" or not state.analysis.enabled or state.canary_version is None:
@@ -122,7 +124,8 @@ class RolloutAnalysis:
         if now - self._last_judged[state.model] < state.analysis.interval_s:
             return
         self._last_judged[state.model] = now
-        if not await self._rollouts.store.hold_lease(state.model, self._holder, 2 * state.analysis.interval_s + 5):
+        if not await self._rollouts.store.hold_lease(state.model, self.holder, 2 * state.analysis.interval_s + 5):
+            await self._hand_over(state.model, (state.stable_version, state.canary_version))
             return
         attributes: dict[str, AttributeValue] = {
             "model": state.model,
@@ -142,8 +145,8 @@ class RolloutAnalysis:
         neighbourhoods on, is a wait: the loop never passes a canary it could not measure."""
         assert state.canary_version is not None
         thresholds = state.analysis.thresholds
-        canary = self._window.take(state.model, state.canary_version)
-        stable = self._window.take(state.model, state.stable_version)
+        canary = await self._interval(state.model, state.canary_version)
+        stable = await self._interval(state.model, state.stable_version)
         if stable.p95_s is not None and stable.requests >= thresholds.min_requests:
             self._stable_p95[(state.model, state.stable_version)] = stable.p95_s
         stable_p95 = self._stable_p95.get((state.model, state.stable_version))
@@ -171,6 +174,27 @@ class RolloutAnalysis:
                 result, reason = "pass", "every threshold met"
         self._metrics.analysis.labels(state.model, str(state.canary_version), result).inc()
         return Judgement(result=result, reason=reason, **measured)
+
+    async def _interval(self, model: str, version: int) -> VersionWindow:
+        """What every replica measured of ``model@version`` over the interval: this one's and those handed over."""
+        own = self._window.take(model, version)
+        try:
+            handed = await self._rollouts.store.handed_over(model, version)
+        except (RedisError, OSError, TimeoutError) as error:
+            log.warning("other replicas' measures unavailable", extra={"model": model, "error": type(error).__name__})
+            return own
+        return VersionWindow.merged([own, *(VersionWindow.from_json(value) for value in handed)])
+
+    async def _hand_over(self, model: str, versions: tuple[int, int]) -> None:
+        """Another replica judges this rollout: give it what this one measured over the interval."""
+        for version in versions:
+            window = self._window.take(model, version)
+            if not window.requests:
+                continue
+            try:
+                await self._rollouts.store.hand_over(model, version, window.to_json())
+            except (RedisError, OSError, TimeoutError) as error:
+                log.warning("measures not handed over", extra={"model": model, "error": type(error).__name__})
 
     async def _agreement(self, state: RolloutState) -> float | None:
         """Mean top-10 neighbour overlap of stable's and canary's embeddings of recently served texts."""

@@ -21,6 +21,8 @@ from service.rollout import PHASES, RolloutState, choose_version
 
 log = logging.getLogger(__name__)
 
+# Seconds handed-over measures wait for the lease holder before they expire.
+WINDOW_TTL_S = 600
 _CONFLICT = "rollout of {model} changed since it was read (now revision {revision}); re-read it and retry."
 
 
@@ -41,6 +43,14 @@ class RolloutStore:
     async def hold_lease(self, model: str, holder: str, ttl_s: float) -> bool:
         """Whether ``holder`` holds (now, for ``ttl_s``) the right to drive ``model``'s rollout: the one replica
         that judges the canary and steps, promotes or fails it."""
+        raise NotImplementedError
+
+    async def hand_over(self, model: str, version: int, window: str) -> None:
+        """Give the lease holder this replica's interval measures of ``model@version`` (JSON)."""
+        raise NotImplementedError
+
+    async def handed_over(self, model: str, version: int) -> list[str]:
+        """The measures other replicas handed over since the last call (each taken once)."""
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -70,6 +80,12 @@ class MemoryRolloutStore(RolloutStore):
 
     async def hold_lease(self, model: str, holder: str, ttl_s: float) -> bool:
         return True  # one process: it drives every rollout
+
+    async def hand_over(self, model: str, version: int, window: str) -> None:
+        return None  # nobody else to hand over to
+
+    async def handed_over(self, model: str, version: int) -> list[str]:
+        return []
 
 
 # KEYS: state key, index set. ARGV: expected revision, new JSON, model. Returns -1 when stored, else the revision.
@@ -133,6 +149,24 @@ class RedisRolloutStore(RolloutStore):
     async def hold_lease(self, model: str, holder: str, ttl_s: float) -> bool:
         key = f"{self._prefix}rollout-lease:{model}"
         return int(await self._lease(keys=[key], args=[holder, max(1, int(ttl_s * 1000))])) == 1
+
+    def _windows_key(self, model: str, version: int) -> str:
+        return f"{self._prefix}rollout-windows:{model}:{version}"
+
+    async def hand_over(self, model: str, version: int, window: str) -> None:
+        key = self._windows_key(model, version)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, window)
+            pipe.expire(key, WINDOW_TTL_S)  # a lease holder that never comes leaves nothing behind
+            await pipe.execute()
+
+    async def handed_over(self, model: str, version: int) -> list[str]:
+        key = self._windows_key(model, version)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.lrange(key, 0, -1)
+            pipe.delete(key)
+            values, _ = await pipe.execute()
+        return [value.decode() if isinstance(value, bytes) else str(value) for value in values]
 
     async def close(self) -> None:
         await self._redis.aclose()

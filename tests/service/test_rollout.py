@@ -356,3 +356,38 @@ async def test_one_replica_at_a_time_holds_a_rollouts_analysis_lease(prefix: str
         assert not await store.hold_lease("tiny", "replica-a", ttl_s=0.3)
     finally:
         await store.close()
+
+
+async def test_the_replica_that_judges_counts_what_every_replica_served(
+    settings: Settings, prefix: str, tmp_path: Path
+) -> None:
+    shared = {
+        "admin_api_key": SecretStr(ADMIN_KEY),
+        "stable_versions": {"tiny": 1},
+        "redis_url": SHARED_REDIS_URL,
+        "redis_prefix": prefix,
+        "rollout_refresh_s": 0.2,
+    }
+    first = settings.model_copy(update={**shared, "milvus_uri": str(tmp_path / "a.db")})
+    second = settings.model_copy(update={**shared, "milvus_uri": str(tmp_path / "b.db")})
+    async with running_gateway(first) as (app_a, client_a), running_gateway(second) as (_, client_b):
+        analysis = {"enabled": True, "interval_s": 1.0, "thresholds": {"min_requests": 10}}
+        body = {"canary_version": 2, "steps": [10, 100], "analysis": analysis}
+        assert (await client_a.put("/v1/rollouts/tiny", json=body, headers=admin())).status_code == 200
+        lease = redis.Redis.from_url(SHARED_REDIS_URL)
+        deadline = time.monotonic() + 10
+        while (holder := lease.get(f"{prefix}rollout-lease:tiny")) is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        leader_is_a = holder.decode() == app_a.state.analysis.holder
+        follower = client_b if leader_is_a else client_a
+        await asyncio.sleep(1.5)  # both replicas have seen the rollout (their first interval started)
+        for i in range(15):  # served by the follower only, pinned to the canary
+            answer = await follower.post("/v1/embeddings", json={"model": "tiny@2", "input": f"handed over {i}"})
+            assert answer.headers["x-model-version"] == "2"
+        deadline = time.monotonic() + 15
+        while ((await client_a.get("/v1/rollouts/tiny", headers=admin())).json()["last_judgement"] or {}).get(
+            "canary_requests"
+        ) != 15:
+            assert time.monotonic() < deadline, "the leader never counted the follower's requests"
+            await asyncio.sleep(0.1)
