@@ -277,13 +277,15 @@ class CollectionUser(GatewayUser):
 
     @task(1)
     def upsert(self) -> None:
+        # Distinct ids: the gateway refuses a request that names one id twice (400).
+        ids = self.rng.sample(range(UPSERT_ID_SPACE), self.rng.randint(1, 8))
         items = [
             {
-                "id": f"lt-{self.rng.randrange(UPSERT_ID_SPACE)}",
+                "id": f"lt-{number}",
                 "text": sentence(self.rng, self.rng.randint(8, 30)),
                 "metadata": {"topic": self.rng.choice(WORDS)},
             }
-            for _ in range(self.rng.randint(1, 8))
+            for number in ids
         ]
         url = f"/v1/collections/{self.collection}/items"
         with self.client.post(
