@@ -151,29 +151,31 @@ class RolloutAnalysis:
             self._stable_p95[(state.model, state.stable_version)] = stable.p95_s
         stable_p95 = self._stable_p95.get((state.model, state.stable_version))
         drift = await asyncio.to_thread(self._drift.scores, state.model, state.canary_version)
+        mmd = None if drift is None else drift.mmd
         agreement = await self._agreement(state)
         if agreement is not None:
             self._metrics.agreement.labels(state.model, str(state.canary_version)).set(agreement)
-        measured = {
-            "at": datetime.now(UTC),
-            "canary_requests": canary.requests,
-            "canary_error_rate": canary.error_rate,
-            "stable_p95_s": stable_p95,
-            "canary_p95_s": canary.p95_s,
-            "drift_mmd": None if drift is None else drift.mmd,
-            "neighbour_agreement": agreement,
-        }
-        failed = _failed_checks(thresholds, canary, stable_p95, measured)
+        failed = _failed_checks(thresholds, canary, stable_p95, mmd, agreement)
         if failed:
             result, reason = "fail", "; ".join(failed)
         else:
-            missing = _missing_measures(thresholds, canary, stable_p95, drift is None, agreement)
+            missing = _missing_measures(thresholds, canary, stable_p95, mmd, agreement)
             if missing:
                 result, reason = "wait", "cannot judge yet: " + "; ".join(missing)
             else:
                 result, reason = "pass", "every threshold met"
         self._metrics.analysis.labels(state.model, str(state.canary_version), result).inc()
-        return Judgement(result=result, reason=reason, **measured)
+        return Judgement(
+            at=datetime.now(UTC),
+            result=result,
+            reason=reason,
+            canary_requests=canary.requests,
+            canary_error_rate=canary.error_rate,
+            stable_p95_s=stable_p95,
+            canary_p95_s=canary.p95_s,
+            drift_mmd=mmd,
+            neighbour_agreement=agreement,
+        )
 
     async def _interval(self, model: str, version: int) -> VersionWindow:
         """What every replica measured of ``model@version`` over the interval: this one's and those handed over."""
@@ -286,7 +288,11 @@ def _at(current: RolloutState | None, expected: RolloutState) -> RolloutState:
 
 
 def _failed_checks(
-    thresholds: AnalysisThresholds, canary: VersionWindow, stable_p95: float | None, measured: dict[str, object]
+    thresholds: AnalysisThresholds,
+    canary: VersionWindow,
+    stable_p95: float | None,
+    mmd: float | None,
+    agreement: float | None,
 ) -> list[str]:
     """The thresholds the canary broke, each with its measure (only measures taken on enough traffic count)."""
     failed = []
@@ -300,11 +306,9 @@ def _failed_checks(
                 f"P95 latency {canary.p95_s * 1000:.1f} ms is {ratio:.2f}x stable's {stable_p95 * 1000:.1f} ms "
                 f"> {thresholds.max_p95_latency_ratio}x"
             )
-    mmd = measured["drift_mmd"]
-    if isinstance(mmd, float) and mmd > thresholds.max_drift_mmd:
+    if mmd is not None and mmd > thresholds.max_drift_mmd:
         failed.append(f"drift MMD {mmd:.4f} > {thresholds.max_drift_mmd}")
-    agreement = measured["neighbour_agreement"]
-    if isinstance(agreement, float) and agreement < thresholds.min_neighbour_agreement:
+    if agreement is not None and agreement < thresholds.min_neighbour_agreement:
         failed.append(f"neighbour agreement {agreement:.3f} < {thresholds.min_neighbour_agreement}")
     return failed
 
@@ -313,7 +317,7 @@ def _missing_measures(
     thresholds: AnalysisThresholds,
     canary: VersionWindow,
     stable_p95: float | None,
-    no_drift: bool,
+    mmd: float | None,
     agreement: float | None,
 ) -> list[str]:
     missing = []
@@ -321,7 +325,7 @@ def _missing_measures(
         missing.append(f"{canary.requests} canary requests < {thresholds.min_requests}")
     if stable_p95 is None:
         missing.append("no stable latency measured yet")
-    if no_drift:
+    if mmd is None:
         missing.append("too few canary embeddings for a drift score")
     if agreement is None:
         missing.append(f"fewer than {MIN_AGREEMENT_TEXTS} sampled texts to compare neighbourhoods on")
