@@ -20,7 +20,7 @@ from service.filters import FieldType
 from service.milvus import Milvus
 from service.model_store import ModelVersion
 
-COLLECTION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+COLLECTION_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 
 
 class Embedded(Protocol):
@@ -85,7 +85,7 @@ class CollectionRecord(BaseModel):
 
 def check_collection_name(name: str) -> None:
     # "__" separates the parts of physical names.
-    if not COLLECTION_NAME.match(name) or "__" in name:
+    if not COLLECTION_NAME.fullmatch(name) or "__" in name:
         raise InvalidRequest(
             f"collection name {name[:80]!r} is invalid: use 1-63 lowercase letters, digits and single underscores, "
             "starting with a letter.",

@@ -300,11 +300,11 @@ class Milvus:
     async def delete(self, key: str, name: str, ids: list[str]) -> None:
         """Delete ``ids`` from ``name`` (hold ``write_lock(key)``)."""
         assert self.write_lock(key).locked(), "writes to a collection hold its write lock"
-        await self._call("delete", name, ids=ids)
+        await self._call("delete", name, filter=_ids_expression(ids))
         await self._written(name, len(ids))
 
     async def get(self, name: str, ids: list[str]) -> list[dict[str, Any]]:
-        rows = await self._call("get", name, ids=ids, output_fields=["id", "text", "metadata"])
+        rows = await self._call("query", name, filter=_ids_expression(ids), output_fields=["id", "text", "metadata"])
         return [dict(row) for row in rows]
 
     async def iterate(
@@ -398,7 +398,7 @@ class Milvus:
 
     async def delete_catalog_row(self, name: str) -> None:
         async with self.write_lock(CATALOG):
-            await self._call("delete", CATALOG, ids=[name])
+            await self._call("delete", CATALOG, filter=f"name == {quote(name)}")
             await self._written(CATALOG, 1)
         self.after_writes(CATALOG)
 
@@ -442,6 +442,11 @@ class Milvus:
                 log.warning("idle maintenance failed", extra={"collection": key, "reason": str(error)})
             if self._last_write[key] <= started:
                 return
+
+
+def _ids_expression(ids: list[str]) -> str:
+    """The filter matching exactly ``ids``, each escaped (pymilvus's own ``ids=`` pastes them in raw)."""
+    return f"id in [{', '.join(quote(item_id) for item_id in ids)}]"
 
 
 def _belongs(physical: str, key: str) -> bool:

@@ -46,13 +46,14 @@ from service.tracing import NO_TRACING
 
 log = logging.getLogger(__name__)
 
-FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 RESERVED_FIELDS = frozenset({"id", "text", "metadata"})  # names output_fields and filters give a meaning
 MAX_FIELDS = 64
 MAX_ID_CHARS = 256
 MAX_TEXT_BYTES = 65_535  # Milvus VARCHAR limit, in UTF-8 bytes
 MAX_METADATA_BYTES = 65_536  # Milvus JSON field limit
 RRF_K = 60
+FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max: Milvus stores float32
 SEARCH_OUTPUTS = ("text", "metadata")
 
 P = ParamSpec("P")
@@ -310,6 +311,7 @@ class VectorStore:
 
     @_traced
     async def get(self, name: str, item_id: str) -> Item:
+        _check_id(item_id, "the item id in the path", param="id")
         record = await self._catalog.get(name)
         _tag(record.model, record.active.version)
         rows = await self._milvus.get(record.active.name, [item_id])
@@ -320,6 +322,7 @@ class VectorStore:
 
     @_traced
     async def delete(self, name: str, item_id: str) -> None:
+        _check_id(item_id, "the item id in the path", param="id")
         record = await self._catalog.get(name)
         _tag(record.model, record.active.version)
         async with self._milvus.write_lock(name):
@@ -391,7 +394,7 @@ def _check_fields(fields: dict[str, FieldType]) -> None:
     if len(fields) > MAX_FIELDS:
         raise InvalidRequest(f"{len(fields)} fields declared, over the limit of {MAX_FIELDS}.", param="fields")
     for field, kind in fields.items():
-        if not FIELD_NAME.match(field) or field in RESERVED_FIELDS:
+        if not FIELD_NAME.fullmatch(field) or field in RESERVED_FIELDS:
             raise InvalidRequest(
                 f"field name {field[:80]!r} is invalid: use letters, digits and underscores (at most 64, not starting "
                 f"with a digit), and none of {', '.join(sorted(RESERVED_FIELDS))}.",
@@ -449,9 +452,9 @@ def _check_items(items: list[ItemIn], fields: dict[str, FieldType], max_chars: i
     return rows
 
 
-def _check_id(item_id: str, where: str) -> None:
+def _check_id(item_id: str, where: str, param: str = "items") -> None:
     if not item_id or len(item_id) > MAX_ID_CHARS or any(ord(c) < 0x20 or ord(c) == 0x7F for c in item_id):
-        raise InvalidRequest(f"{where} must be 1-{MAX_ID_CHARS} characters without control characters.", param="items")
+        raise InvalidRequest(f"{where} must be 1-{MAX_ID_CHARS} characters without control characters.", param=param)
 
 
 def _check_query(request: SearchRequest, max_chars: int) -> str | None:
@@ -472,9 +475,14 @@ def _check_vector(vector: list[float], dimension: int) -> list[float]:
         raise InvalidRequest(
             f"'vector' has {len(vector)} dimensions; this collection's vectors have {dimension}.", param="vector"
         )
-    values = [float(v) for v in vector]
-    if not all(math.isfinite(v) for v in values) or not any(values):
-        raise InvalidRequest("'vector' must hold finite numbers, not all zero.", param="vector")
+    try:
+        values = [float(v) for v in vector]
+    except OverflowError:
+        values = [math.inf]
+    if not all(abs(v) <= FLOAT32_MAX for v in values) or not any(values):
+        raise InvalidRequest(
+            f"'vector' must hold finite float32 numbers (|v| <= {FLOAT32_MAX:.4g}), not all zero.", param="vector"
+        )
     return values
 
 

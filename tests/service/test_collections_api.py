@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,11 +82,13 @@ def test_create_is_idempotent_and_conflicts_name_the_difference(api: TestClient)
         ("a__b", {"model": "tiny"}, 400, "single underscores"),
         ("_catalog", {"model": "tiny"}, 400, "starting with a letter"),
         ("x" * 64, {"model": "tiny"}, 400, "1-63"),
+        ("trailing%0A", {"model": "tiny"}, 400, "lowercase"),
         ("ok", {"model": "nope"}, 404, "model 'nope' does not exist"),
         ("ok", {"model": "tiny@7"}, 404, "no version 7"),
         ("ok", {"model": "tiny", "fields": {"when": "date"}}, 400, "'fields'"),
         ("ok", {"model": "tiny", "fields": {"id": "string"}}, 400, "field name 'id' is invalid"),
         ("ok", {"model": "tiny", "fields": {"has space": "int"}}, 400, "is invalid"),
+        ("ok", {"model": "tiny", "fields": {"price\n": "int"}}, 400, "is invalid"),
         ("ok", {"model": "tiny", "colour": "red"}, 400, "'colour'"),
         ("ok", {}, 400, "'model'"),
     ],
@@ -149,6 +152,39 @@ def test_an_id_upserted_twice_is_stored_once_get_and_delete(api: TestClient) -> 
     assert api.get("/v1/collections/notes").json()["items"] == 0
 
 
+QUOTING_IDS = ["it's", 'say "hi"', "back\\slash", "x'] or id not in ['", 'x"] or id not in ["', "a','b", "100%", "é🙂"]
+
+
+def test_ids_with_quotes_and_backslashes_are_items_like_any_other(api: TestClient) -> None:
+    """Ids reach Milvus escaped on every path: a crafted id is one item, never an expression."""
+    assert api.put("/v1/collections/quoting", json={"model": "tiny@1"}).status_code == 201
+    items = [{"id": item_id, "text": f"text {n}"} for n, item_id in enumerate([*QUOTING_IDS, "a", "b", "x"])]
+    assert api.post("/v1/collections/quoting/items", json={"items": items}).status_code == 200
+    for item in items:
+        got = api.get(f"/v1/collections/quoting/items/{quote_path(item['id'])}")
+        assert got.status_code == 200, (item, got.text)
+        assert got.json()["id"] == item["id"] and got.json()["text"] == item["text"]
+    crafted = ["x'] or id not in ['", 'x"] or id not in ["', "a','b"]
+    for item_id in crafted:
+        assert api.delete(f"/v1/collections/quoting/items/{quote_path(item_id)}").json()["deleted"] is True
+    assert api.get("/v1/collections/quoting").json()["items"] == len(items) - len(crafted)
+    for item_id in ("a", "b", "x"):
+        assert api.get(f"/v1/collections/quoting/items/{item_id}").status_code == 200
+    assert_openai_error(api.get("/v1/collections/quoting/items/nul%00"), 400, "control characters")
+    started = api.post("/v1/collections/quoting/reindex", json={"version": 2})
+    assert started.status_code == 202, started.text
+    deadline = time.monotonic() + 60
+    while (info := api.get("/v1/collections/quoting").json())["state"] == "reindexing":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert (info["state"], info["version"], info["items"]) == ("ready", 2, len(items) - len(crafted))
+    assert api.get(f"/v1/collections/quoting/items/{quote_path(QUOTING_IDS[0])}").json()["text"] == "text 0"
+
+
+def quote_path(item_id: str) -> str:
+    return urllib.parse.quote(item_id, safe="")
+
+
 @pytest.mark.parametrize(
     ("path", "body", "says"),
     [
@@ -167,6 +203,8 @@ def test_an_id_upserted_twice_is_stored_once_get_and_delete(api: TestClient) -> 
         ("search", {"query": "x", "top_k": 1001}, "'top_k'"),
         ("search", {"vector": [0.1] * 3}, "3 dimensions; this collection's vectors have 384"),
         ("search", {"vector": [0.0] * 384}, "not all zero"),
+        ("search", {"vector": [1e39] * 384}, "finite float32"),
+        ("search", {"vector": [10**400] * 384}, "finite float32"),
         ("search", {"query": "x", "vector": [0.1] * 384}, "exactly one of"),
         ("search", {}, "exactly one of"),
         ("search", {"mode": "keyword", "vector": [0.1] * 384}, "needs 'query'"),
