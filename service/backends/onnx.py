@@ -21,13 +21,17 @@ class OnnxBackend:
     def __init__(self, intra_op_threads: int = 0) -> None:
         self._intra_op_threads = intra_op_threads or os.cpu_count() or 1
         self._sessions: dict[tuple[str, int], ort.InferenceSession] = {}
-        # One inference at a time: each run already uses every core through intra-op threads,
-        # and ONNX Runtime releases the GIL so the event loop keeps serving meanwhile.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+        # One inference at a time per version: each run already uses every core through intra-op threads,
+        # and ONNX Runtime releases the GIL so the event loop keeps serving meanwhile. Versions get a thread
+        # each, so during a rollout a slow canary's batches never hold stable's up (they share the cores, not a
+        # queue), and each version's latency is its own.
+        self._executors: dict[tuple[str, int], ThreadPoolExecutor] = {}
 
     async def start(self, versions: list[ModelVersion]) -> None:
         for version in versions:
-            self._sessions[(version.model, version.version)] = await asyncio.to_thread(self._load, version)
+            key = (version.model, version.version)
+            self._sessions[key] = await asyncio.to_thread(self._load, version)
+            self._executors[key] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"onnx-{version.name}")
 
     def _load(self, version: ModelVersion) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -42,14 +46,17 @@ class OnnxBackend:
         return (version.model, version.version) in self._sessions
 
     async def embed(self, version: ModelVersion, batch: TokenBatch) -> np.ndarray:
-        session = self._sessions.get((version.model, version.version))
+        key = (version.model, version.version)
+        session = self._sessions.get(key)
         if session is None:
             raise ServiceUnavailable(f"model version {version.name} is not loaded; check /readyz.")
         feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(self._executor, session.run, ["embedding"], feeds)
+        outputs = await loop.run_in_executor(self._executors[key], session.run, ["embedding"], feeds)
         return np.asarray(outputs[0], dtype=np.float32)
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for executor in self._executors.values():
+            executor.shutdown(wait=False, cancel_futures=True)
+        self._executors.clear()
         self._sessions.clear()
