@@ -226,8 +226,13 @@ class RolloutAnalysis:
     async def _act(self, state: RolloutState, judgement: Judgement) -> None:
         log.info(
             "canary judged",
-            extra={"model": state.model, "version": state.canary_version, "result": judgement.result,
-                   "reason": judgement.reason, "weight": state.weight},
+            extra={
+                "model": state.model,
+                "version": state.canary_version,
+                "result": judgement.result,
+                "reason": judgement.reason,
+                "weight": state.weight,
+            },
         )
         analysis = state.analysis
 
