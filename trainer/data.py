@@ -12,7 +12,7 @@ import math
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -140,8 +140,9 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
     ``[EMAIL]``, ``[IP]``, ``[CARD]`` and ``[PHONE]``, and how many of each kind were replaced.
 
     A card number is 13–19 digits, contiguous or in groups of 3–6 joined by one kind of separator
-    (space or dash), starting with 2–6 (the major networks) and Luhn-valid. Years, prices, dates,
-    clock times and version strings are left as they are.
+    (space or dash), that pass the Luhn check, whatever digit they start with. Cards are replaced
+    before phone numbers, and no phone number is taken out of a card-shaped number (one that only
+    fails Luhn). Years, prices, dates, clock times and version strings are left as they are.
     """
     counts: Counter[str] = Counter()
 
@@ -160,8 +161,18 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
     text = _EMAIL.sub(lambda _: count("email", "[EMAIL]"), text)
     text = _IPV6_CANDIDATE.sub(ipv6, text)
     text = _IPV4.sub(lambda _: count("ip", "[IP]"), text)
+    # Cards before phones, so a card is never half-eaten as a phone number; a card-shaped number that
+    # fails Luhn (an order or account number) is then kept whole rather than cut into "7000 [PHONE]".
     text = _DIGIT_RUN.sub(lambda match: _replace_cards(match.group(0), counts), text)
-    return _PHONE.sub(phone, text), counts
+    card_shaped = [match.span() for match in _DIGIT_RUN.finditer(text) if _is_card_shaped(match.group(0))]
+    return _PHONE.sub(lambda match: _unless_inside(match, card_shaped, phone), text), counts
+
+
+def _unless_inside(match: re.Match[str], spans: list[tuple[int, int]], replace: Callable[[re.Match[str]], str]) -> str:
+    start, end = match.span()
+    if any(low <= start and end <= high for low, high in spans):
+        return match.group(0)
+    return replace(match)
 
 
 def _is_ipv6(candidate: str) -> bool:
@@ -197,16 +208,26 @@ def _card_end(groups: list[str], separators: list[str], start: int) -> int | Non
     longest = None
     digits = ""
     for end in range(start + 1, len(groups) + 1):
-        if end - start > 1 and not (
-            separators[end - 2] == separators[start] and all(3 <= len(g) <= 6 for g in groups[start:end])
-        ):
+        if end - start > 1 and not _card_grouping(groups[start:end], separators[start : end - 1]):
             break
         digits += groups[end - 1]
         if len(digits) > 19:
             break
-        if len(digits) >= 13 and digits[0] in "23456" and _luhn_valid(digits):
+        if len(digits) >= 13 and _luhn_valid(digits):
             longest = end
     return longest
+
+
+def _card_grouping(groups: list[str], separators: list[str]) -> bool:
+    """One group, or groups of 3–6 digits joined by one kind of separator: how cards are written."""
+    return len(groups) == 1 or (len(set(separators)) == 1 and all(3 <= len(g) <= 6 for g in groups))
+
+
+def _is_card_shaped(run: str) -> bool:
+    """13–19 digits grouped as a card is, Luhn-valid or not."""
+    parts = re.split(r"([ -])", run)
+    groups = parts[0::2]
+    return 13 <= sum(len(g) for g in groups) <= 19 and _card_grouping(groups, parts[1::2])
 
 
 def _luhn_valid(digits: str) -> bool:

@@ -117,6 +117,10 @@ def test_normalise_applies_nfkc_and_collapses_whitespace() -> None:
         ("Amex 3782 822463 10005 on file.", "Amex [CARD] on file.", "card"),
         ("Old visa 4222222222222 on file.", "Old visa [CARD] on file.", "card"),
         ("Expiry 2027 4111 1111 1111 1111 here.", "Expiry 2027 [CARD] here.", "card"),
+        # Any leading digit: card-like means 13–19 Luhn-valid digits, not a known network's prefix.
+        ("Card 7000 0000 0000 0005 on file.", "Card [CARD] on file.", "card"),
+        ("Card 9000-0000-0000-0001 on file.", "Card [CARD] on file.", "card"),
+        ("Store card 8000000000000003 on file.", "Store card [CARD] on file.", "card"),
         ("From 10.0.0.254 to the gateway.", "From [IP] to the gateway.", "ip"),
         ("It came from 192.168.1.1.", "It came from [IP].", "ip"),
         ("Host 2001:db8::8a2e:370:7334 is up.", "Host [IP] is up.", "ip"),
@@ -142,10 +146,19 @@ def test_pii_is_replaced_by_placeholders(text: str, expected: str, kind: str) ->
         "Scores went +5 points, then +20.5% on three dates: 2024-01-05 2024-02-05 2024-03-05.",
         "Use a[1::2], x[::1], std::vector and f :: Int, but not MAC 00:1a:2b:3c:4d:5e.",
         "Call extension 4412 or see section 3.1.4 of the guide.",
+        # Card-shaped but not Luhn-valid: kept whole, never cut into "7000 [PHONE]".
+        "Reference 7000 0000 0000 0009 is not a card.",
+        "Reference 7000-0000-0000-0008 is not a card either.",
     ],
 )
 def test_ordinary_numbers_are_left_alone(text: str) -> None:
     assert scrub_pii(text) == (text, Counter())
+
+
+def test_a_card_is_replaced_before_phones_and_never_half_eaten() -> None:
+    scrubbed, counts = scrub_pii("Call 020 7946 0958 or pay with 7000 0000 0000 0005 or 0000 0000 0000 0000.")
+    assert scrubbed == "Call [PHONE] or pay with [CARD] or [CARD]."
+    assert counts == Counter({"phone": 1, "card": 2})
 
 
 def test_every_kind_is_counted_in_one_text() -> None:
