@@ -37,14 +37,16 @@ triton: bootstrap-model triton-setup
 ## Set up, make sure a Redis answers, run the whole test suite.
 test: $(STAMP) ensure-redis triton-setup
 	$(PY) -m ruff check service trainer loadtests tests
-	$(PY) -m mypy service trainer
+	$(PY) -m ruff format --check service trainer loadtests tests
+	$(PY) -m mypy service trainer loadtests
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check service trainer loadtests tests
+	$(PY) -m ruff format --check service trainer loadtests tests
 
 typecheck: $(STAMP)
-	$(PY) -m mypy service trainer
+	$(PY) -m mypy service trainer loadtests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -60,7 +60,7 @@ def raw_ort(onnx_path: Path, tokenizer: TextTokenizer, texts: list[str], seconds
         index += 32
         done += 32
     batch32_per_s = done / (time.perf_counter() - started)
-    single_ms = []
+    single_ms: list[float] = []
     started = time.perf_counter()
     while time.perf_counter() - started < seconds / 2:
         t0 = time.perf_counter()

@@ -8,11 +8,12 @@ mdoc(7) pages are read with a small roff stripper (no groff needed).
 import gzip
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 MAN_ROOT = Path("/usr/share/man")
-_ESCAPES = [
+_ESCAPES: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = [
     (re.compile(r"\\f(\[[^\]]*\]|\(..|.)"), ""),  # font changes
     (re.compile(r"\\s[+-]?\d+"), ""),  # size changes
     (re.compile(r"\\\((em|en|hy)"), "-"),
@@ -37,7 +38,7 @@ class ManPage:
 
 def _plain(line: str) -> str:
     for pattern, replacement in _ESCAPES:
-        line = pattern.sub(replacement, line)  # type: ignore[arg-type]
+        line = pattern.sub(replacement, line)
     return line.replace('"', "").strip()
 
 

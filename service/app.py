@@ -28,7 +28,7 @@ from service.errors import ApiError
 from service.metrics import Metrics
 from service.milvus import VectorMetrics
 from service.model_store import ModelStore, ModelVersion
-from service.protocol import ErrorBody, ErrorDetail
+from service.protocol import LONE_SURROGATE, ErrorBody, ErrorDetail
 from service.rollout_analysis import RolloutAnalysis
 from service.rollout_store import MemoryRolloutStore, RedisRolloutStore, RolloutMetrics, RolloutStore, RolloutWatcher
 from service.routes import collections, embeddings, ops, rollouts
@@ -192,7 +192,11 @@ def _error_response(
 
 async def _api_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, ApiError)
-    return _error_response(error.status_code, error.message, error.error_type, error.param, error.code, error.headers)
+    headers = dict(error.headers)
+    chosen: ModelVersion | None = getattr(request.state, "model_version", None)
+    if chosen is not None:  # failed after a version was chosen: say which one, as on success
+        headers.setdefault("x-model-version", str(chosen.version))
+    return _error_response(error.status_code, error.message, error.error_type, error.param, error.code, headers)
 
 
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:
@@ -207,6 +211,11 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
             None,
             "invalid_json",
             {},
+        )
+    if first.get("type") == LONE_SURROGATE:
+        context = first.get("ctx") or {}
+        return _error_response(
+            400, f"{first['msg']}.", "invalid_request_error", context.get("param") or None, "invalid_text", {}
         )
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     if not location:

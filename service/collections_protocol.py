@@ -5,6 +5,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from service.filters import FieldType
+from service.protocol import RequestBody
 
 MAX_ITEMS_PER_REQUEST = 1000
 MAX_TOP_K = 1000
@@ -12,7 +13,7 @@ MAX_TOP_K = 1000
 MetadataValue = StrictStr | StrictBool | StrictInt | StrictFloat | list[StrictStr] | None
 
 
-class CreateCollection(BaseModel):
+class CreateCollection(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     model: StrictStr = Field(
@@ -69,7 +70,7 @@ class ItemIn(BaseModel):
     )
 
 
-class UpsertItems(BaseModel):
+class UpsertItems(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     items: Annotated[list[ItemIn], Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)]
@@ -91,7 +92,7 @@ class Deleted(BaseModel):
     deleted: bool = True
 
 
-class SearchRequest(BaseModel):
+class SearchRequest(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     query: StrictStr | None = Field(None, description="Text to search for (embedded by the collection's version).")
@@ -120,7 +121,7 @@ class SearchResponse(BaseModel):
     model: str = Field(description="The model version of the collection that answered, as name@version.")
 
 
-class ReindexRequest(BaseModel):
+class ReindexRequest(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     version: Annotated[StrictInt, Field(ge=1)] = Field(description="The version of the collection's model to move to.")

@@ -19,6 +19,8 @@ from service.settings import Settings
 
 # Tokenising more inputs than this would hold up the event loop: it moves to a thread.
 _TOKENIZE_INLINE_MAX = 64
+# How much of a client-sent model or version name an error message repeats.
+MAX_NAME_ECHO = 64
 
 RequestInput = str | list[str] | list[int] | list[list[int]]
 
@@ -91,18 +93,27 @@ class Embedder:
     def _parse(self, requested: str | None, header_version: str | None) -> tuple[str, str]:
         """(model name, pinned version or "") of a request; 404 for a model that does not exist."""
         reference = requested or self._settings.default_model
-        name, _, pinned = reference.partition("@")
+        name, at, pinned = reference.partition("@")
         name = self._settings.model_aliases.get(name, name)
         if name not in self._store.models():
             raise ModelNotFound(
-                f"model '{name}' does not exist; available: {', '.join(self._store.models()) or 'none'}.",
+                f"model '{name[:MAX_NAME_ECHO]}' does not exist; "
+                f"available: {', '.join(self._store.models()) or 'none'}.",
                 param="model",
+            )
+        if at and not pinned:
+            raise InvalidRequest(
+                f"'{reference[:MAX_NAME_ECHO]}' names no version; pin one as {name}@<n>, or send {name}.", param="model"
             )
         return name, pinned or (header_version or "").removeprefix(f"{name}@")
 
     def _pinned(self, name: str, pinned: str) -> ModelVersion:
-        if not pinned.isdigit():
-            raise InvalidRequest(f"version '{pinned}' is not a number; pin a version as {name}@<n>.", param="model")
+        # ASCII digits only ("²".isdigit() is True, and int() reads other scripts' digits); 9 of them at most.
+        if not (pinned.isascii() and pinned.isdecimal() and len(pinned) <= 9):
+            raise InvalidRequest(
+                f"version '{pinned[:MAX_NAME_ECHO]}' is not a version number; pin a version as {name}@<n>.",
+                param="model",
+            )
         version = self._store.get(name, int(pinned))
         if version is not None:
             return version

@@ -1,16 +1,65 @@
 """Wire models of the HTTP API (OpenAI-compatible where OpenAI defines the shape)."""
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic_core import PydanticCustomError
+
+# JSON may escape half of a UTF-16 surrogate pair ("\ud800"); that is no text, and nothing downstream
+# (tokenizers, Redis keys, Milvus, the error message quoting it) could carry it.
+LONE_SURROGATE = "lone_surrogate"
+
+
+class RequestBody(BaseModel):
+    """A JSON request body: every string in it, keys included, must be Unicode text."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        where = _lone_surrogate_at(data, ())
+        if where is not None:
+            raise PydanticCustomError(
+                LONE_SURROGATE,
+                "'{where}' holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is not text; "
+                "send valid Unicode",
+                {"where": ".".join(map(str, where)) or "body", "param": str(where[0]) if where else ""},
+            )
+        return data
+
+
+def _lone_surrogate_at(value: object, path: tuple[str | int, ...]) -> tuple[str | int, ...] | None:
+    """Where in ``value`` (a decoded JSON document) the first string that is not encodable as UTF-8 is."""
+    if isinstance(value, str):
+        return None if value.isascii() or _encodable(value) else path
+    if isinstance(value, list):
+        for index, element in enumerate(value):
+            found = _lone_surrogate_at(element, (*path, index))
+            if found is not None:
+                return found
+    if isinstance(value, dict):
+        for key, element in value.items():
+            found = _lone_surrogate_at(key, path) if isinstance(key, str) else None
+            found = found if found is not None else _lone_surrogate_at(element, (*path, key))
+            if found is not None:
+                return found
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
 
 # Token-id inputs are accepted by the schema only so they can be refused with a message that says
 # what to do instead: the ids of another tokenizer mean nothing to these models.
 TokenIds = list[StrictInt]
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(RequestBody):
     # Unknown fields are ignored, as the OpenAI API does, so SDKs that add fields keep working.
     model_config = ConfigDict(extra="ignore")
 

@@ -2,10 +2,11 @@
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.protocol import RequestBody
 from service.rollout import AnalysisSettings, RolloutState
 
 
-class _Action(BaseModel):
+class _Action(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     reason: str | None = Field(None, max_length=500, description="Why; recorded in the rollout's history.")

@@ -20,9 +20,7 @@ class Settings(BaseSettings):
         Path("model_repository"),
         description="Triton-layout model repository: <model>/config.pbtxt and one folder per version.",
     )
-    default_model: str = Field(
-        "minilm", description="Model used when a request names one the gateway does not know as an alias."
-    )
+    default_model: str = Field("minilm", description="Model used when a request omits 'model'.")
     model_aliases: dict[str, str] = Field(
         default_factory=dict,
         description='JSON map of extra names to served models, e.g. {"text-embedding-3-small": "minilm"}.',

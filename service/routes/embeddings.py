@@ -79,7 +79,7 @@ async def create_embeddings(
         )
     result = await _unless_client_leaves(request, _recorded(request, embedder.embed(texts, version), version))
     if result is None:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return Response(status_code=CLIENT_CLOSED_REQUEST, headers={"x-model-version": str(version.version)})
     shadow: ShadowMirror = request.app.state.shadow
     shadow.after_served(texts, version, pinned)
     request.state.log_fields = {"inputs": len(texts), "tokens": result.prompt_tokens}

@@ -39,11 +39,36 @@ def assert_openai_error(response, status: int, *fragments: str) -> dict:
         ({}, 400, ["'input'"]),
         ({"input": "x", "model": "no-such-model"}, 404, ["no-such-model", "minilm"]),
         ({"input": "x", "model": "minilm@9"}, 404, ["no version 9", "1"]),
-        ({"input": "x", "model": "minilm@latest"}, 400, ["not a number"]),
+        ({"input": "x", "model": "minilm@latest"}, 400, ["not a version number"]),
+        ({"input": "x", "model": "minilm@\u00b2"}, 400, ["not a version number"]),  # "²".isdigit() is True
+        ({"input": "x", "model": "minilm@\u0661"}, 400, ["not a version number"]),  # an Arabic-Indic one
+        ({"input": "x", "model": "minilm@" + "9" * 5000}, 400, ["not a version number"]),  # over int()'s limit
+        ({"input": "x", "model": "minilm@"}, 400, ["names no version", "minilm@<n>"]),
+        ({"input": "\ud800"}, 400, ["'input'", "lone UTF-16 surrogate"]),
+        ({"input": ["ok", "a\udfffb"]}, 400, ["'input.1'", "surrogate"]),
+        ({"input": "x", "model": "\udc80"}, 400, ["'model'", "surrogate"]),
+        ({"input": "x", "user": "\ud83d"}, 400, ["'user'", "surrogate"]),
+        ({"input": "x", "\ud800": 1}, 400, ["surrogate"]),
+        ({"input": "a pair is fine: \ud83d\ude00", "model": "minilm@" + "0" * 9}, 404, ["no version 0"]),
     ],
 )
 def test_bad_request_bodies(client: TestClient, body: dict, status: int, fragments: list[str]) -> None:
-    assert_openai_error(client.post("/v1/embeddings", json=body), status, *fragments)
+    # json.dumps escapes non-ASCII (httpx would write a lone surrogate raw, which is no UTF-8)
+    content = json.dumps(body).encode()
+    response = client.post("/v1/embeddings", content=content, headers={"content-type": "application/json"})
+    assert_openai_error(response, status, *fragments)
+
+
+@pytest.mark.parametrize("pin", ["\u00b2".encode("latin-1"), b"9" * 5000, b"x"])
+def test_a_bad_version_header_is_a_400(client: TestClient, pin: bytes) -> None:
+    response = client.post("/v1/embeddings", json={"input": "x", "model": "minilm"}, headers={"x-model-version": pin})
+    assert_openai_error(response, 400, "not a version number")
+
+
+def test_errors_after_a_version_was_chosen_name_it(client: TestClient) -> None:
+    response = client.post("/v1/embeddings", json={"input": "", "model": "minilm@1"})
+    assert_openai_error(response, 400, "empty string")
+    assert response.headers["x-model-version"] == "1"
 
 
 def test_malformed_json(client: TestClient) -> None:
@@ -78,7 +103,9 @@ def _random_json(rng: random.Random, depth: int = 0) -> object:
     kinds = ["str", "int", "float", "bool", "null", "list", "dict"] if depth < 3 else ["str", "int", "null"]
     kind = rng.choice(kinds)
     if kind == "str":
-        return "".join(rng.choice("ab \u00e9\u4e2d\x00\U0001f600@") for _ in range(rng.randint(0, 8)))
+        if rng.random() < 0.3:
+            return rng.choice(["minilm@", "minilm@\u00b2", "minilm@" + "1" * 5000, "minilm@1", "@", "@1", "\ud800"])
+        return "".join(rng.choice("ab \u00e9\u4e2d\x00\U0001f600@1\u00b2\ud800") for _ in range(rng.randint(0, 8)))
     if kind == "int":
         return rng.choice([0, -1, 1, 2**63, 10**30, 384])
     if kind == "float":

@@ -234,6 +234,27 @@ def test_a_nan_vector_is_refused(api: TestClient, articles: list) -> None:
     assert_openai_error(response, 400, "finite")
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("items", {"items": [{"id": "\ud800", "text": "t"}]}, "items"),
+        ("items", {"items": [{"id": "a", "text": "t\udc00"}]}, "items"),
+        ("items", {"items": [{"id": "a", "text": "t", "metadata": {"category": "\ud800"}}]}, "items"),
+        ("search", {"query": "\udfff"}, "query"),
+        ("search", {"query": "x", "filter": {"field": "category", "eq": "\ud800"}}, "filter"),
+    ],
+)
+def test_lone_surrogates_are_refused_wherever_they_are(
+    api: TestClient, articles: list, path: str, body: dict, param: str
+) -> None:
+    content = json.dumps(body).encode()  # escapes the surrogate as \ud800, as a client's JSON would
+    response = api.post(
+        f"/v1/collections/articles/{path}", content=content, headers={"content-type": "application/json"}
+    )
+    assert assert_openai_error(response, 400, "surrogate")["param"] == param
+    assert api.get("/v1/collections/%ED%A0%80/items/%ED%A0%80").status_code < 500
+
+
 def test_unknown_collections_are_404_on_every_route(api: TestClient) -> None:
     for method, path, body in [
         ("GET", "/v1/collections/ghost", None),
