@@ -1,5 +1,6 @@
 """The official openai SDK works unchanged against the gateway over real HTTP."""
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,9 @@ def test_sdk_float_and_base64_give_the_same_vectors(base_url: str) -> None:
     np.testing.assert_allclose(decoded, floats, atol=1e-7)
     assert as_float.model == "minilm@1" and as_float.usage.prompt_tokens > 0
     assert floats[0] @ floats[1] > floats[0] @ floats[2]  # a real model: related sentences are closer
+    # What went over the wire by default was base64 (the SDK would pass floats through just as well).
+    raw = client.embeddings.with_raw_response.create(model="minilm", input=texts)
+    assert all(isinstance(item["embedding"], str) for item in json.loads(raw.text)["data"])
 
 
 def test_sdk_sees_errors_as_exceptions_with_the_message(base_url: str) -> None:
