@@ -11,10 +11,12 @@ Example (``examples/run.yaml``)::
 """
 
 from pathlib import Path
-from typing import Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 
 class _Strict(BaseModel):
@@ -41,7 +43,11 @@ class ScratchEncoderConfig(_Strict):
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ScratchEncoderConfig":
         if self.hidden_size % self.heads:
-            raise ValueError(f"heads ({self.heads}) must divide hidden_size ({self.hidden_size})")
+            divisors = [d for d in range(1, min(self.hidden_size, 64) + 1) if self.hidden_size % d == 0]
+            raise ValueError(
+                f"heads ({self.heads}) must divide hidden_size ({self.hidden_size}): set heads to one of "
+                f"{', '.join(map(str, divisors))}, or hidden_size to a multiple of {self.heads}"
+            )
         return self
 
 
@@ -56,8 +62,16 @@ class EncoderConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "EncoderConfig":
-        if (self.base_model is None) == (self.scratch is None):
-            raise ValueError("set exactly one of encoder.base_model and encoder.scratch")
+        if self.base_model is not None and self.scratch is not None:
+            raise ValueError(
+                "set exactly one of encoder.base_model and encoder.scratch: base_model defaults to minilm, so to "
+                "train from scratch write 'base_model: null' beside scratch; to continue a base model, remove scratch"
+            )
+        if self.base_model is None and self.scratch is None:
+            raise ValueError(
+                "set exactly one of encoder.base_model and encoder.scratch: give base_model (minilm or a folder) "
+                "to continue a base model, or scratch: {hidden_size: ..., layers: ..., heads: ...} to start anew"
+            )
         return self
 
 
@@ -85,24 +99,34 @@ class ObjectiveConfig(_Strict):
 class OptimConfig(_Strict):
     max_steps: int = Field(1000, ge=1, description="Optimiser steps in the run.")
     batch_size: int = Field(32, ge=2, description="Texts per micro-batch per process (in-batch negatives).")
-    grad_accumulation: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    grad_accumulation: int = Field(
+        1, ge=1, description="Micro-batches per optimiser step; the effective batch is batch_size × this × processes."
+    )
     learning_rate: float = Field(3e-5, gt=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps before the cosine decay.")
-    clip_norm: float = Field(1.0, gt=0, description="Gradient norm clipping.")
+    clip_norm: float = Field(
+        1.0,
+        gt=0,
+        description="Clip the global gradient norm of every trained parameter (encoder and MLM head) to this.",
+    )
     seed: int = Field(0, description="Seed of every random number generator in the run.")
 
 
 class CheckpointConfig(_Strict):
     every_steps: int = Field(100, ge=1, description="Write a checkpoint every this many steps.")
-    keep: int = Field(3, ge=1, description="Checkpoints kept on disk (the newest).")
+    keep: int = Field(3, ge=1, description="Checkpoints kept on disk (the newest); older ones are deleted.")
 
 
 class MonitorConfig(_Strict):
     eval_every_steps: int = Field(50, ge=1, description="Evaluate on the validation set every this many steps.")
     validation_sample: int = Field(256, ge=16, description="Validation texts used for the collapse checks.")
-    min_dimension_std: float = Field(1e-3, ge=0, description="Collapse: mean per-dimension std below this.")
-    min_effective_rank: float = Field(2.0, ge=1, description="Collapse: effective rank of embeddings below this.")
+    min_dimension_std: float = Field(
+        1e-3, ge=0, description="Collapse guard: stop the run when the mean per-dimension std falls below this."
+    )
+    min_effective_rank: float = Field(
+        2.0, ge=1, description="Collapse guard: stop the run when the effective rank of embeddings falls below this."
+    )
 
 
 class ExportConfig(_Strict):
@@ -119,20 +143,138 @@ class ExportConfig(_Strict):
 class TrainConfig(_Strict):
     run_name: str = Field(description="Name of the run; its files go to output_dir/run_name.")
     output_dir: Path = Field(Path("runs"), description="Where runs keep checkpoints, metrics and plots.")
-    corpus: CorpusConfig
-    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
-    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
-    export: ExportConfig = Field(default_factory=ExportConfig)
+    corpus: CorpusConfig = Field(description="The unlabeled text to train on and how it is prepared.")
+    encoder: EncoderConfig = Field(
+        default_factory=EncoderConfig, description="The encoder to train: a base model to continue, or a new one."
+    )
+    objective: ObjectiveConfig = Field(
+        default_factory=ObjectiveConfig, description="The self-supervised losses and their weights."
+    )
+    optim: OptimConfig = Field(
+        default_factory=OptimConfig, description="Optimiser, schedule, batch size and length of the run."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast on CUDA, fp32 on CPU; bf16 = autocast everywhere."
+    )
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="How often checkpoints are written and how many are kept."
+    )
+    monitor: MonitorConfig = Field(
+        default_factory=MonitorConfig, description="Validation evaluation and the collapse guard's thresholds."
+    )
+    export: ExportConfig = Field(
+        default_factory=ExportConfig, description="Where `python -m trainer export` writes the version, and its gate."
+    )
 
     @property
     def run_dir(self) -> Path:
         return self.output_dir / self.run_name
 
 
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names each bad field and how to fix it."""
+
+
 def load_config(path: Path) -> TrainConfig:
-    """Read and validate a YAML run configuration; errors name the field."""
-    return TrainConfig.model_validate(yaml.safe_load(path.read_text()))
+    """Read and validate a YAML run configuration; ConfigError names every bad field and how to fix it."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of settings (run_name: ..., corpus: ...), got {type(raw).__name__}"
+        )
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = [_explain(problem) for problem in error.errors()]
+        raise ConfigError(f"{path}: {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems)) from None
+
+
+def _explain(problem: Any) -> str:
+    location = ".".join(str(part) for part in problem["loc"])
+    if problem["type"] == "extra_forbidden":
+        section, key = problem["loc"][:-1], problem["loc"][-1]
+        model = _model_at(section)
+        known = ", ".join(model.model_fields) if model else "?"
+        where = ".".join(map(str, section)) or "the top level"
+        return (
+            f"{location}: unknown key '{key}' in {where} (a misspelling?); its keys are: {known}. "
+            "See 'Training configuration reference' in the README."
+        )
+    message = str(problem["msg"]).removeprefix("Value error, ")
+    return f"{location or 'config'}: {message}"
+
+
+def _model_at(section: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = TrainConfig
+    for name in section:
+        field = model.model_fields.get(str(name)) if model else None
+        model = _section_model(field.annotation) if field else None
+    return model
+
+
+# -- the README's configuration reference, generated from the models so it cannot drift -------------
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The config model a field holds (also through ``X | None``), or None for a plain value."""
+    candidates = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, UnionType):
+        return " or ".join(_type_name(arg) for arg in args)
+    if origin is Literal:
+        return " \\| ".join(f"`{arg}`" for arg in args)
+    if origin is tuple:
+        return "[" + ", ".join(_type_name(arg) for arg in args) + "]"
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "section"
+    return {Path: "path", str: "string", int: "int", float: "float", bool: "bool"}.get(annotation, str(annotation))
+
+
+def _default(field: FieldInfo) -> str:
+    if field.is_required():
+        return "required"
+    if field.default_factory is not None:
+        return "(section defaults)"
+    value = field.default
+    if value is None:
+        return "`null`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, tuple):
+        return f"`{list(value)}`"
+    return f"`{value}`"
+
+
+def reference_rows(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted name, type, default, meaning) of every field of ``model`` and of its sections, in order."""
+    rows = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        rows.append((dotted, _type_name(field.annotation), _default(field), field.description or ""))
+        section = _section_model(field.annotation)
+        if section is not None:
+            rows.extend(reference_rows(section, f"{dotted}."))
+    return rows
+
+
+def reference_table() -> str:
+    """The README's "Training configuration reference" table (markdown)."""
+    lines = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{name}` | {kind} | {default} | {meaning} |" for name, kind, default, meaning in reference_rows()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_table(), end="")
