@@ -35,7 +35,7 @@ triton: bootstrap-model triton-setup
 	scripts/run_triton.sh .triton/repository 8010 8011 8012
 
 ## Set up, make sure a Redis answers, run the whole test suite.
-test: $(STAMP) ensure-redis triton-setup
+test: bootstrap-model ensure-redis triton-setup
 	$(PY) -m ruff check service trainer loadtests tests
 	$(PY) -m ruff format --check service trainer loadtests tests
 	$(PY) -m mypy service trainer loadtests
