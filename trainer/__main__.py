@@ -99,7 +99,7 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, object]:
     from trainer.evaluate import evaluate, load_pairs
     from trainer.sample_text import sentences
 
-    texts = args.texts.read_text().splitlines() if args.texts else list(sentences()[:512])
+    texts = [t for t in args.texts.read_text().splitlines() if t.strip()] if args.texts else list(sentences()[:512])
     pairs = load_pairs(args.pairs) if args.pairs else None
     if args.checkpoint:
         from trainer.publish import evaluate_encoder, load_trained
