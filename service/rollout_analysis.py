@@ -257,12 +257,12 @@ class RolloutAnalysis:
         """Re-index every collection of the model to the canary; once all serve it, the canary becomes stable."""
         assert state.canary_version is not None
         pending = []
-        for name in await self._vector_store.collections_on(state.model):
-            info = await self._vector_store.describe(name)
-            if info.version == state.canary_version:
+        for record in await self._vector_store.collections_on(state.model):
+            name = record.name
+            if record.active.version == state.canary_version:
                 continue
             pending.append(name)
-            reindex = info.reindex
+            reindex = record.reindex
             if reindex is not None and reindex.state == "running":
                 continue  # to the canary (or an operator's re-index, which finishes first)
             key = (state.model, name, state.canary_version)

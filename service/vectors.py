@@ -205,9 +205,11 @@ class VectorStore:
         records = await self._catalog.records()
         return [await self._describe(records[name]) for name in sorted(records)]
 
-    async def collections_on(self, model: str) -> list[str]:
-        """The collections whose vectors ``model`` makes (a promotion of a new version re-indexes each)."""
-        return sorted(name for name, record in (await self._catalog.records()).items() if record.model == model)
+    async def collections_on(self, model: str) -> list[CollectionRecord]:
+        """The catalog records, by name, of the collections whose vectors ``model`` makes (a promotion of a new
+        version re-indexes each); read from the catalog alone, without counting items in Milvus."""
+        records = await self._catalog.records()
+        return [records[name] for name in sorted(records) if records[name].model == model]
 
     @_traced
     async def describe(self, name: str) -> CollectionInfo:
