@@ -11,7 +11,6 @@ Pure numpy; ``observe`` costs a copy of the batch, the scores a few milliseconds
 """
 
 import asyncio
-import contextlib
 import logging
 import threading
 from collections import OrderedDict
@@ -21,6 +20,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Gauge
 
 from service.model_store import ModelStore, ModelVersion
+from service.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class DriftMonitor:
         self._reservoirs: dict[tuple[str, int], Reservoir] = {}
         self._references: dict[tuple[str, int], _Reference | None] = {}
         self._lock = threading.Lock()
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("drift-gauges", interval_s, self._update_gauges_in_thread)
         versioned = ["model", "version"]
         self.mmd = Gauge(
             "embedserve_drift_mmd",
@@ -274,22 +274,13 @@ class DriftMonitor:
                 self.mean_cosine.labels(model, str(version)).set(scores.mean_cosine_distance)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self._loop.start()
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await asyncio.to_thread(self.update_gauges)
-            except Exception:
-                log.exception("drift scores failed")
+    async def _update_gauges_in_thread(self) -> None:
+        await asyncio.to_thread(self.update_gauges)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._loop.close()
 
 
 class TextSample:

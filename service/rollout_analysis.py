@@ -9,7 +9,6 @@ change made meanwhile wins, and the loop judges again at its next interval.
 """
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -25,6 +24,7 @@ from service.drift import DriftMonitor, TextSample, neighbour_agreement
 from service.embedder import Embedder
 from service.errors import ApiError, Conflict
 from service.model_store import ModelVersion
+from service.periodic import Periodic
 from service.rollout import (
     AnalysisThresholds,
     Judgement,
@@ -78,29 +78,22 @@ class RolloutAnalysis:
         self._stable_p95: dict[tuple[str, int], float] = {}
         self._reindex_attempts: dict[tuple[str, str, int], int] = {}
         self._reference_texts: dict[tuple[str, int], list[str]] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
+        self._loop = Periodic("rollout-analysis", TICK_S, self._tend_all)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self._loop.start()
 
     async def close(self) -> None:
-        self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._loop.close()
 
-    async def _run(self) -> None:
-        while not self._closing:  # a cancellation swallowed by a client library must not keep it running
-            for state in self._rollouts.all():
-                try:
-                    await self.tend(state)
-                except Conflict:
-                    pass  # an operator changed it meanwhile: look again next tick
-                except Exception:  # a background loop's boundary: logged, tried again next tick
-                    log.exception("rollout analysis failed", extra={"model": state.model})
-            await asyncio.sleep(TICK_S)
+    async def _tend_all(self) -> None:
+        for state in self._rollouts.all():
+            try:
+                await self.tend(state)
+            except Conflict:
+                pass  # an operator changed it meanwhile: look again next tick
+            except Exception:  # one model's failure must not hold up the others: logged, tried again next tick
+                log.exception("rollout analysis failed", extra={"model": state.model})
 
     async def tend(self, state: RolloutState) -> None:
         """One look at ``state``: drive its promotion, or judge it when its interval has passed."""

@@ -5,8 +5,6 @@ Saves are compare-and-set on ``revision``: a save based on a stale read raises `
 known states, and it only ever routes to versions verified in this replica's ``ModelStore``.
 """
 
-import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -17,6 +15,7 @@ from redis.exceptions import RedisError
 
 from service.errors import Conflict, ServiceUnavailable
 from service.model_store import ModelStore
+from service.periodic import Periodic
 from service.rollout import PHASES, RolloutState, choose_version
 
 log = logging.getLogger(__name__)
@@ -243,14 +242,12 @@ class RolloutWatcher:
     ) -> None:
         self.store = store
         self._models = models
-        self._refresh_s = refresh_s
         self._metrics = metrics
         self._rng = rng or random.Random()
         self._states: dict[str, RolloutState] = {}
-        self._task: asyncio.Task[None] | None = None
         self._unservable_logged: set[tuple[str, int]] = set()
         self._failing = False
-        self._closing = False
+        self._loop = Periodic("rollout-watcher", refresh_s, self.refresh)
 
     def get(self, model: str) -> RolloutState | None:
         return self._states.get(model)
@@ -316,19 +313,8 @@ class RolloutWatcher:
         return saved
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._refresh_forever())
-
-    async def _refresh_forever(self) -> None:
-        # The flag, not only the cancellation, ends the loop: redis-py can turn a cancellation that lands
-        # inside a command into a connection error, which refresh() catches and goes on.
-        while not self._closing:
-            await self.refresh()
-            await asyncio.sleep(self._refresh_s)
+        self._loop.start()
 
     async def close(self) -> None:
-        self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._loop.close()
         await self.store.close()
