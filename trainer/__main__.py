@@ -37,6 +37,11 @@ def main() -> None:
     export.add_argument("--model", help="model name (default: the run's export.model)")
     export.add_argument("--repository", type=Path, help="model repository (default: the run's export.repository)")
     export.add_argument("--force", action="store_true", help="export even if the evaluation gate fails (recorded)")
+    export.add_argument(
+        "--triton-instance-kind", choices=["gpu", "cpu"], default="gpu", help="instance_group kind in config.pbtxt"
+    )
+    export.add_argument("--triton-instances", type=int, default=1, help="Triton model instances (per GPU on gpu)")
+    export.add_argument("--tensorrt", action="store_true", help="add the TensorRT FP16 accelerator (gpu instances)")
 
     quantize = commands.add_parser("quantize", help="write the INT8 (per-channel) twin of a version as a new version")
     quantize.add_argument("--version-dir", type=Path, required=True, help="e.g. model_repository/minilm/1")
@@ -46,6 +51,10 @@ def main() -> None:
     )
     python_repo.add_argument("--source", type=Path, default=Path("model_repository"))
     python_repo.add_argument("--target", type=Path, default=Path(".triton/repository"))
+    python_repo.add_argument(
+        "--instance-kind", choices=["cpu", "gpu"], default="cpu", help="gpu: model.py runs ONNX Runtime on CUDA"
+    )
+    python_repo.add_argument("--instances", type=int, default=1, help="Triton model instances (per GPU on gpu)")
 
     args = parser.parse_args()
     configure_logging("INFO")
@@ -79,8 +88,10 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps(evaluate_command(args), indent=2))
     elif args.command == "export":
         from trainer.publish import publish
+        from trainer.triton_config import TritonOptions
 
-        written = publish(args.checkpoint, args.model, args.repository, force=args.force)
+        triton = TritonOptions(args.triton_instance_kind, args.triton_instances, tensorrt=args.tensorrt)
+        written = publish(args.checkpoint, args.model, args.repository, force=args.force, triton=triton)
         log.info("exported", extra={"version_dir": str(written)})
     elif args.command == "quantize":
         from trainer.quantize import quantize_version
@@ -89,9 +100,10 @@ def run(args: argparse.Namespace) -> None:
         written = quantize_version(args.version_dir, list(sentences()[:256]))
         log.info("quantized", extra={"version_dir": str(written)})
     elif args.command == "triton-repository":
-        from trainer.triton_config import write_python_repository
+        from trainer.triton_config import TritonOptions, write_python_repository
 
-        copied = write_python_repository(args.source, args.target)
+        options = TritonOptions(args.instance_kind, args.instances)
+        copied = write_python_repository(args.source, args.target, options)
         log.info("python-backend repository written", extra={"versions": copied})
 
 

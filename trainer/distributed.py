@@ -42,3 +42,16 @@ def init_topology() -> Topology:
 def shutdown(topology: Topology) -> None:
     if topology.distributed:
         dist.destroy_process_group()
+
+
+def all_ranks_agree(flag: bool, topology: Topology) -> bool:
+    """True when ``flag`` holds on every process; ``flag`` itself when running alone.
+
+    A collective under DDP: every rank must call it at the same point, so that a condition seen on
+    one rank only (a non-finite loss) stops all of them instead of leaving the others waiting in the
+    next gradient all-reduce."""
+    if not topology.distributed:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=topology.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())

@@ -24,7 +24,7 @@ from service.manifest import MANIFEST_FILE, EmbeddingStats, Evaluation, Manifest
 from service.model_store import ONNX_FILE
 from service.tokenization import TOKENIZER_FILE, TextTokenizer, pad_batch
 from trainer.encoder import SentenceEncoder
-from trainer.triton_config import InstanceKind, onnx_config
+from trainer.triton_config import TritonOptions, onnx_config
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ class ExportRequest:
     evaluation: Evaluation | None = None
     forced: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
-    triton_instances: InstanceKind = "gpu"
-    tensorrt: bool = False
+    # The model's config.pbtxt (Triton instances, TensorRT), rewritten by every export of the model.
+    triton: TritonOptions = field(default_factory=TritonOptions)
 
 
 def model_versions(repository: Path, model: str) -> list[int]:
@@ -79,8 +79,7 @@ def export_version(encoder: SentenceEncoder, request: ExportRequest, repository:
                 shutil.copy2(request.tokenizer_dir / name, staging / name)
         tokenizer = TextTokenizer(staging / TOKENIZER_FILE, encoder.max_seq_length)
         onnx_vectors = check_parity(encoder, staging / ONNX_FILE, tokenizer, request.validation_texts)
-        config = onnx_config(request.model, encoder.dimension, request.triton_instances, tensorrt=request.tensorrt)
-        (model_dir / "config.pbtxt").write_text(config)
+        (model_dir / "config.pbtxt").write_text(onnx_config(request.model, encoder.dimension, request.triton))
         return publish_staged(staging, request, encoder.dimension, encoder.max_seq_length, onnx_vectors)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

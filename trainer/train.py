@@ -27,7 +27,7 @@ from service.tokenization import TextTokenizer, pad_batch
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import CorpusConfig, TrainConfig
 from trainer.data import BatchOrder, DataPosition, PreparedCorpus, prepare_corpus
-from trainer.distributed import Topology, init_topology, shutdown
+from trainer.distributed import Topology, all_ranks_agree, init_topology, shutdown
 from trainer.encoder import (
     BaseModelFolder,
     MaskedLmHead,
@@ -73,6 +73,21 @@ def load_corpus(config: CorpusConfig) -> PreparedCorpus:
             f"{len(corpus.validation)} validation texts; add text or change corpus.validation_fraction"
         )
     return corpus
+
+
+def dataset_summary(corpus: PreparedCorpus) -> dict[str, Any]:
+    """What preparation did to the corpus, in counts only (never text): for logs, summary and manifest."""
+    report = corpus.report
+    return {
+        "dataset_fingerprint": corpus.fingerprint,
+        "documents_read": report.documents_read,
+        "empty_or_short_dropped": report.empty_or_short_dropped,
+        "duplicates_dropped": report.duplicates_dropped,
+        "kept": report.kept,
+        "train": len(corpus.train),
+        "validation": len(corpus.validation),
+        "pii_replaced": dict(report.pii_replaced),
+    }
 
 
 def resolve_base(base_model: str) -> BaseModelFolder:
@@ -146,6 +161,8 @@ class Trainer:
         random.seed(config.optim.seed)
         np.random.seed(config.optim.seed)
         self.corpus = load_corpus(config.corpus)
+        if topology.is_main:
+            log.info("corpus prepared", extra=dataset_summary(self.corpus))
         self.encoder, self.tokenizer_dir = build_encoder(config, self.corpus)
         self.tokenizer = TextTokenizer(self.tokenizer_dir / "tokenizer.json", self.encoder.max_seq_length)
         self.encoder.to(topology.device)
@@ -155,13 +172,14 @@ class Trainer:
             self.model = DistributedDataParallel(
                 self.model, device_ids=[topology.local_rank] if topology.device.type == "cuda" else None
             )
-        parameters = list(self.encoder.parameters()) + (
+        # The head's decoder is the encoder's word embeddings (tied): listed once, with the encoder's.
+        self.trained_parameters = list(self.encoder.parameters()) + (
             [p for n, p in self.mlm_head.named_parameters() if not n.startswith("word_embeddings")]
             if self.mlm_head
             else []
         )
         self.optimizer = torch.optim.AdamW(
-            parameters, lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay
+            self.trained_parameters, lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(config.optim.warmup_steps, config.optim.max_steps)
@@ -181,6 +199,9 @@ class Trainer:
         self.step = 0
         self.run_dir = config.run_dir
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.summary_path = self.run_dir / "summary.json"
+        self.tokens_seen = 0
+        self.started = time.perf_counter()
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -195,6 +216,7 @@ class Trainer:
             "rng": _rng_state(self.views_rng),
             "config": self.config.model_dump(mode="json"),
             "dataset_fingerprint": self.corpus.fingerprint,
+            "dataset": dataset_summary(self.corpus),
             "tokenizer_dir": str(self.tokenizer_dir),
         }
 
@@ -255,44 +277,60 @@ class Trainer:
         return vectors
 
     # -- loop ----------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        """One optimiser step over ``optim.grad_accumulation`` micro-batches; the step's metrics record.
+
+        Each micro-batch's loss is divided by the number of micro-batches, so the accumulated gradient
+        is that of their mean. Raises NonFiniteLoss on every process when the loss is not finite on any."""
+        optim = self.config.optim
+        self.encoder.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(optim.grad_accumulation):
+            texts = self.next_texts()
+            loss = self.loss(texts) / optim.grad_accumulation
+            finite = bool(torch.isfinite(loss.detach()))
+            # Collective, before backward: a rank that stopped alone would leave the others in DDP's all-reduce.
+            if not all_ranks_agree(finite, self.topology):
+                cause = f"{loss.item()}" if not finite else "non-finite on another process"
+                if not finite and self.topology.distributed:
+                    cause += f" on rank {self.topology.rank}"
+                raise NonFiniteLoss(
+                    f"loss became {cause} at step {self.step + 1}; the run stopped and the last good checkpoint in "
+                    f"{self.run_dir / 'checkpoints'} is kept. Lower the learning rate or check the data."
+                )
+            loss.backward()  # type: ignore[no-untyped-call]
+            step_loss += loss.item()
+            self.tokens_seen += sum(len(ids) for ids in self.tokenizer.encode(texts, truncate=True))
+        # Every trained parameter, the MLM head's included, under one global norm.
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trained_parameters, optim.clip_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {
+            "step": self.step,
+            "loss": step_loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens_per_s": self.tokens_seen * self.topology.world_size / (time.perf_counter() - self.started),
+        }
+
     def run(self) -> TrainResult:
         optim = self.config.optim
         main = self.topology.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._keep_metrics_up_to_step()
+            self._write_summary()
         progress = tqdm(total=optim.max_steps, initial=self.step, disable=not main, desc=self.config.run_name)
         last_checkpoint = self.run_dir / "checkpoints"
         loss_value = float("nan")
-        tokens_seen, started = 0, time.perf_counter()
+        self.tokens_seen, self.started = 0, time.perf_counter()
         while self.step < optim.max_steps:
-            self.encoder.train()
-            self.optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for _ in range(optim.grad_accumulation):
-                texts = self.next_texts()
-                loss = self.loss(texts) / optim.grad_accumulation
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(
-                        f"loss became {loss.item()} at step {self.step + 1}; the run stopped and the last good "
-                        f"checkpoint in {last_checkpoint} is kept. Lower the learning rate or check the data."
-                    )
-                loss.backward()  # type: ignore[no-untyped-call]
-                step_loss += loss.item()
-                tokens_seen += sum(len(ids) for ids in self.tokenizer.encode(texts, truncate=True))
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), optim.clip_norm))
-            self.optimizer.step()
-            self.scheduler.step()
-            self.step += 1
-            loss_value = step_loss
+            record = self.train_step()
+            loss_value = record["loss"]
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.4f}")
-            record: dict[str, Any] = {
-                "step": self.step,
-                "loss": loss_value,
-                "lr": self.scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "tokens_per_s": tokens_seen * self.topology.world_size / (time.perf_counter() - started),
-            }
             if self.step % self.config.monitor.eval_every_steps == 0 or self.step == optim.max_steps:
                 record.update(self.monitor())
             if main:
@@ -303,7 +341,20 @@ class Trainer:
         progress.close()
         if main:
             plot_metrics(self.metrics_path, self.run_dir / "curves.png")
+            self._write_summary({"steps": self.step, "final_loss": loss_value, "last_checkpoint": str(last_checkpoint)})
         return TrainResult(self.run_dir, last_checkpoint, self.step, loss_value)
+
+    def _keep_metrics_up_to_step(self) -> None:
+        """Drop metrics rows past the step the run starts from: a resumed run writes those steps again."""
+        if not self.metrics_path.is_file():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def _write_summary(self, result: dict[str, Any] | None = None) -> None:
+        summary = {"run_name": self.config.run_name, "dataset": dataset_summary(self.corpus), "result": result}
+        self.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
 
     def monitor(self) -> dict[str, float]:
         """Collapse checks on a validation sample; raises CollapseDetected with the explanation."""

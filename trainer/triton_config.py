@@ -1,24 +1,50 @@
 """Triton ``config.pbtxt`` files (text format of Triton's ModelConfig) and the python-backend repository copy.
 
 The model repository written by export is for the official Triton container (``onnxruntime_onnx``
-platform, GPU instances). For a CPU-only Triton with the python backend only (the local one built
-from the nvidia-pytriton wheel), ``write_python_repository`` derives a copy whose versions run the
-same ``model.onnx`` through ``model.py``; only versions that verify against their manifest are copied.
+platform, GPU instances). For a Triton with the python backend only (the local CPU one built from the
+nvidia-pytriton wheel, or a GPU one without the ONNX Runtime backend), ``write_python_repository``
+derives a copy whose versions run the same ``model.onnx`` through ``model.py``; only versions that
+verify against their manifest are copied.
 """
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from service.manifest import ManifestError, verify_version
 
-# Inference batches the gateway sends are at most this many rows; Triton's dynamic batcher may
-# merge several requests up to the same size.
+# Rows Triton takes in one request; its dynamic batcher merges requests up to the same size. The
+# gateway reads it from Triton and splits larger batches, so EMBEDSERVE_MAX_BATCH_SIZE may exceed it.
 MAX_BATCH_SIZE = 64
 PYTHON_MODEL_SOURCE = Path(__file__).resolve().parent.parent / "service" / "backends" / "triton_python_model.py"
 
 InstanceKind = Literal["gpu", "cpu"]
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    """How Triton runs a model: on which device kind, how many instances, with TensorRT or not."""
+
+    instance_kind: InstanceKind = "gpu"
+    # Model instances (per GPU for KIND_GPU): more overlap requests on one device.
+    instance_count: int = 1
+    # ONNX Runtime's TensorRT execution accelerator (FP16); onnxruntime_onnx on GPU instances only.
+    tensorrt: bool = False
+    max_batch_size: int = MAX_BATCH_SIZE
+
+    def __post_init__(self) -> None:
+        if self.instance_count < 1:
+            raise ValueError(f"a Triton model needs at least one instance, not {self.instance_count}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, not {self.max_batch_size}")
+        if self.tensorrt and self.instance_kind != "gpu":
+            raise ValueError("TensorRT runs on GPU instances only (use instance kind gpu)")
+
+
+GPU_ONNX = TritonOptions()
+CPU_PYTHON = TritonOptions(instance_kind="cpu")
 
 _TENSORS = """input [
   {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] }},
@@ -42,33 +68,38 @@ _TENSORRT = """optimization { execution_accelerators {
 """
 
 
-def onnx_config(
-    model: str, dimension: int, instances: InstanceKind = "gpu", instance_count: int = 1, tensorrt: bool = False
-) -> str:
-    """The ``onnxruntime_onnx`` config: the tensors the gateway sends, GPU (or CPU) instances, every version loaded.
+def _instance_group(options: TritonOptions) -> str:
+    kind = "KIND_GPU" if options.instance_kind == "gpu" else "KIND_CPU"
+    return f"instance_group [ {{ kind: {kind} count: {options.instance_count} }} ]\n"
 
-    ``tensorrt`` adds ONNX Runtime's TensorRT execution accelerator (FP16), for GPUs where it pays off."""
-    kind = "KIND_GPU" if instances == "gpu" else "KIND_CPU"
+
+def onnx_config(model: str, dimension: int, options: TritonOptions = GPU_ONNX) -> str:
+    """The ``onnxruntime_onnx`` config: the tensors the gateway sends, the instances, every version loaded."""
     config = (
-        f'name: "{model}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {MAX_BATCH_SIZE}\n'
+        f'name: "{model}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {options.max_batch_size}\n'
         + _TENSORS.format(dimension=dimension)
-        + f"instance_group [ {{ kind: {kind} count: {instance_count} }} ]\n"
+        + _instance_group(options)
     )
-    if tensorrt and instances == "gpu":
+    if options.tensorrt:
         config += _TENSORRT
     return config
 
 
-def python_config(model: str, dimension: int, instance_count: int = 1) -> str:
-    """The python-backend config: ``model.py`` runs ``model.onnx`` with ONNX Runtime (CUDA when present)."""
+def python_config(model: str, dimension: int, options: TritonOptions = CPU_PYTHON) -> str:
+    """The python-backend config: ``model.py`` runs ``model.onnx`` with ONNX Runtime.
+
+    On KIND_GPU instances model.py uses ONNX Runtime's CUDA provider (when the Triton environment's
+    onnxruntime has it); on KIND_CPU instances the CPU."""
+    if options.tensorrt:
+        raise ValueError("the TensorRT accelerator is an onnxruntime_onnx option; the python backend ignores it")
     return (
-        f'name: "{model}"\nbackend: "python"\nmax_batch_size: {MAX_BATCH_SIZE}\n'
+        f'name: "{model}"\nbackend: "python"\nmax_batch_size: {options.max_batch_size}\n'
         + _TENSORS.format(dimension=dimension)
-        + f"instance_group [ {{ kind: KIND_CPU count: {instance_count} }} ]\n"
+        + _instance_group(options)
     )
 
 
-def write_python_repository(source: Path, target: Path) -> list[str]:
+def write_python_repository(source: Path, target: Path, options: TritonOptions = CPU_PYTHON) -> list[str]:
     """Rebuild ``target`` as a python-backend copy of every verified version under ``source``.
 
     model.onnx is hard-linked when both are on one filesystem (no copy of the weights). Returns the
@@ -91,7 +122,7 @@ def write_python_repository(source: Path, target: Path) -> list[str]:
             dimension = manifest.embedding_dimension
             copied.append(f"{model_dir.name}@{version_dir.name}")
         if dimension is not None:
-            (target / model_dir.name / "config.pbtxt").write_text(python_config(model_dir.name, dimension))
+            (target / model_dir.name / "config.pbtxt").write_text(python_config(model_dir.name, dimension, options))
     return copied
 
 

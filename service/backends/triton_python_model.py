@@ -21,11 +21,19 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "embedding"
 
 
-def _providers(instance_kind: str, device_id: int) -> list[Any]:
-    # A KIND_CPU instance stays on the CPU even where CUDA exists; otherwise CUDA first when ONNX Runtime has it.
-    if instance_kind != "CPU" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+def choose_providers(instance_kind: str, device_id: int, available: list[str]) -> tuple[list[Any], str | None]:
+    """ONNX Runtime providers for one Triton model instance, and why it fell back to the CPU (or None).
+
+    A KIND_GPU instance runs on CUDA (its own device) when ONNX Runtime offers the CUDA provider, and
+    on the CPU otherwise; every other kind (KIND_CPU, KIND_MODEL) runs on the CPU."""
+    if instance_kind != "GPU":
+        return ["CPUExecutionProvider"], None
+    if "CUDAExecutionProvider" in available:
+        return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"], None
+    return ["CPUExecutionProvider"], (
+        f"KIND_GPU instance on device {device_id} runs on the CPU: this onnxruntime offers no "
+        f"CUDAExecutionProvider (only {', '.join(available)}); install onnxruntime-gpu in Triton's model environment"
+    )
 
 
 class TritonPythonModel:
@@ -33,10 +41,14 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         model_path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self._session = ort.InferenceSession(
-            str(model_path),
-            providers=_providers(args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0))),
+        providers, fallback = choose_providers(
+            args.get("model_instance_kind", "CPU"),
+            int(args.get("model_instance_device_id", 0)),
+            ort.get_available_providers(),
         )
+        if fallback:
+            pb_utils.Logger.log_warn(f"{args['model_name']} version {args['model_version']}: {fallback}")
+        self._session = ort.InferenceSession(str(model_path), providers=providers)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         """Answer every request, in order; a bad request fails alone, not the batch it came in."""

@@ -1,17 +1,23 @@
 """Export writes immutable, checksummed versions in Triton's layout."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
+import trainer.__main__ as trainer_cli
 from service.manifest import file_sha256, verify_version
 from tests.conftest import TINY_DIMENSION, export_tiny
 from trainer.bootstrap import packaged_minilm
+from trainer.config import TrainConfig
 from trainer.encoder import SentenceEncoder, from_scratch
 from trainer.export import ExportRefused, ExportRequest, export_version
-from trainer.sample_text import sentences
+from trainer.sample_text import paragraphs, sentences
+from trainer.train import train
 
 
 def test_export_writes_the_next_version_with_a_manifest_of_every_file(tmp_path: Path) -> None:
@@ -50,6 +56,57 @@ def test_the_model_config_is_tritons_onnx_layout(tmp_path: Path) -> None:
         "version_policy { all { } }",
     ):
         assert expected in config
+
+
+def two_step_run(tmp_path: Path) -> TrainConfig:
+    """A 2-step run of a tiny scratch encoder, checkpointed at step 2: something for the export command."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join([*paragraphs(), *sentences()]))
+    config = TrainConfig.model_validate(
+        {
+            "run_name": "cli",
+            "output_dir": str(tmp_path / "runs"),
+            "corpus": {"path": str(corpus)},
+            "encoder": {
+                "base_model": None,
+                "scratch": {"vocab_size": 1500, "hidden_size": 32, "layers": 1, "heads": 2, "max_seq_length": 32},
+            },
+            "optim": {"max_steps": 2, "batch_size": 8, "warmup_steps": 1},
+            "checkpoint": {"every_steps": 2},
+            "monitor": {"eval_every_steps": 2, "validation_sample": 16, "min_effective_rank": 1.0},
+            "export": {"model": "cli", "repository": str(tmp_path / "repository")},
+        }
+    )
+    train(config)
+    return config
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["python -m trainer", *args])
+    monkeypatch.setattr(trainer_cli, "configure_logging", lambda level: None)  # keep pytest's log capture
+    trainer_cli.main()
+
+
+def test_the_export_command_writes_the_triton_options_it_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = two_step_run(tmp_path)
+    checkpoint = str(config.run_dir / "checkpoints" / "step-00000002.pt")
+    run_cli(monkeypatch, "export", "--checkpoint", checkpoint, "--tensorrt", "--triton-instances", "3")
+    written = text_format.Parse(
+        (tmp_path / "repository" / "cli" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    assert [(model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind), g.count) for g in written.instance_group] == [
+        ("KIND_GPU", 3)
+    ]
+    assert [a.name for a in written.optimization.execution_accelerators.gpu_execution_accelerator] == ["tensorrt"]
+    verify_version(tmp_path / "repository" / "cli" / "1")
+
+    with pytest.raises(SystemExit) as refused:
+        run_cli(monkeypatch, "export", "--checkpoint", checkpoint, "--tensorrt", "--triton-instance-kind", "cpu")
+    assert refused.value.code == 2
+    assert "TensorRT runs on GPU instances only" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "repository" / "cli").iterdir()) == ["1", "config.pbtxt"]
 
 
 class BranchyEncoder(SentenceEncoder):

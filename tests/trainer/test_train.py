@@ -1,5 +1,6 @@
 """Training on real text with tiny encoders: learning, exact resume, guards, gated export, serving."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import trainer.train as training
 from service.app import create_app
 from service.manifest import verify_version
 from service.settings import Settings
+from tests.trainer.conftest import PII_LINES, tiny_config
 from trainer.checkpoint import CorruptCheckpoint, list_checkpoints, load_checkpoint
 from trainer.config import TrainConfig
 from trainer.export import ExportRefused
@@ -20,43 +22,12 @@ from trainer.sample_text import paragraphs, sentences
 from trainer.train import NonFiniteLoss, train
 
 
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join([*paragraphs(), *sentences()]))
-    return path
-
-
-def tiny_config(corpus_file: Path, output_dir: Path, **overrides: object) -> TrainConfig:
-    raw: dict = {
-        "run_name": "tiny",
-        "output_dir": str(output_dir),
-        "corpus": {"path": str(corpus_file)},
-        "encoder": {
-            "base_model": None,
-            "scratch": {"vocab_size": 1500, "hidden_size": 32, "layers": 2, "heads": 2, "max_seq_length": 48},
-        },
-        "objective": {
-            "contrastive_weight": 1.0,
-            "mlm_weight": 0.5,
-            "temperature": 0.1,
-            "views": {"token_deletion": 0.1, "span_crop": [0.6, 1.0]},
-        },
-        "optim": {"max_steps": 20, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 3, "seed": 3},
-        "checkpoint": {"every_steps": 10, "keep": 3},
-        "monitor": {"eval_every_steps": 10, "validation_sample": 64},
-        "export": {"model": "trained", "repository": str(output_dir / "repository"), "gate_threshold": 0.5},
-    }
-    for dotted, value in overrides.items():
-        section, key = dotted.split("__")
-        raw[section][key] = value
-    return TrainConfig.model_validate(raw)
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def losses(run_dir: Path) -> list[float]:
-    import json
-
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in metrics(run_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +52,18 @@ def test_resuming_from_step_n_gives_the_weights_of_an_uninterrupted_run(
 ) -> None:
     checkpoints = list_checkpoints(finished_run.run_dir / "checkpoints")
     assert [p.name for p in checkpoints] == ["step-00000010.pt", "step-00000020.pt"]
+    # The run folder as an interrupted run leaves it: metrics already past the checkpoint resumed from.
     resumed = finished_run.model_copy(update={"output_dir": tmp_path})
-    shutil.copytree(finished_run.run_dir / "tokenizer", resumed.run_dir / "tokenizer")
+    shutil.copytree(finished_run.run_dir, resumed.run_dir)
     torch.manual_seed(12345)  # whatever state this process is in, resume restores the run's
-    train(resumed, resume=checkpoints[0])
+    train(resumed, resume=resumed.run_dir / "checkpoints" / checkpoints[0].name)
     uninterrupted = load_checkpoint(checkpoints[1])["encoder"]
     after_resume = load_checkpoint(resumed.run_dir / "checkpoints" / "step-00000020.pt")["encoder"]
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(after_resume[name], tensor, atol=1e-6, rtol=0, msg=name)
+    # Steps 11-20 are written again, once: no step repeats in metrics.jsonl.
+    assert [record["step"] for record in metrics(resumed.run_dir)] == list(range(1, 21))
+    assert losses(resumed.run_dir) == pytest.approx(losses(finished_run.run_dir), abs=1e-5)
 
 
 def test_a_flipped_byte_in_a_checkpoint_is_refused_and_the_previous_good_one_offered(
@@ -140,19 +115,37 @@ def test_a_collapsing_run_stops_with_an_explanation(corpus_file: Path, tmp_path:
         train(config)
 
 
+def test_the_run_reports_its_pii_replacements_in_counts_only(finished_run: TrainConfig) -> None:
+    summary = json.loads((finished_run.run_dir / "summary.json").read_text())
+    dataset = summary["dataset"]
+    assert dataset["pii_replaced"] == {"email": PII_LINES, "ip": PII_LINES, "phone": 0, "card": 0}
+    assert dataset["kept"] == dataset["train"] + dataset["validation"] == dataset["documents_read"]
+    assert summary["result"]["steps"] == 20
+    state = load_checkpoint(finished_run.run_dir / "checkpoints" / "step-00000020.pt")
+    assert state["dataset"] == dataset and "example.com" not in json.dumps(summary)
+
+
 def test_export_holds_parity_records_provenance_and_is_served(finished_run: TrainConfig) -> None:
     checkpoint = finished_run.run_dir / "checkpoints" / "step-00000020.pt"
     version_dir = publish(checkpoint)
     manifest = verify_version(version_dir)
     assert (manifest.model, manifest.version, manifest.parent_version) == ("trained", 1, None)
     assert manifest.dataset_fingerprint == load_checkpoint(checkpoint)["dataset_fingerprint"]
+    assert manifest.notes["dataset"]["pii_replaced"] == {"email": PII_LINES, "ip": PII_LINES, "phone": 0, "card": 0}
     assert manifest.training_config is not None and manifest.training_config["run_name"] == "tiny"
     assert manifest.evaluation is not None and manifest.evaluation.primary_metric == "neg_uniformity"
+    assert 0 < manifest.evaluation.metrics["alignment"] < 4  # over two views of each validation text
     assert manifest.evaluation.passed_gate is True and manifest.forced is False
     assert manifest.reference_stats is not None and len(manifest.reference_stats.mean) == 32
 
     second = publish(checkpoint)
     assert verify_version(second).parent_version == 1
+    # An INT8 twin is never a parent: the next export descends from the newest fp32 version.
+    from trainer.quantize import quantize_version
+
+    int8 = quantize_version(second, list(sentences()[:16]))
+    assert (int8.name, verify_version(int8).precision) == ("3", "int8")
+    assert verify_version(publish(checkpoint)).parent_version == 2
     with TestClient(create_app(Settings(model_repository=finished_run.export.repository))) as client:
         response = client.post(
             "/v1/embeddings", json={"input": "served from a trained checkpoint", "model": "trained@2"}
@@ -161,16 +154,43 @@ def test_export_holds_parity_records_provenance_and_is_served(finished_run: Trai
         assert len(response.json()["data"][0]["embedding"]) == 32
 
 
-def test_the_gate_refuses_a_bad_model_unless_forced(finished_run: TrainConfig, tmp_path: Path) -> None:
-    strict = finished_run.model_copy(
-        update={"export": finished_run.export.model_copy(update={"gate_threshold": 100.0, "repository": tmp_path})}
-    )
-    checkpoint = finished_run.run_dir / "checkpoints" / "step-00000020.pt"
-    state = load_checkpoint(checkpoint)
-    state["config"] = strict.model_dump(mode="json")
+def checkpoint_with_export(finished_run: TrainConfig, directory: Path, **export: object) -> Path:
+    """The run's last checkpoint again, with other export settings in its configuration."""
     from trainer.checkpoint import save_checkpoint
 
-    strict_checkpoint = save_checkpoint(tmp_path / "checkpoints", 20, state, keep=1)
+    changed = finished_run.model_copy(update={"export": finished_run.export.model_copy(update=export)})
+    state = load_checkpoint(finished_run.run_dir / "checkpoints" / "step-00000020.pt")
+    state["config"] = changed.model_dump(mode="json")
+    return save_checkpoint(directory / "checkpoints", 20, state, keep=1)
+
+
+def test_with_labeled_pairs_the_gate_reads_mrr_at_10(finished_run: TrainConfig, tmp_path: Path) -> None:
+    from trainer.__main__ import evaluate_command
+
+    documents = list(paragraphs()[:40])
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": d.split(".")[0], "document": d}) + "\n" for d in documents))
+    strict = checkpoint_with_export(finished_run, tmp_path, eval_file=pairs, gate_threshold=1.01, repository=tmp_path)
+    with pytest.raises(ExportRefused, match=r"mrr@10 = 0\.\d+ < threshold 1\.01"):
+        publish(strict)
+    lenient = checkpoint_with_export(
+        finished_run, tmp_path / "l", eval_file=pairs, gate_threshold=0.0, repository=tmp_path
+    )
+    evaluation = verify_version(publish(lenient)).evaluation
+    assert evaluation is not None and evaluation.primary_metric == "mrr@10" and evaluation.passed_gate is True
+    assert {"recall@10", "mrr@10", "pair_alignment", "alignment", "uniformity"} <= set(evaluation.metrics)
+    assert 0 < evaluation.metrics["mrr@10"] <= evaluation.metrics["recall@10"] <= 1
+
+    # python -m trainer evaluate --checkpoint ... --pairs ... computes the same retrieval numbers.
+    from argparse import Namespace
+
+    report = evaluate_command(Namespace(checkpoint=lenient, version_dir=None, pairs=pairs, texts=None))
+    assert report["primary_metric"] == "mrr@10"
+    assert report["primary"] == pytest.approx(evaluation.metrics["mrr@10"], abs=1e-6)
+
+
+def test_the_gate_refuses_a_bad_model_unless_forced(finished_run: TrainConfig, tmp_path: Path) -> None:
+    strict_checkpoint = checkpoint_with_export(finished_run, tmp_path, gate_threshold=100.0, repository=tmp_path)
     with pytest.raises(ExportRefused, match=r"neg_uniformity = .* < threshold 100.0"):
         publish(strict_checkpoint)
     assert not (tmp_path / "trained").exists() or not any((tmp_path / "trained").glob("[0-9]*"))
@@ -206,3 +226,8 @@ def test_torchrun_runs_the_loop_as_one_gloo_process(corpus_file: Path, tmp_path:
     assert result.returncode == 0, result.stderr[-3000:]
     state = load_checkpoint(config.run_dir / "checkpoints" / "step-00000004.pt")
     assert state["step"] == 4
+    # The corpus report is logged as one structured line, counts only.
+    logged = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    prepared = next(entry for entry in logged if entry["msg"] == "corpus prepared")
+    assert prepared["pii_replaced"] == {"email": PII_LINES, "ip": PII_LINES, "phone": 0, "card": 0}
+    assert "example.com" not in result.stderr
