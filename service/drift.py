@@ -26,15 +26,24 @@ log = logging.getLogger(__name__)
 
 
 class Reservoir:
-    """A uniform sample of at most ``capacity`` of the vectors observed so far (Vitter's Algorithm R).
+    """A sample of at most ``capacity`` of the vectors observed, uniform over the last ``horizon`` or so.
 
-    After ``seen`` vectors, each of them is in the sample with probability ``capacity / seen``. Thread-safe.
+    Vitter's Algorithm R up to ``horizon`` vectors: after ``seen <= horizon`` of them, each is in the sample
+    with probability ``capacity / seen``. Past it, each new vector still enters with probability
+    ``capacity / horizon`` (instead of ever less), so older ones fade out exponentially, with a half-life of
+    ``horizon * ln 2`` vectors: a gateway serving for weeks reflects this week's traffic, not its first
+    day's. ``horizon=None`` keeps a uniform sample of everything. Thread-safe.
     """
 
-    def __init__(self, capacity: int, dimension: int, rng: np.random.Generator | None = None) -> None:
+    def __init__(
+        self, capacity: int, dimension: int, rng: np.random.Generator | None = None, horizon: int | None = None
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, not {capacity}")
+        if horizon is not None and horizon < capacity:
+            raise ValueError(f"horizon ({horizon}) must be at least the capacity ({capacity})")
         self.capacity = capacity
+        self.horizon = horizon
         self.dimension = dimension
         self._rows = np.zeros((capacity, dimension), dtype=np.float32)
         self._seen = 0
@@ -59,9 +68,12 @@ class Reservoir:
             filling = positions < self.capacity
             self._rows[positions[filling]] = vectors[filling]
             if not filling.all():
-                # Vector number t (0-based) replaces a random slot with probability capacity / (t + 1).
+                # Vector number t (0-based) replaces a random slot with probability capacity / min(t + 1, horizon).
                 later = np.flatnonzero(~filling)
-                slots = self._rng.integers(0, positions[later] + 1)
+                draws = positions[later] + 1
+                if self.horizon is not None:
+                    draws = np.minimum(draws, self.horizon)
+                slots = self._rng.integers(0, draws)
                 kept = slots < self.capacity
                 slots, later = slots[kept], later[kept]
                 # Two rows drawing one slot: the later row wins, as it would one at a time.
@@ -165,6 +177,11 @@ class _Reference:
     mean: np.ndarray  # (dimension,) float64
 
 
+# A version's drift sample covers about the last capacity × 16 served vectors (8,192 with the default 512):
+# a shift in traffic shows in the scores within a few thousand requests, however long the gateway has run.
+HORIZON_PER_SLOT = 16
+
+
 class DriftMonitor:
     """Per-version reservoirs of served embeddings, scored against each version's reference statistics.
 
@@ -218,7 +235,9 @@ class DriftMonitor:
                 reservoir = self._reservoirs.get(key)
                 if reservoir is None:
                     rng = np.random.default_rng(self._seeds.spawn(1)[0])
-                    reservoir = self._reservoirs[key] = Reservoir(self._capacity, version.dimension, rng)
+                    horizon = self._capacity * HORIZON_PER_SLOT
+                    reservoir = Reservoir(self._capacity, version.dimension, rng, horizon)
+                    self._reservoirs[key] = reservoir
         return reservoir
 
     def observe(self, version: ModelVersion, vectors: np.ndarray) -> None:

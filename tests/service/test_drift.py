@@ -43,6 +43,19 @@ def test_the_reservoir_keeps_the_first_vectors_until_full() -> None:
         reservoir.observe(np.zeros((1, 3), dtype=np.float32))
 
 
+def test_past_its_horizon_the_reservoir_follows_recent_traffic() -> None:
+    # 100,000 vectors of one kind (0), then 10,000 of another (1): a uniform sample of everything would hold
+    # about 9 % of the new kind; one with a horizon of 4,096 holds 1 - (1 - 1/4096)^10000 ≈ 91 %.
+    reservoir = Reservoir(capacity=512, dimension=1, rng=np.random.default_rng(2), horizon=4096)
+    for _ in range(100):
+        reservoir.observe(np.zeros((1000, 1), dtype=np.float32))
+    for _ in range(10):
+        reservoir.observe(np.ones((1000, 1), dtype=np.float32))
+    assert 0.85 < reservoir.snapshot().mean() < 0.96
+    with pytest.raises(ValueError, match="horizon"):
+        Reservoir(capacity=512, dimension=1, horizon=100)
+
+
 def test_the_reservoir_is_a_uniform_sample_of_everything_observed() -> None:
     # 1,000 numbered vectors in batches of uneven sizes, 400 times over:
     # each vector must be kept with probability capacity / seen = 0.1, early, middle or late.
