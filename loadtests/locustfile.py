@@ -150,6 +150,16 @@ class GatewayUser(FastHttpUser):
             body = None
         return version or UNVERSIONED, body if isinstance(body, dict) else None
 
+    def accepted(self, response: Any, group: str) -> tuple[str, str, dict[str, Any]] | None:
+        """(model name, version, JSON body) of a 200 whose body names the version its header does; else the
+        request is marked failed and None returned."""
+        version, body = self.versioned(response, group)
+        if response.status_code != 200 or body is None:
+            response.failure(f"status {response.status_code}")
+            return None
+        name = self.check_model(response, body, version)
+        return None if name is None else (name, version, body)
+
     @staticmethod
     def check_model(response: Any, body: dict[str, Any], version: str) -> str | None:
         """The body's ``model`` (name@version) must agree with the ``x-model-version`` header."""
@@ -177,13 +187,10 @@ class EmbeddingUser(GatewayUser):
         with self.client.post(
             "/v1/embeddings", json=payload, headers=self.request_headers(), name=self.group, catch_response=True
         ) as response:
-            version, body = self.versioned(response, self.group)
-            if response.status_code != 200 or body is None:
-                response.failure(f"status {response.status_code}")
+            answer = self.accepted(response, self.group)
+            if answer is None:
                 return
-            name = self.check_model(response, body, version)
-            if name is None:
-                return
+            name, version, body = answer
             data = body.get("data") or []
             if len(data) != len(inputs):
                 response.failure(f"{len(data)} embeddings for {len(inputs)} inputs")
@@ -261,13 +268,10 @@ class CollectionUser(GatewayUser):
         with self.client.post(
             url, json=payload, headers=self.request_headers(), name=GROUP_SEARCH, catch_response=True
         ) as response:
-            version, body = self.versioned(response, GROUP_SEARCH)
-            if response.status_code != 200 or body is None:
-                response.failure(f"status {response.status_code}")
+            answer = self.accepted(response, GROUP_SEARCH)
+            if answer is None:
                 return
-            if self.check_model(response, body, version) is None:
-                return
-            hits = body.get("hits")
+            hits = answer[2].get("hits")
             if not isinstance(hits, list) or len(hits) > top_k:
                 response.failure("hits missing or more than top_k")
                 return
@@ -291,14 +295,9 @@ class CollectionUser(GatewayUser):
         with self.client.post(
             url, json={"items": items}, headers=self.request_headers(), name=GROUP_UPSERT, catch_response=True
         ) as response:
-            version, body = self.versioned(response, GROUP_UPSERT)
-            if response.status_code != 200 or body is None:
-                response.failure(f"status {response.status_code}")
-                return
-            if self.check_model(response, body, version) is None:
-                return
-            if body.get("upserted") != len(items):
-                response.failure(f"upserted {body.get('upserted')} of {len(items)}")
+            answer = self.accepted(response, GROUP_UPSERT)
+            if answer is not None and answer[2].get("upserted") != len(items):
+                response.failure(f"upserted {answer[2].get('upserted')} of {len(items)}")
 
 
 class StagedLoad(LoadTestShape):
