@@ -17,6 +17,7 @@ from trainer.encoder import SentenceEncoder, from_scratch, load_base
 from trainer.evaluate import EvaluationResult, evaluate, load_pairs
 from trainer.export import ExportRefused, ExportRequest, embed_with_torch, export_version, model_versions
 from trainer.train import dataset_summary, load_corpus, resolve_base
+from trainer.triton_config import GPU_ONNX, TritonOptions
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,18 @@ def evaluate_encoder(trained: TrainedEncoder, texts: list[str], eval_file: Path 
     return evaluate(embed, texts, load_pairs(eval_file) if eval_file else None)
 
 
-def publish(checkpoint: Path, model: str | None = None, repository: Path | None = None, force: bool = False) -> Path:
+def publish(
+    checkpoint: Path,
+    model: str | None = None,
+    repository: Path | None = None,
+    force: bool = False,
+    triton: TritonOptions = GPU_ONNX,
+) -> Path:
     """Export the checkpoint's encoder as the next version of ``model``, if it passes the evaluation gate.
 
     The gate reads the primary metric against ``export.gate_threshold``; ``force`` exports anyway and the
-    manifest records it. Raises ExportRefused with the numbers otherwise."""
+    manifest records it. Raises ExportRefused with the numbers otherwise. ``triton`` shapes the model's
+    config.pbtxt (instances, TensorRT)."""
     trained = load_trained(checkpoint)
     config = trained.config
     model = model or config.export.model
@@ -119,5 +127,6 @@ def publish(checkpoint: Path, model: str | None = None, repository: Path | None 
         ),
         forced=force and not passed,
         notes={"dataset": dataset} if dataset else {},
+        triton=triton,
     )
     return export_version(trained.encoder, request, repository)
