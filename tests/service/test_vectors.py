@@ -107,19 +107,16 @@ async def test_dense_recall_at_10_is_at_least_095_against_brute_force_on_10k_vec
             items = [ItemIn(id=f"{i:05d}", text=f"doc {i}") for i in range(start, start + 1000)]
             await store.upsert("vectors", items)
         queries = unit(rng.standard_normal((100, TINY_DIMENSION)))
-        # Right after the bulk load: the index was built as the data arrived, not on this first search.
-        started = time.perf_counter()
-        await search_ids(store, "vectors", vector=queries[0].tolist(), top_k=10)
-        first_search_s = time.perf_counter() - started
+        # How fast the first search after a bulk load is (the index is built eagerly) is measured by
+        # make bench-search, not asserted here.
         found = [await search_ids(store, "vectors", vector=q.tolist(), top_k=10, output_fields=[]) for q in queries]
         assert (await store.describe("vectors")).items == count
     exact = np.argsort(-(queries @ data.T), axis=1)[:, :10]
     recall = np.mean(
         [len({f"{i:05d}" for i in truth} & set(hits)) / 10 for truth, hits in zip(exact, found, strict=True)]
     )
-    print(f"recall@10 = {recall:.3f}; first search after loading {count} vectors: {first_search_s * 1000:.0f} ms")
+    print(f"recall@10 = {recall:.3f}")
     assert recall >= 0.95
-    assert first_search_s < 2.0
 
 
 CATEGORIES = [
