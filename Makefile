@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_REPOSITORY ?= model_repository
 
-.PHONY: run test lint typecheck bootstrap-model ensure-redis clean bench bench-ssl bench-search triton triton-setup loadtest
+.PHONY: run test lint typecheck bootstrap-model ensure-redis clean bench bench-ssl bench-search bench-train triton triton-setup loadtest
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ clean:
 ## Adapt MiniLM on this machine's man pages and compare retrieval with the base (loadtests/results/bench_ssl.json).
 bench-ssl: $(STAMP)
 	$(PY) -m loadtests.bench_ssl
+
+## A short real training run on this machine's accelerator (bf16 on CUDA) under torchrun, then export (loadtests/results/bench_train_<device>.json).
+bench-train: $(STAMP)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=1 -m loadtests.bench_train $(BENCH_TRAIN_ARGS)
 
 ## Upsert throughput on real text and dense/keyword/hybrid search latency at 100k items (loadtests/results/bench_search.json).
 bench-search: bootstrap-model
