@@ -12,8 +12,6 @@ import asyncio
 import functools
 import json
 import logging
-import math
-import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -35,9 +33,10 @@ from service.catalog import (
     physical_name,
     served_version,
 )
+from service.collection_checks import MAX_ID_CHARS, check_fields, check_id, check_items, check_query, check_vector
 from service.collections_protocol import CollectionInfo, Hit, IndexInfo, Item, ItemIn, ReindexInfo, SearchRequest
 from service.errors import ApiError, Conflict, InvalidRequest, NotFound, ServiceUnavailable
-from service.filters import FIELD_TYPES, MAX_LIST_VALUES, FieldType, compile_filter, value_problem
+from service.filters import FieldType, compile_filter
 from service.milvus import Milvus, MissingCollection, VectorMetrics
 from service.model_store import ModelVersion
 from service.reindex import RETRY_DELAYS_S, Reindexer
@@ -46,14 +45,7 @@ from service.tracing import NO_TRACING
 
 log = logging.getLogger(__name__)
 
-FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-RESERVED_FIELDS = frozenset({"id", "text", "metadata"})  # names output_fields and filters give a meaning
-MAX_FIELDS = 64
-MAX_ID_CHARS = 256
-MAX_TEXT_BYTES = 65_535  # Milvus VARCHAR limit, in UTF-8 bytes
-MAX_METADATA_BYTES = 65_536  # Milvus JSON field limit
 RRF_K = 60
-FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max: Milvus stores float32
 SEARCH_OUTPUTS = ("text", "metadata")
 
 P = ParamSpec("P")
@@ -158,7 +150,7 @@ class VectorStore:
         """Create ``name`` on ``model`` (name or name@version); (its description, whether it was created).
         Creating an existing collection with the same model and fields changes nothing."""
         check_collection_name(name)
-        _check_fields(fields)
+        check_fields(fields)
         version = self._encoder.resolve(model)
         _tag(version.model, version.version)
         async with self._milvus.write_lock(name):
@@ -289,7 +281,7 @@ class VectorStore:
         """Embed and store ``items`` (replacing those with the same ids); the active version that embedded them."""
         record = await self._catalog.get(name)
         _tag(record.model, record.active.version, items=len(items))
-        rows = _check_items(items, record.fields, self._settings.max_input_chars)
+        rows = check_items(items, record.fields, self._settings.max_input_chars)
         started = time.perf_counter()
         texts = [row["text"] for row in rows]
         for _ in range(3):
@@ -313,7 +305,7 @@ class VectorStore:
 
     @_traced
     async def get(self, name: str, item_id: str) -> Item:
-        _check_id(item_id, "the item id in the path", param="id")
+        check_id(item_id, "the item id in the path", param="id")
         record = await self._catalog.get(name)
         _tag(record.model, record.active.version)
         rows = await self._milvus.get(record.active.name, [item_id])
@@ -324,7 +316,7 @@ class VectorStore:
 
     @_traced
     async def delete(self, name: str, item_id: str) -> None:
-        _check_id(item_id, "the item id in the path", param="id")
+        check_id(item_id, "the item id in the path", param="id")
         record = await self._catalog.get(name)
         _tag(record.model, record.active.version)
         async with self._milvus.write_lock(name):
@@ -356,13 +348,13 @@ class VectorStore:
         _tag(version.model, version.version, mode=request.mode, top_k=request.top_k)
         expression = compile_filter(request.filter, record.fields) if request.filter is not None else ""
         wanted, keys = _outputs(request.output_fields, record.fields)
-        query = _check_query(request, self._settings.max_input_chars)
+        query = check_query(request, self._settings.max_input_chars)
         vector: list[float] | None = None
         if request.mode in ("dense", "hybrid"):
             if request.vector is not None:
-                vector = _check_vector(request.vector, record.active.dimension)
+                vector = check_vector(request.vector, record.active.dimension)
             else:
-                assert query is not None  # _check_query requires one of them
+                assert query is not None  # check_query requires one of them
                 vector = (await embed(self._encoder, [query], version))[0]
         started = time.perf_counter()
         physical = record.active.name
@@ -390,102 +382,6 @@ class VectorStore:
             hits = await self._milvus.hybrid_search(physical, legs, RRFRanker(RRF_K), request.top_k, wanted)
         self._metrics.observe_search(name, record.model, version.version, request.mode, time.perf_counter() - started)
         return [_hit(hit, wanted, keys, keyword=request.mode == "keyword") for hit in hits], version
-
-
-def _check_fields(fields: dict[str, FieldType]) -> None:
-    if len(fields) > MAX_FIELDS:
-        raise InvalidRequest(f"{len(fields)} fields declared, over the limit of {MAX_FIELDS}.", param="fields")
-    for field, kind in fields.items():
-        if not FIELD_NAME.fullmatch(field) or field in RESERVED_FIELDS:
-            raise InvalidRequest(
-                f"field name {field[:80]!r} is invalid: use letters, digits and underscores (at most 64, not starting "
-                f"with a digit), and none of {', '.join(sorted(RESERVED_FIELDS))}.",
-                param="fields",
-            )
-        if kind not in FIELD_TYPES:
-            raise InvalidRequest(
-                f"field {field!r} has type {kind!r}; use one of {', '.join(FIELD_TYPES)}.", param="fields"
-            )
-
-
-def _check_items(items: list[ItemIn], fields: dict[str, FieldType], max_chars: int) -> list[dict[str, Any]]:
-    """Milvus rows (without vectors) for ``items``, or a 400 naming the item and what to fix."""
-    rows: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for index, item in enumerate(items):
-        where = f"items[{index}]"
-        _check_id(item.id, f"{where}.id")
-        if item.id in seen:
-            raise InvalidRequest(
-                f"{where}.id '{item.id}' appears twice in the request; send each id once.", param="items"
-            )
-        seen.add(item.id)
-        if not item.text:
-            raise InvalidRequest(f"{where}.text is empty; send the text to embed.", param="items")
-        if len(item.text) > max_chars or len(item.text.encode()) > MAX_TEXT_BYTES:
-            raise InvalidRequest(
-                f"{where}.text has {len(item.text)} characters, over the limit of {max_chars} characters "
-                f"({MAX_TEXT_BYTES} bytes of UTF-8); shorten it.",
-                param="items",
-            )
-        metadata: dict[str, Any] = {}
-        for key, value in item.metadata.items():
-            kind = fields.get(key)
-            if kind is None:
-                declared = ", ".join(sorted(fields)) or "none"
-                raise InvalidRequest(
-                    f"{where}.metadata.{key[:64]} is not a declared field (declared: {declared}); declare it when "
-                    "creating the collection, or leave it out.",
-                    param="items",
-                )
-            if value is None:
-                continue  # null = the item lacks the field
-            problem = value_problem(kind, value)
-            if problem is None and isinstance(value, list) and len(value) > MAX_LIST_VALUES:
-                problem = f"has {len(value)} elements, over the limit of {MAX_LIST_VALUES}"
-            if problem:
-                raise InvalidRequest(f"{where}.metadata.{key} {problem}.", param="items")
-            metadata[key] = value
-        if len(json.dumps(metadata).encode()) > MAX_METADATA_BYTES:
-            raise InvalidRequest(
-                f"{where}.metadata is over {MAX_METADATA_BYTES} bytes as JSON; trim it.", param="items"
-            )
-        rows.append({"id": item.id, "text": item.text, "metadata": metadata})
-    return rows
-
-
-def _check_id(item_id: str, where: str, param: str = "items") -> None:
-    if not item_id or len(item_id) > MAX_ID_CHARS or any(ord(c) < 0x20 or ord(c) == 0x7F for c in item_id):
-        raise InvalidRequest(f"{where} must be 1-{MAX_ID_CHARS} characters without control characters.", param=param)
-
-
-def _check_query(request: SearchRequest, max_chars: int) -> str | None:
-    query = request.query
-    if query is not None and (not query.strip() or len(query) > max_chars):
-        raise InvalidRequest(f"'query' must be non-blank text of at most {max_chars} characters.", param="query")
-    if request.mode == "dense" and (query is None) == (request.vector is None):
-        raise InvalidRequest("dense search needs exactly one of 'query' (text) or 'vector'.", param="query")
-    if request.mode in ("keyword", "hybrid") and query is None:
-        raise InvalidRequest(f"{request.mode} search needs 'query' (text).", param="query")
-    if request.mode == "keyword" and request.vector is not None:
-        raise InvalidRequest("keyword search ranks by text only; drop 'vector' or use mode 'hybrid'.", param="vector")
-    return query
-
-
-def _check_vector(vector: list[float], dimension: int) -> list[float]:
-    if len(vector) != dimension:
-        raise InvalidRequest(
-            f"'vector' has {len(vector)} dimensions; this collection's vectors have {dimension}.", param="vector"
-        )
-    try:
-        values = [float(v) for v in vector]
-    except OverflowError:
-        values = [math.inf]
-    if not all(abs(v) <= FLOAT32_MAX for v in values) or not any(values):
-        raise InvalidRequest(
-            f"'vector' must hold finite float32 numbers (|v| <= {FLOAT32_MAX:.4g}), not all zero.", param="vector"
-        )
-    return values
 
 
 def _outputs(requested: list[str] | None, fields: dict[str, FieldType]) -> tuple[list[str], set[str] | None]:
