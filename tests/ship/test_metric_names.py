@@ -5,6 +5,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import promql_parser
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -12,8 +13,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.ship.conftest import CHART, find, render, scenario_values
 
 METRIC = re.compile(r"\b(embedserve_[a-z0-9_]+)")
-SELECTOR = re.compile(r"\b(embedserve_[a-z0-9_]+)\{([^}]*)\}")
-LABEL_MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
+# Grafana's own variables, as Prometheus receives them: ranges ($__rate_interval) and numbers.
+GRAFANA_RANGE = re.compile(r"\$\{?__[a-z_]+\}?")
+GRAFANA_NUMBERS = {"$slo_availability": "0.999"}
+# A template variable's query: Grafana's label_values(<selector>, <label>).
+LABEL_VALUES = re.compile(r"label_values\((?P<selector>.*),\s*(?P<label>[a-zA-Z_]\w*)\)")
 # Labels Prometheus adds to every scraped series (Prometheus Operator's ServiceMonitor targets).
 TARGET_LABELS = {"namespace", "pod", "service", "job", "instance", "container", "endpoint"}
 SERIES_SUFFIXES = {
@@ -92,11 +96,63 @@ def test_every_panel_queries_a_metric() -> None:
                 assert panel["targets"] and all(METRIC.search(t["expr"]) for t in panel["targets"]), panel["title"]
 
 
+def parse(query: str) -> tuple[promql_parser.Expr, set[str]]:
+    """The query as Prometheus receives it once Grafana has substituted its variables (parsed by a real
+    PromQL parser, so a syntax error fails), and the labels it asks for besides its selectors' matchers
+    (label_values' label)."""
+    asked: set[str] = set()
+    label_values = LABEL_VALUES.fullmatch(query.strip())
+    if label_values:
+        query = label_values["selector"]
+        asked.add(label_values["label"])
+    query = GRAFANA_RANGE.sub("5m", query)
+    for variable, number in GRAFANA_NUMBERS.items():
+        query = query.replace(variable, number)
+    return promql_parser.parse(query), asked
+
+
+def selectors(expr: promql_parser.Expr) -> list[promql_parser.VectorSelector]:
+    found: list[promql_parser.VectorSelector] = []
+
+    def visit(node: object) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            found.append(node)
+
+    promql_parser.walk(expr, visit)
+    return found
+
+
+def groupings(expr: promql_parser.Expr) -> list[tuple[set[str], list[promql_parser.VectorSelector]]]:
+    """Every ``by (...)`` and ``on (...)``/``group_left (...)`` label list, with the selectors it groups."""
+    found: list[tuple[set[str], list[promql_parser.VectorSelector]]] = []
+
+    def visit(node: object) -> None:
+        by = promql_parser.AggModifierType.By
+        if isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None and node.modifier.type == by:
+            found.append((set(node.modifier.labels), selectors(node.expr)))
+        if isinstance(node, promql_parser.BinaryExpr) and node.modifier is not None:
+            grouped = selectors(node.lhs) + selectors(node.rhs)
+            matching = node.modifier.matching
+            if matching is not None and matching.type == promql_parser.LabelModifierType.Include:
+                found.append((set(matching.labels), grouped))
+            found.append((set(node.modifier.group_labels or []), grouped))
+
+    promql_parser.walk(expr, visit)
+    return found
+
+
 @pytest.mark.parametrize(("where", "query"), QUERIES, ids=[where for where, _ in QUERIES])
-def test_queries_use_only_exported_metrics_and_labels(where: str, query: str, series: dict[str, set[str]]) -> None:
-    used = set(METRIC.findall(query))
-    assert used, f"{where} queries no embedserve metric"
+def test_queries_parse_and_use_only_exported_metrics_and_labels(
+    where: str, query: str, series: dict[str, set[str]]
+) -> None:
+    expr, asked = parse(query)
+    used = {selector.name for selector in selectors(expr)}
+    assert any(name.startswith("embedserve_") for name in used), f"{where} queries no embedserve metric"
     assert used <= set(series), f"{where} uses metrics the gateway does not export: {sorted(used - set(series))}"
-    for name, matchers in SELECTOR.findall(query):
-        unknown = set(LABEL_MATCHER.findall(matchers)) - series[name] - TARGET_LABELS
-        assert not unknown, f"{where}: {name} has no label {sorted(unknown)}"
+    for selector in selectors(expr):
+        matched = {matcher.name for matcher in selector.matchers.matchers}
+        unknown = (matched | asked) - series[selector.name] - TARGET_LABELS
+        assert not unknown, f"{where}: {selector.name} has no label {sorted(unknown)}"
+    for labels, grouped in groupings(expr):
+        available = set().union(*(series[selector.name] for selector in grouped)) | TARGET_LABELS
+        assert labels <= available, f"{where}: grouping by {sorted(labels - available)}, which no series it groups has"
