@@ -37,11 +37,16 @@ def main() -> None:
     export.add_argument("--model", help="model name (default: the run's export.model)")
     export.add_argument("--repository", type=Path, help="model repository (default: the run's export.repository)")
     export.add_argument("--force", action="store_true", help="export even if the evaluation gate fails (recorded)")
+    # The model's config.pbtxt keeps what it says unless a flag changes it (a new model starts on 1 GPU instance).
     export.add_argument(
-        "--triton-instance-kind", choices=["gpu", "cpu"], default="gpu", help="instance_group kind in config.pbtxt"
+        "--triton-instance-kind", choices=["gpu", "cpu"], help="instance_group kind in config.pbtxt (default: kept)"
     )
-    export.add_argument("--triton-instances", type=int, default=1, help="Triton model instances (per GPU on gpu)")
-    export.add_argument("--tensorrt", action="store_true", help="add the TensorRT FP16 accelerator (gpu instances)")
+    export.add_argument("--triton-instances", type=int, help="Triton model instances, per GPU on gpu (default: kept)")
+    export.add_argument(
+        "--tensorrt",
+        action=argparse.BooleanOptionalAction,
+        help="add (or, with --no-tensorrt, remove) the TensorRT FP16 accelerator on gpu instances (default: kept)",
+    )
 
     quantize = commands.add_parser("quantize", help="write the INT8 (per-channel) twin of a version as a new version")
     quantize.add_argument("--version-dir", type=Path, required=True, help="e.g. model_repository/minilm/1")
@@ -88,9 +93,9 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps(evaluate_command(args), indent=2))
     elif args.command == "export":
         from trainer.publish import publish
-        from trainer.triton_config import TritonOptions
+        from trainer.triton_config import TritonChanges
 
-        triton = TritonOptions(args.triton_instance_kind, args.triton_instances, tensorrt=args.tensorrt)
+        triton = TritonChanges(args.triton_instance_kind, args.triton_instances, tensorrt=args.tensorrt)
         written = publish(args.checkpoint, args.model, args.repository, force=args.force, triton=triton)
         log.info("exported", extra={"version_dir": str(written)})
     elif args.command == "quantize":

@@ -24,7 +24,7 @@ from service.manifest import MANIFEST_FILE, EmbeddingStats, Evaluation, Manifest
 from service.model_store import ONNX_FILE
 from service.tokenization import TOKENIZER_FILE, TextTokenizer, pad_batch
 from trainer.encoder import SentenceEncoder
-from trainer.triton_config import TritonOptions, onnx_config
+from trainer.triton_config import GPU_ONNX, TritonChanges, onnx_config, read_options
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ class ExportRequest:
     evaluation: Evaluation | None = None
     forced: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
-    # The model's config.pbtxt (Triton instances, TensorRT), rewritten by every export of the model.
-    triton: TritonOptions = field(default_factory=TritonOptions)
+    # Changes to the model's config.pbtxt (Triton instances, TensorRT); what is not changed is kept.
+    triton: TritonChanges = field(default_factory=TritonChanges)
 
 
 def model_versions(repository: Path, model: str) -> list[int]:
@@ -68,6 +68,9 @@ def model_versions(repository: Path, model: str) -> list[int]:
 def export_version(encoder: SentenceEncoder, request: ExportRequest, repository: Path) -> Path:
     """Write ``encoder`` as version n+1 of ``request.model``; returns the new version folder."""
     model_dir = repository / request.model
+    config_path = model_dir / "config.pbtxt"
+    # Impossible options are refused before anything is written.
+    triton = request.triton.applied_to(read_options(config_path) or GPU_ONNX)
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = model_dir / f".staging-{uuid.uuid4().hex}"
     staging.mkdir()
@@ -79,7 +82,7 @@ def export_version(encoder: SentenceEncoder, request: ExportRequest, repository:
                 shutil.copy2(request.tokenizer_dir / name, staging / name)
         tokenizer = TextTokenizer(staging / TOKENIZER_FILE, encoder.max_seq_length)
         onnx_vectors = check_parity(encoder, staging / ONNX_FILE, tokenizer, request.validation_texts)
-        (model_dir / "config.pbtxt").write_text(onnx_config(request.model, encoder.dimension, request.triton))
+        config_path.write_text(onnx_config(request.model, encoder.dimension, triton))
         return publish_staged(staging, request, encoder.dimension, encoder.max_seq_length, onnx_vectors)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -17,7 +17,7 @@ from trainer.encoder import SentenceEncoder, from_scratch, load_base
 from trainer.evaluate import EvaluationResult, evaluate, load_pairs
 from trainer.export import ExportRefused, ExportRequest, embed_with_torch, export_version, model_versions
 from trainer.train import dataset_summary, load_corpus, resolve_base
-from trainer.triton_config import GPU_ONNX, TritonOptions
+from trainer.triton_config import TritonChanges
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,13 @@ def publish(
     model: str | None = None,
     repository: Path | None = None,
     force: bool = False,
-    triton: TritonOptions = GPU_ONNX,
+    triton: TritonChanges | None = None,
 ) -> Path:
     """Export the checkpoint's encoder as the next version of ``model``, if it passes the evaluation gate.
 
     The gate reads the primary metric against ``export.gate_threshold``; ``force`` exports anyway and the
-    manifest records it. Raises ExportRefused with the numbers otherwise. ``triton`` shapes the model's
-    config.pbtxt (instances, TensorRT)."""
+    manifest records it. Raises ExportRefused with the numbers otherwise. ``triton`` changes the model's
+    config.pbtxt (instances, TensorRT); what it leaves None stays as the config says."""
     trained = load_trained(checkpoint)
     config = trained.config
     model = model or config.export.model
@@ -127,6 +127,6 @@ def publish(
         ),
         forced=force and not passed,
         notes={"dataset": dataset} if dataset else {},
-        triton=triton,
+        triton=triton or TritonChanges(),
     )
     return export_version(trained.encoder, request, repository)

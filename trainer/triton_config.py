@@ -9,7 +9,7 @@ verify against their manifest are copied.
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +45,47 @@ class TritonOptions:
 
 GPU_ONNX = TritonOptions()
 CPU_PYTHON = TritonOptions(instance_kind="cpu")
+
+
+@dataclass(frozen=True)
+class TritonChanges:
+    """What an export changes in a model's config.pbtxt; None keeps what the config says (a model's GPU
+    settings must survive the export of its next version by someone who did not pass them again)."""
+
+    instance_kind: InstanceKind | None = None
+    instance_count: int | None = None
+    tensorrt: bool | None = None
+
+    def applied_to(self, options: TritonOptions) -> TritonOptions:
+        tensorrt = self.tensorrt
+        if tensorrt is None:  # kept, unless instances move to the CPU, where TensorRT cannot run
+            tensorrt = False if self.instance_kind == "cpu" else options.tensorrt
+        return replace(
+            options,
+            instance_kind=self.instance_kind or options.instance_kind,
+            instance_count=options.instance_count if self.instance_count is None else self.instance_count,
+            tensorrt=tensorrt,
+        )
+
+
+def read_options(config_path: Path) -> TritonOptions | None:
+    """The options of an existing ``onnxruntime_onnx`` config.pbtxt (None when there is none)."""
+    if not config_path.is_file():
+        return None
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+    group = config.instance_group[0] if config.instance_group else None
+    cpu = group is not None and group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
+    return TritonOptions(
+        instance_kind="cpu" if cpu else "gpu",
+        instance_count=group.count if group is not None and group.count > 0 else 1,
+        tensorrt=any(accelerator.name == "tensorrt" for accelerator in accelerators),
+        max_batch_size=config.max_batch_size or MAX_BATCH_SIZE,
+    )
+
 
 _TENSORS = """input [
   {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] }},

@@ -108,6 +108,24 @@ def test_the_export_command_writes_the_triton_options_it_is_given(
     assert "TensorRT runs on GPU instances only" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "repository" / "cli").iterdir()) == ["1", "config.pbtxt"]
 
+    # The next export without flags keeps the model's Triton settings; flags change only what they name.
+    def exported_options() -> tuple[list[tuple[str, int]], list[str]]:
+        config = text_format.Parse(
+            (tmp_path / "repository" / "cli" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+        )
+        groups = [(model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind), g.count) for g in config.instance_group]
+        return groups, [a.name for a in config.optimization.execution_accelerators.gpu_execution_accelerator]
+
+    run_cli(monkeypatch, "export", "--checkpoint", checkpoint)
+    assert exported_options() == ([("KIND_GPU", 3)], ["tensorrt"])
+    run_cli(monkeypatch, "export", "--checkpoint", checkpoint, "--no-tensorrt")
+    assert exported_options() == ([("KIND_GPU", 3)], [])
+    run_cli(monkeypatch, "export", "--checkpoint", checkpoint, "--tensorrt", "--triton-instances", "2")
+    run_cli(monkeypatch, "export", "--checkpoint", checkpoint, "--triton-instance-kind", "cpu")
+    assert exported_options() == ([("KIND_CPU", 2)], [])  # CPU instances: TensorRT dropped with them
+    versions = sorted(p.name for p in (tmp_path / "repository" / "cli").iterdir())
+    assert versions == ["1", "2", "3", "4", "5", "config.pbtxt"]
+
 
 class BranchyEncoder(SentenceEncoder):
     """Python control flow on the input: tracing freezes one branch, so ONNX disagrees with torch."""
