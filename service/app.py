@@ -132,7 +132,9 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
         # Canary rollouts: what each version served, shadow traffic, and the loop that judges canaries.
         canary_window = CanaryWindow()
         app.state.canary_window = canary_window
-        app.state.shadow = ShadowMirror(app.state.embedder, store, rollout_watcher, canary_window, rollout_metrics)
+        app.state.shadow = ShadowMirror(
+            app.state.embedder, store, rollout_watcher, canary_window, rollout_metrics, tracer=tracing.tracer
+        )
         analysis = RolloutAnalysis(
             rollout_watcher,
             canary_window,

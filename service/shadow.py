@@ -2,6 +2,8 @@
 
 The client's answer never waits for the mirror, and the mirror's answer is dropped; its latency and errors
 go to the canary's ``CanaryWindow`` (what the analysis loop judges) and ``embedserve_shadow_requests``.
+Each mirror is a trace of its own (a ``shadow`` span linked to the request it copies), so the client's
+trace ends with its response and holds only what served it.
 """
 
 import asyncio
@@ -9,12 +11,17 @@ import logging
 import random
 import time
 
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, SpanContext, Tracer
+
 from service.canary_window import CanaryWindow
 from service.embedder import Embedder
 from service.errors import ApiError
 from service.model_store import ModelStore, ModelVersion
 from service.rollout import shadow
 from service.rollout_store import RolloutMetrics, RolloutWatcher
+from service.tracing import NO_TRACING, version_attributes
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +38,7 @@ class ShadowMirror:
         window: CanaryWindow,
         metrics: RolloutMetrics,
         rng: random.Random | None = None,
+        tracer: Tracer = NO_TRACING,
     ) -> None:
         self._embedder = embedder
         self._store = store
@@ -38,6 +46,7 @@ class ShadowMirror:
         self._window = window
         self._metrics = metrics
         self._rng = rng or random.Random()
+        self._tracer = tracer
         self._in_flight: set[asyncio.Task[None]] = set()
 
     def after_served(self, texts: list[str], served: ModelVersion, pinned: bool) -> None:
@@ -53,9 +62,16 @@ class ShadowMirror:
         if len(self._in_flight) >= MAX_IN_FLIGHT:
             self._metrics.shadow.labels(canary.model, str(canary.version), "skipped").inc()
             return
-        task = asyncio.create_task(self._mirror(texts, canary))
+        origin = trace.get_current_span().get_span_context()
+        task = asyncio.create_task(self._traced_mirror(texts, canary, origin))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
+
+    async def _traced_mirror(self, texts: list[str], canary: ModelVersion, origin: SpanContext) -> None:
+        links = [Link(origin)] if origin.is_valid else []
+        attributes = {**version_attributes(canary), "inputs": len(texts)}
+        with self._tracer.start_as_current_span("shadow", context=Context(), links=links, attributes=attributes):
+            await self._mirror(texts, canary)
 
     async def _mirror(self, texts: list[str], canary: ModelVersion) -> None:
         started = time.perf_counter()

@@ -19,6 +19,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from pydantic import SecretStr
 
 from service.logs import JsonFormatter
 from service.settings import Settings
@@ -137,6 +138,28 @@ async def test_a_computed_request_has_cache_queue_and_inference_spans_with_its_v
     assert root.context is not None
     line = next(line for line in log_lines(access_log) if line.get("request_id") == response.headers["x-request-id"])
     assert line["trace_id"] == f"{root.context.trace_id:032x}" and line["span_id"] == f"{root.context.span_id:016x}"
+
+
+async def test_a_shadow_copy_is_a_trace_of_its_own_linked_to_the_request(settings: Settings) -> None:
+    exporter = InMemorySpanExporter()
+    configured = settings.model_copy(update={"admin_api_key": SecretStr("admin"), "stable_versions": {"tiny": 1}})
+    async with running_gateway(configured, span_exporter=exporter) as (app, client):
+        body = {"canary_version": 2, "steps": [0, 50], "shadow_percent": 100}
+        started = await client.put("/v1/rollouts/tiny", json=body, headers={"authorization": "Bearer admin"})
+        assert started.status_code == 200, started.text
+        exporter.clear()
+        response = await client.post("/v1/embeddings", json={"model": "tiny", "input": "mirrored"})
+        assert response.headers["x-model-version"] == "1"
+        await asyncio.gather(*app.state.shadow._in_flight)
+    root = request_span(exporter, "POST /v1/embeddings")
+    assert {attributes(span)["version"] for span in in_trace(exporter, root)} == {1}  # the client's trace: stable
+    (mirror,) = [span for span in exporter.get_finished_spans() if span.name == "shadow"]
+    assert mirror.parent is None and attributes(mirror) == {"model": "tiny", "version": 2, "inputs": 1}
+    assert root.context is not None and mirror.context is not None
+    assert mirror.context.trace_id != root.context.trace_id
+    assert [link.context.span_id for link in mirror.links] == [root.context.span_id]
+    assert {span.name for span in children(exporter, mirror)} == {"cache.lookup", "batch.queue_wait", "inference"}
+    assert {attributes(span)["version"] for span in in_trace(exporter, mirror)} == {2}
 
 
 async def test_a_cached_request_has_no_inference(gateway: Gateway, spans: InMemorySpanExporter) -> None:
