@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loadtests.manpages import load_man_pages
+from loadtests.manpages import MAN_ROOT, load_man_pages
 from service.tokenization import TextTokenizer
 from trainer.bootstrap import packaged_minilm
 from trainer.config import TrainConfig
@@ -71,9 +71,10 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=600, help="man pages in the dev set")
     parser.add_argument("--steps", type=int, default=60, help="adaptation steps")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--man-root", type=Path, default=MAN_ROOT, help="where the man pages are")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    pages = load_man_pages(args.pages)
+    pages = load_man_pages(args.pages, root=args.man_root)
     if len(pages) < MIN_PAGES:
         # Nothing measured, nothing written: the committed results of a machine that has the pages stay.
         print(

@@ -1,5 +1,6 @@
 """Session fixtures: a real model repository built by the trainer (tiny random encoders + MiniLM)."""
 
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -34,6 +35,16 @@ def export_tiny(repository: Path, model: str = "tiny", seed: int = 0, max_seq_le
         validation_texts=list(sentences()[:64]),
     )
     return export_version(encoder, request, repository)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_embedserve_environment() -> Iterator[None]:
+    """The developer's EMBEDSERVE_* variables never reach a test: an exported EMBEDSERVE_REDIS_URL would make
+    gateways under test write to that Redis under the default prefix. Tests set what they need explicitly."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [name for name in os.environ if name.startswith("EMBEDSERVE_")]:
+            patch.delenv(name)
+        yield
 
 
 @pytest.fixture(scope="session")

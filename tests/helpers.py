@@ -2,6 +2,7 @@
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI
@@ -10,6 +11,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.settings import Settings
+
+
+def private_settings(repository: Path) -> Settings:
+    """Settings for a gateway on ``repository`` with a Milvus Lite file of its own beside it (never the
+    developer's data/milvus.db, which the gateway would open, resume and tidy at start)."""
+    return Settings(model_repository=repository, milvus_uri=str(repository.parent / f"{repository.name}-milvus.db"))
 
 
 @asynccontextmanager

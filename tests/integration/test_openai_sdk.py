@@ -13,8 +13,9 @@ from loadtests.processes import gateway
 
 @pytest.fixture(scope="module")
 def base_url(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    with gateway({"EMBEDSERVE_MODEL_REPOSITORY": str(model_repository)}, log) as url:
+    folder = tmp_path_factory.mktemp("gateway")
+    env = {"EMBEDSERVE_MODEL_REPOSITORY": str(model_repository), "EMBEDSERVE_MILVUS_URI": str(folder / "milvus.db")}
+    with gateway(env, folder / "gateway.log") as url:
         yield url
 
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from fastapi.testclient import TestClient
 
@@ -33,18 +34,21 @@ def test_requests_inputs_and_tokens_are_counted_per_version(client: TestClient) 
     assert info and info[0].labels["version"] == "1" and len(info[0].labels["sha256"]) == 64
 
 
-def test_access_log_is_json_with_sizes_and_never_the_text(client: TestClient) -> None:
+def test_access_log_is_json_with_sizes_and_never_the_text(client: TestClient, tmp_path: Path) -> None:
     # Run a server process so the real logging configuration is used.
     secret = "my-secret-sentence-42"
     script = (
         "import logging;from service.logs import configure_logging;configure_logging('INFO');"
         "from fastapi.testclient import TestClient;from service.app import create_app;"
         "from service.settings import Settings;import sys;"
-        "c=TestClient(create_app(Settings(model_repository=sys.argv[1])));c.__enter__();"
+        "c=TestClient(create_app(Settings(model_repository=sys.argv[1],milvus_uri=sys.argv[2])));c.__enter__();"
         f"c.post('/v1/embeddings',json={{'input':['{secret}','two'],'model':'tiny'}})"
     )
     repository = str(client.app.state.settings.model_repository)  # type: ignore[attr-defined]
-    result = subprocess.run([sys.executable, "-c", script, repository], capture_output=True, text=True, timeout=120)
+    milvus = str(tmp_path / "milvus.db")
+    result = subprocess.run(
+        [sys.executable, "-c", script, repository, milvus], capture_output=True, text=True, timeout=120
+    )
     lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     access = [line for line in lines if line["logger"] == "embedserve.access"]
     assert access and access[0]["inputs"] == 2 and access[0]["status"] == 200 and access[0]["model"] == "tiny"

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.settings import Settings
+from tests.helpers import private_settings
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -21,7 +21,7 @@ def test_a_flipped_byte_refuses_that_version_only(repository_copy: Path, caplog:
     onnx = repository_copy / "tiny" / "2" / "model.onnx"
     flip_byte(onnx, onnx.stat().st_size // 2)
     caplog.set_level(logging.ERROR)
-    with TestClient(create_app(Settings(model_repository=repository_copy))) as client:
+    with TestClient(create_app(private_settings(repository_copy))) as client:
         refused_logs = [r for r in caplog.records if r.getMessage() == "model version refused"]
         assert [(r.model, r.version, r.file) for r in refused_logs] == [("tiny", 2, "model.onnx")]  # type: ignore[attr-defined]
 
@@ -60,7 +60,7 @@ def test_a_flipped_byte_refuses_that_version_only(repository_copy: Path, caplog:
 )
 def test_every_kind_of_mismatch_is_refused_with_its_reason(repository_copy: Path, damage, reason: str) -> None:
     damage(repository_copy / "tiny" / "1")
-    with TestClient(create_app(Settings(model_repository=repository_copy))) as client:
+    with TestClient(create_app(private_settings(repository_copy))) as client:
         refused = [v for v in client.get("/readyz").json()["versions"] if v["state"] == "refused"]
         assert len(refused) == 1 and (refused[0]["model"], refused[0]["version"]) == ("tiny", 1)
         assert reason in refused[0]["reason"]
@@ -68,7 +68,7 @@ def test_every_kind_of_mismatch_is_refused_with_its_reason(repository_copy: Path
 
 def test_a_stable_version_that_was_refused_makes_the_gateway_unready(repository_copy: Path) -> None:
     flip_byte(repository_copy / "tiny" / "1" / "model.onnx", 100)
-    settings = Settings(model_repository=repository_copy, stable_versions={"tiny": 1})
+    settings = private_settings(repository_copy).model_copy(update={"stable_versions": {"tiny": 1}})
     with TestClient(create_app(settings)) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["ready"] is False
@@ -78,7 +78,7 @@ def test_a_stable_version_that_was_refused_makes_the_gateway_unready(repository_
 
 
 def test_an_empty_repository_is_not_ready_and_says_what_to_run(tmp_path: Path) -> None:
-    with TestClient(create_app(Settings(model_repository=tmp_path / "missing"))) as client:
+    with TestClient(create_app(private_settings(tmp_path / "missing"))) as client:
         assert client.get("/healthz").status_code == 200
         ready = client.get("/readyz")
         assert ready.status_code == 503

@@ -24,10 +24,10 @@ def test_without_man_pages_it_writes_nothing_and_succeeds(
 ) -> None:
     committed = tmp_path / "bench_ssl.json"
     committed.write_text('{"adapted_beats_base": true}\n')
-    monkeypatch.setattr(bench_ssl, "RESULTS", committed)
-    monkeypatch.setattr(bench_ssl, "load_man_pages", lambda limit: [])
-    monkeypatch.setattr(sys, "argv", ["bench_ssl"])
+    no_pages = tmp_path / "man"
+    (no_pages / "man1").mkdir(parents=True)
+    monkeypatch.setattr(sys, "argv", ["bench_ssl", "--output", str(committed), "--man-root", str(no_pages)])
     bench_ssl.main()  # returns: exit status 0
     assert committed.read_text() == '{"adapted_beats_base": true}\n'
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_ssl.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_ssl.json", "man"]
     assert "bench-ssl skipped: only 0 man pages" in capsys.readouterr().out

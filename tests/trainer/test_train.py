@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 import trainer.train as training
 from service.app import create_app
 from service.manifest import verify_version
-from service.settings import Settings
+from tests.helpers import private_settings
 from tests.trainer.conftest import PII_LINES, tiny_config
 from trainer.checkpoint import CorruptCheckpoint, list_checkpoints, load_checkpoint
 from trainer.config import TrainConfig
@@ -146,7 +146,7 @@ def test_export_holds_parity_records_provenance_and_is_served(finished_run: Trai
     int8 = quantize_version(second, list(sentences()[:16]))
     assert (int8.name, verify_version(int8).precision) == ("3", "int8")
     assert verify_version(publish(checkpoint)).parent_version == 2
-    with TestClient(create_app(Settings(model_repository=finished_run.export.repository))) as client:
+    with TestClient(create_app(private_settings(finished_run.export.repository))) as client:
         response = client.post(
             "/v1/embeddings", json={"input": "served from a trained checkpoint", "model": "trained@2"}
         )
