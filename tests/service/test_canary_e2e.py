@@ -8,6 +8,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,14 @@ from trainer.sample_text import sentences
 ADMIN = {"Authorization": "Bearer canary-admin"}
 # Judged every 2 s on at least 10 requests per version (traffic runs at 20/s, the canary starts at 50 %);
 # two passes in a row step, two failures fail.
-FAST_ANALYSIS = {
+FAST_ANALYSIS: dict[str, Any] = {
     "enabled": True,
     "interval_s": 2.0,
     "passes_to_step": 2,
     "failures_to_rollback": 2,
-    # Identical weights on a shared 2-core machine still differ in P95 by chance; 2x keeps that out.
-    "thresholds": {"min_requests": 10, "max_p95_latency_ratio": 2.0},
+    # Identical weights on a shared 2-core machine differ in P95 by chance, by any factor under load: latency
+    # is judged only where it is the point (the slow canary's own 2x threshold).
+    "thresholds": {"min_requests": 10, "max_p95_latency_ratio": 1000.0},
 }
 
 
@@ -79,21 +81,37 @@ async def gateway(repository: Path, tmp_path: Path) -> AsyncIterator[tuple[FastA
         yield running
 
 
+@dataclass
+class Traffic:
+    """What ``traffic`` got back: answers counted by the version that served them, and every request that did
+    not get a 200 (its status and body, or the exception)."""
+
+    served: dict[str, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
 @contextmanager
-def traffic(client: httpx.AsyncClient, per_second: float = 20) -> Iterator[dict[str, int]]:
+def traffic(client: httpx.AsyncClient, per_second: float = 20) -> Iterator[Traffic]:
     """Requests for minilm with fresh texts and random routing keys, sent at a steady rate whatever the
-    answers' latency (as independent clients do), until the block ends; counts answers by version."""
-    served: dict[str, int] = {}
+    answers' latency (as independent clients do), until the block ends. The block fails if any answer was not
+    a 200; requests still in flight when it ends are cancelled, which is not a failure."""
+    sent = Traffic()
     pool = sentences()
     rng = random.Random(11)
 
     async def one(number: int) -> None:
         texts = [f"{rng.choice(pool)} #{number}-{i}" for i in range(rng.randint(1, 3))]
         body = {"model": "minilm", "input": texts, "user": f"user-{rng.getrandbits(48):x}"}
-        response = await client.post("/v1/embeddings", json=body)
-        assert response.status_code == 200, response.text
+        try:
+            response = await client.post("/v1/embeddings", json=body)
+        except Exception as error:  # a cancellation is a BaseException: not caught, not counted
+            sent.failures.append(f"request {number}: {error!r}")
+            return
+        if response.status_code != 200:
+            sent.failures.append(f"request {number}: {response.status_code} {response.text}")
+            return
         version = response.headers["x-model-version"]
-        served[version] = served.get(version, 0) + 1
+        sent.served[version] = sent.served.get(version, 0) + 1
 
     async def send() -> None:
         in_flight: set[asyncio.Task[None]] = set()
@@ -111,9 +129,11 @@ def traffic(client: httpx.AsyncClient, per_second: float = 20) -> Iterator[dict[
 
     sender = asyncio.create_task(send())
     try:
-        yield served
+        yield sent
     finally:
         sender.cancel()
+    # Only when the block itself succeeded (an exception from it propagates from the yield, unmasked).
+    assert not sent.failures, f"{len(sent.failures)} of the traffic's requests failed: {sent.failures[:5]}"
 
 
 async def rollout(client: httpx.AsyncClient) -> dict[str, Any]:
@@ -145,13 +165,13 @@ async def test_a_healthy_canary_steps_up_and_is_promoted_with_its_collections(
         items = [{"id": f"d{i}", "text": text} for i, text in enumerate(sentences()[100:160])]
         assert (await client.post("/v1/collections/docs/items", json={"items": items})).status_code == 200
         await start_canary(client, 2)
-        with traffic(client) as served:
+        with traffic(client) as sent:
             state = await wait_until_phase(client, {"promoted", "failed", "rolled_back"})
         assert state["phase"] == "promoted", state["history"][-1]
         assert state["stable_version"] == 2 and state["canary_version"] is None
         actions = [(decision["action"], decision["to_weight"]) for decision in state["history"]]
         assert actions == [("start", 50), ("step", 100), ("promoting", 100), ("promote", 0)]
-        assert served.get("2", 0) > 0
+        assert sent.served.get("2", 0) > 0
         # The collection followed the canary before it became stable, and answers from it.
         collection = (await client.get("/v1/collections/docs")).json()
         assert (collection["version"], collection["state"], collection["items"]) == (2, "ready", 60)
@@ -193,6 +213,7 @@ async def test_a_slow_canary_is_rolled_back_for_its_latency(canary_repository: P
         # enough to judge an interval.
         thresholds = {
             **FAST_ANALYSIS["thresholds"],
+            "max_p95_latency_ratio": 2.0,
             "min_neighbour_agreement": 0.0,
             "max_drift_mmd": 100.0,
             "min_requests": 5,

@@ -66,6 +66,7 @@ def test_versions_are_pinned_by_name_at_version_or_by_header(client: TestClient)
 def test_dimensions_equal_to_the_model_size_is_accepted(client: TestClient) -> None:
     response = client.post("/v1/embeddings", json={"input": "x", "model": "minilm", "dimensions": 384})
     assert response.status_code == 200
+    assert vectors(response.json()).shape == (1, 384)
 
 
 def test_models_lists_versions_with_manifest_summaries(client: TestClient) -> None:

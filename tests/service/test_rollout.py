@@ -330,30 +330,37 @@ async def test_the_analysis_waits_and_never_passes_a_canary_without_traffic(sett
         analysis = {"enabled": True, "interval_s": 0.2, "passes_to_step": 1, "thresholds": {"min_requests": 5}}
         body = {"canary_version": 2, "steps": [10, 100], "analysis": analysis}
         assert (await client.put("/v1/rollouts/tiny", json=body, headers=admin())).status_code == 200
-        deadline = time.monotonic() + 10
-        while (state := (await client.get("/v1/rollouts/tiny", headers=admin())).json())["last_judgement"] is None:
-            assert time.monotonic() < deadline
+
+        async def waits() -> float:
+            found = await read_metrics(client)
+            return metric(found, "embedserve_rollout_analysis_total", model="tiny", version="2", result="wait")
+
+        deadline = time.monotonic() + 30
+        while await waits() < 3:  # several intervals without a request
+            assert time.monotonic() < deadline, "the analysis judged fewer than 3 intervals"
             await asyncio.sleep(0.05)
-        await asyncio.sleep(1.0)  # several more intervals without a request
         state = (await client.get("/v1/rollouts/tiny", headers=admin())).json()
         assert (state["phase"], state["weight"], state["passes"], state["failures"]) == ("progressing", 10, 0, 0)
         assert state["last_judgement"]["result"] == "wait"
         assert "0 canary requests < 5" in state["last_judgement"]["reason"]
         found = await read_metrics(client)
-        assert metric(found, "embedserve_rollout_analysis_total", model="tiny", version="2", result="wait") >= 3
         assert metric(found, "embedserve_rollout_analysis_total", model="tiny", version="2", result="pass") == 0
 
 
 async def test_one_replica_at_a_time_holds_a_rollouts_analysis_lease(prefix: str) -> None:
     store = RedisRolloutStore(Redis.from_url(SHARED_REDIS_URL, socket_timeout=5), prefix)
     try:
+        assert await store.hold_lease("tiny", "replica-a", ttl_s=60)
+        assert not await store.hold_lease("tiny", "replica-b", ttl_s=60)  # a's, still
+        assert await store.hold_lease("tiny", "replica-a", ttl_s=60)  # renewed by its holder
+        assert await store.hold_lease("minilm", "replica-b", ttl_s=60)  # one lease per model
+        # a's last renewal is for a short time, then it stops renewing (crashed): once that runs out, b takes over.
         assert await store.hold_lease("tiny", "replica-a", ttl_s=0.3)
-        assert not await store.hold_lease("tiny", "replica-b", ttl_s=0.3)  # a's, still
-        assert await store.hold_lease("tiny", "replica-a", ttl_s=0.3)  # renewed by its holder
-        assert await store.hold_lease("minilm", "replica-b", ttl_s=0.3)  # one lease per model
-        await asyncio.sleep(0.5)  # a stopped renewing (crashed): b takes over
-        assert await store.hold_lease("tiny", "replica-b", ttl_s=0.3)
-        assert not await store.hold_lease("tiny", "replica-a", ttl_s=0.3)
+        deadline = time.monotonic() + 10
+        while not await store.hold_lease("tiny", "replica-b", ttl_s=60):
+            assert time.monotonic() < deadline, "a's lease never expired"
+            await asyncio.sleep(0.05)
+        assert not await store.hold_lease("tiny", "replica-a", ttl_s=60)
     finally:
         await store.close()
 
@@ -370,24 +377,29 @@ async def test_the_replica_that_judges_counts_what_every_replica_served(
     }
     first = settings.model_copy(update={**shared, "milvus_uri": str(tmp_path / "a.db")})
     second = settings.model_copy(update={**shared, "milvus_uri": str(tmp_path / "b.db")})
-    async with running_gateway(first) as (app_a, client_a), running_gateway(second) as (_, client_b):
+    async with running_gateway(first) as (app_a, client_a):
         analysis = {"enabled": True, "interval_s": 1.0, "thresholds": {"min_requests": 10}}
         body = {"canary_version": 2, "steps": [10, 100], "analysis": analysis}
         assert (await client_a.put("/v1/rollouts/tiny", json=body, headers=admin())).status_code == 200
         lease = redis.Redis.from_url(SHARED_REDIS_URL)
         deadline = time.monotonic() + 10
-        while (holder := lease.get(f"{prefix}rollout-lease:tiny")) is None:
-            assert time.monotonic() < deadline
+        while lease.get(f"{prefix}rollout-lease:tiny") != app_a.state.analysis.holder.encode():
+            assert time.monotonic() < deadline, "the only replica never took the lease"
             await asyncio.sleep(0.05)
-        leader_is_a = holder.decode() == app_a.state.analysis.holder
-        follower = client_b if leader_is_a else client_a
-        await asyncio.sleep(1.5)  # both replicas have seen the rollout (their first interval started)
-        for i in range(15):  # served by the follower only, pinned to the canary
-            answer = await follower.post("/v1/embeddings", json={"model": "tiny@2", "input": f"handed over {i}"})
-            assert answer.headers["x-model-version"] == "2"
-        deadline = time.monotonic() + 15
-        while ((await client_a.get("/v1/rollouts/tiny", headers=admin())).json()["last_judgement"] or {}).get(
-            "canary_requests"
-        ) != 15:
-            assert time.monotonic() < deadline, "the leader never counted the follower's requests"
-            await asyncio.sleep(0.1)
+        # A replica started during the rollout knows it before it serves (its first interval starts at once),
+        # and leaves the judging to the lease holder.
+        async with running_gateway(second) as (_, client_b):
+            for i in range(15):  # served by the follower only, pinned to the canary
+                answer = await client_b.post("/v1/embeddings", json={"model": "tiny@2", "input": f"handed over {i}"})
+                assert answer.headers["x-model-version"] == "2"
+            # The follower hands over each interval: the 15 may land in one of the leader's judgements or be
+            # split between two, so count every judgement (one every interval_s; polled far more often).
+            counted: dict[str, int] = {}
+            deadline = time.monotonic() + 15
+            while sum(counted.values()) < 15:
+                assert time.monotonic() < deadline, f"the leader counted {counted} of the follower's 15 requests"
+                await asyncio.sleep(0.05)
+                judgement = (await client_a.get("/v1/rollouts/tiny", headers=admin())).json()["last_judgement"]
+                if judgement is not None:
+                    counted[judgement["at"]] = judgement["canary_requests"]
+            assert sum(counted.values()) == 15, counted

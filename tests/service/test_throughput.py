@@ -2,7 +2,10 @@
 
 import asyncio
 import base64
+import time
+from collections.abc import Awaitable, Callable
 
+import httpx
 import numpy as np
 
 from service.settings import Settings
@@ -44,12 +47,38 @@ async def test_batches_group_inputs_by_length_to_limit_padding(settings: Setting
         assert mean_padding < 0.35, f"mean padding {mean_padding:.2f}: short and long inputs were mixed"
 
 
+async def until(condition: Callable[[], Awaitable[bool]], timeout_s: float = 60) -> None:
+    """Poll ``condition`` until it holds; the deadline only keeps a broken gateway from hanging the test."""
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        assert time.monotonic() < deadline, "timed out waiting for the batcher"
+        await asyncio.sleep(0.01)
+
+
+async def queued_at_least(client: httpx.AsyncClient, count: int) -> bool:
+    return metric(await read_metrics(client), "embedserve_queue_depth", model="minilm") >= count
+
+
+async def accepted_exactly(client: httpx.AsyncClient, count: int) -> bool:
+    """Whether the batcher has taken in ``count`` inputs: still queued, or put in a batch (one step moves both)."""
+    found = await read_metrics(client)
+    queued = metric(found, "embedserve_queue_depth", model="minilm")
+    return queued + metric(found, "embedserve_batch_size_sum", model="minilm") == count
+
+
+async def dropped_at_least(client: httpx.AsyncClient, count: int) -> bool:
+    found = await read_metrics(client)
+    return metric(found, "embedserve_batcher_dropped_inputs_total", model="minilm", reason="abandoned") >= count
+
+
 async def test_a_full_queue_answers_429_with_retry_after(settings: Settings) -> None:
-    tight = settings.model_copy(update={"cache_enabled": False, "max_queue_inputs": 16, "max_batch_size": 4})
+    tight = settings.model_copy(update={"cache_enabled": False, "max_queue_inputs": 16, "max_batch_size": 2})
     async with running_gateway(tight) as (_, client):
-        big = client.post("/v1/embeddings", json={"input": list(paragraphs()[:64]), "model": "minilm"})
+        # An empty queue takes a request of any size; 128 paragraphs 2 at a time keep it over its limit of 16
+        # for 24 more batches after its depth is seen at 64.
+        big = client.post("/v1/embeddings", json={"input": list(paragraphs()[:128]), "model": "minilm"})
         first = asyncio.ensure_future(big)
-        await asyncio.sleep(0.2)  # the 64 inputs are queued and running, 4 at a time
+        await until(lambda: queued_at_least(client, 64))
         refused = await client.post("/v1/embeddings", json={"input": "one more", "model": "minilm"})
         assert refused.status_code == 429
         assert refused.headers["retry-after"] == "1"
@@ -77,15 +106,17 @@ async def test_a_cancelled_request_is_dropped_before_inference(settings: Setting
     async with running_gateway(one_at_a_time) as (app, client):
         embedder = app.state.embedder
         version = embedder.resolve("minilm")
-        busy = asyncio.ensure_future(embedder.embed(list(paragraphs()[:40]), version))
-        await asyncio.sleep(0.05)
+        # 40 batches of paragraphs; two short inputs queued behind them are never the closest in length to the
+        # oldest paragraph, so they wait until the paragraphs are done.
+        busy = asyncio.ensure_future(embedder.embed(list(paragraphs()[:80]), version))
+        await until(lambda: accepted_exactly(client, 80))  # tokenized off the loop: the short ones must come after
         abandoned = asyncio.ensure_future(embedder.embed(["nobody waits for this", "nor this"], version))
-        await asyncio.sleep(0.01)
+        await until(lambda: accepted_exactly(client, 82))
         abandoned.cancel()  # what the route does when the client disconnects
         await busy
-        await asyncio.sleep(0.05)
+        await until(lambda: dropped_at_least(client, 2))
         found = await read_metrics(client)
-        assert metric(found, "embedserve_batch_size_sum", model="minilm") == 40
+        assert metric(found, "embedserve_batch_size_sum", model="minilm") == 80
         assert metric(found, "embedserve_batcher_dropped_inputs_total", model="minilm", reason="abandoned") == 2
 
 
