@@ -20,6 +20,7 @@ from service.backends import Backend
 from service.backends.onnx import OnnxBackend
 from service.backends.triton import TritonBackend
 from service.batcher import Batcher, BatchLimits
+from service.body_limit import BodyLimitMiddleware
 from service.cache import CircuitBreaker, EmbeddingCache
 from service.canary_window import CanaryWindow
 from service.drift import DriftMonitor, TextSample
@@ -177,6 +178,7 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
     app.include_router(ops.router)
     app.include_router(collections.router, dependencies=[Depends(require_client)])
     app.include_router(rollouts.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(AccessMiddleware, metrics=metrics, tracer=tracing.tracer)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -238,7 +240,7 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(error.status_code, "http_error")
     return _error_response(
         error.status_code, str(error.detail), "invalid_request_error", None, code, dict(error.headers or {})
     )

@@ -61,6 +61,11 @@ class Settings(BaseSettings):
         4096, description="Most inputs waiting per model version; beyond it requests get 429 with Retry-After."
     )
     request_timeout_s: float = Field(30.0, description="Deadline of one embedding request; past it, 504.")
+    max_request_bytes: int = Field(
+        128 * 1024 * 1024,
+        gt=0,
+        description="Largest request body accepted; a larger one gets 413 before it is all read into memory.",
+    )
     cache_enabled: bool = Field(True, description="Cache embeddings (in-process LRU, and Redis when configured).")
     cache_memory_bytes: int = Field(
         256 * 1024 * 1024, description="Byte budget of the in-process LRU cache; 0 turns that layer off."

@@ -71,6 +71,23 @@ def test_errors_after_a_version_was_chosen_name_it(client: TestClient) -> None:
     assert response.headers["x-model-version"] == "1"
 
 
+def test_a_body_over_the_size_limit_is_a_413_declared_or_streamed(settings: Settings) -> None:
+    small = settings.model_copy(update={"max_request_bytes": 10_000})
+    body = json.dumps({"input": ["word " * 400] * 10, "model": "tiny"}).encode()  # ~20 kB
+    with TestClient(create_app(small)) as client:
+        declared = client.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+        error = assert_openai_error(declared, 413, f"{len(body)} bytes", "limit of 10000", "split it")
+        assert error["code"] == "request_too_large"
+        # Chunked, without a Content-Length: counted as it arrives.
+        chunks = (body[i : i + 1000] for i in range(0, len(body), 1000))
+        streamed = client.post("/v1/embeddings", content=chunks, headers={"content-type": "application/json"})
+        assert_openai_error(streamed, 413, "more than 10000 bytes")
+        items = {"items": [{"id": str(i), "text": "x" * 500} for i in range(40)]}
+        assert client.post("/v1/collections/any/items", json=items).status_code == 413  # every route
+        fits = client.post("/v1/embeddings", json={"input": ["word " * 400] * 2, "model": "tiny"})
+        assert fits.status_code == 200
+
+
 def test_malformed_json(client: TestClient) -> None:
     response = client.post("/v1/embeddings", content=b'{"input": "x",', headers={"content-type": "application/json"})
     assert_openai_error(response, 400, "not valid JSON")
