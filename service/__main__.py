@@ -1,13 +1,20 @@
 """python -m service serve | rollout ... — run the gateway, or drive its rollout admin API."""
 
 import argparse
+import logging
+import signal
+import threading
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from service import rollout_cli
 from service.app import create_app
 from service.logs import configure_logging
 from service.settings import load_settings
+
+log = logging.getLogger("service")
 
 
 def main() -> None:
@@ -21,7 +28,31 @@ def main() -> None:
     if args.command == "serve":
         settings = load_settings()
         configure_logging(settings.log_level)
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False)
+        app = create_app(settings)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+        DrainingServer(config, app, settings.shutdown_drain_s).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that the first SIGTERM/SIGINT marks the app draining (/readyz answers 503) and the
+    server stops only ``drain_s`` later: meanwhile load balancers take the replica out of rotation while it
+    still answers what they send. A second signal stops it at once."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_s: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._drain_s = drain_s
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_s <= 0 or self._app.state.draining:
+            super().handle_exit(sig, frame)
+            return
+        self._app.state.draining = True
+        name = signal.Signals(sig).name
+        log.info("draining before shutdown", extra={"signal": name, "drain_s": self._drain_s})
+        stop = threading.Timer(self._drain_s, super().handle_exit, args=(sig, frame))
+        stop.daemon = True
+        stop.start()
 
 
 if __name__ == "__main__":

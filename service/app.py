@@ -172,6 +172,7 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
 
     app = FastAPI(title="embedserve", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.draining = False  # set on SIGTERM by the server (service/__main__.py): /readyz answers 503
     app.state.metrics = metrics
     app.state.tracing = tracing
     app.include_router(embeddings.router, dependencies=[Depends(require_client)])

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
         4096, description="Most inputs waiting per model version; beyond it requests get 429 with Retry-After."
     )
     request_timeout_s: float = Field(30.0, description="Deadline of one embedding request; past it, 504.")
+    shutdown_drain_s: float = Field(
+        0.0,
+        ge=0,
+        description="After SIGTERM, seconds the gateway keeps serving while /readyz answers 503, so load balancers "
+        "stop sending before it stops; 0 = stop at once (in-flight requests still finish).",
+    )
     max_request_bytes: int = Field(
         128 * 1024 * 1024,
         gt=0,

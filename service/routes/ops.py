@@ -26,6 +26,8 @@ async def readyz(request: Request) -> Response:
     embedder: Embedder = request.app.state.embedder
     versions: list[VersionReadiness] = []
     problems: list[str] = []
+    if request.app.state.draining:
+        problems.append("shutting down: draining for EMBEDSERVE_SHUTDOWN_DRAIN_S before the gateway stops")
     for version in store.all():
         loaded = await backend.ready(version)
         versions.append(

@@ -229,6 +229,14 @@ def test_scaling_and_disruption(rendered: dict[str, list[dict[str, Any]]]) -> No
     assert {m["type"] for m in queue_hpa["spec"]["metrics"]} == {"Resource", "Pods"}
 
 
+def test_pods_drain_before_they_stop(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for scenario, manifests in rendered.items():
+        drain_s = float(settings(manifests)["EMBEDSERVE_SHUTDOWN_DRAIN_S"])
+        timeout_s = float(settings(manifests)["EMBEDSERVE_REQUEST_TIMEOUT_S"])
+        grace_s = gateway(manifests)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert drain_s > 0 and grace_s > drain_s + timeout_s, scenario  # drained, then in-flight work finishes
+
+
 def test_ingress_and_network_policy_are_optional(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert find(rendered["laptop"], "Ingress") == [] and find(rendered["laptop"], "NetworkPolicy") == []
     production = rendered["gpu-production"]
