@@ -42,17 +42,20 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self._app = app
         self._drain_s = drain_s
+        self._stop: threading.Timer | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._drain_s <= 0 or self._app.state.draining:
+        if self._drain_s <= 0 or self._stop is not None:
+            if self._stop is not None:
+                self._stop.cancel()  # stopping now: the drain's own stop must not force-exit later
             super().handle_exit(sig, frame)
             return
         self._app.state.draining = True
-        name = signal.Signals(sig).name
-        log.info("draining before shutdown", extra={"signal": name, "drain_s": self._drain_s})
-        stop = threading.Timer(self._drain_s, super().handle_exit, args=(sig, frame))
-        stop.daemon = True
-        stop.start()
+        # The timer first: this runs in a signal handler, and a log write it interrupted could make logging raise.
+        self._stop = threading.Timer(self._drain_s, super().handle_exit, args=(sig, frame))
+        self._stop.daemon = True
+        self._stop.start()
+        log.info("draining before shutdown", extra={"signal": signal.Signals(sig).name, "drain_s": self._drain_s})
 
 
 if __name__ == "__main__":

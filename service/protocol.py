@@ -28,21 +28,21 @@ class RequestBody(BaseModel):
         return data
 
 
-def _lone_surrogate_at(value: object, path: tuple[str | int, ...]) -> tuple[str | int, ...] | None:
-    """Where in ``value`` (a decoded JSON document) the first string that is not encodable as UTF-8 is."""
-    if isinstance(value, str):
-        return None if value.isascii() or _encodable(value) else path
-    if isinstance(value, list):
-        for index, element in enumerate(value):
-            found = _lone_surrogate_at(element, (*path, index))
-            if found is not None:
-                return found
-    if isinstance(value, dict):
-        for key, element in value.items():
-            found = _lone_surrogate_at(key, path) if isinstance(key, str) else None
-            found = found if found is not None else _lone_surrogate_at(element, (*path, key))
-            if found is not None:
-                return found
+def _lone_surrogate_at(document: object, path: tuple[str | int, ...]) -> tuple[str | int, ...] | None:
+    """Where in ``document`` (decoded JSON) the first string, key or value, that is not encodable as UTF-8
+    is. Walked with a stack, not recursion: nesting as deep as the JSON parser allows must not overflow."""
+    stack: list[tuple[object, tuple[str | int, ...]]] = [(document, path)]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and not _encodable(value):
+                return where
+        elif isinstance(value, list):
+            stack.extend((element, (*where, index)) for index, element in reversed(list(enumerate(value))))
+        elif isinstance(value, dict):
+            for key, element in reversed(list(value.items())):
+                stack.append((element, (*where, key)))
+                stack.append((key, where))
     return None
 
 

@@ -348,8 +348,11 @@ class Trainer:
         """Drop metrics rows past the step the run starts from: a resumed run writes those steps again."""
         if not self.metrics_path.is_file():
             return
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            step = _metrics_step(line)
+            if step is not None and step <= self.step:
+                kept.append(line)
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def _write_summary(self, result: dict[str, Any] | None = None) -> None:
@@ -377,6 +380,14 @@ class Trainer:
             path = save_checkpoint(path, self.step, self.state(), self.config.checkpoint.keep)
             log.info("checkpoint written", extra={"step": self.step, "path": str(path)})
         return path
+
+
+def _metrics_step(line: str) -> int | None:
+    """The step of one metrics.jsonl row; None for a blank or torn line (a run killed mid-write)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def train(config: TrainConfig, resume: Path | None = None) -> TrainResult:

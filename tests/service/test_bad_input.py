@@ -88,6 +88,14 @@ def test_a_body_over_the_size_limit_is_a_413_declared_or_streamed(settings: Sett
         assert fits.status_code == 200
 
 
+def test_nesting_as_deep_as_the_json_parser_allows_is_a_400(client: TestClient) -> None:
+    # Around the parser's own limit (~1000 levels) a recursive walk of the body overflowed Python's stack.
+    for depth in range(900, 1010):
+        body = '{"model": "minilm", "input": ' + "[" * depth + '"x"' + "]" * depth + "}"
+        response = client.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400, (depth, response.text)
+
+
 def test_malformed_json(client: TestClient) -> None:
     response = client.post("/v1/embeddings", content=b'{"input": "x",', headers={"content-type": "application/json"})
     assert_openai_error(response, 400, "not valid JSON")

@@ -55,6 +55,8 @@ def test_resuming_from_step_n_gives_the_weights_of_an_uninterrupted_run(
     # The run folder as an interrupted run leaves it: metrics already past the checkpoint resumed from.
     resumed = finished_run.model_copy(update={"output_dir": tmp_path})
     shutil.copytree(finished_run.run_dir, resumed.run_dir)
+    with (resumed.run_dir / "metrics.jsonl").open("a") as torn:
+        torn.write('{"step": 21, "lo')  # killed mid-write
     torch.manual_seed(12345)  # whatever state this process is in, resume restores the run's
     train(resumed, resume=resumed.run_dir / "checkpoints" / checkpoints[0].name)
     uninterrupted = load_checkpoint(checkpoints[1])["encoder"]
