@@ -36,7 +36,7 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
+        request_id = header_value(scope, b"x-request-id") or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
 
@@ -112,7 +112,8 @@ def _trace_headers(scope: Scope) -> dict[str, str]:
     }
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def header_value(scope: Scope, name: bytes) -> str | None:
+    """The first ``name`` header of an ASGI request (latin-1, cut to 128 characters), or None."""
     for key, value in scope["headers"]:
         if key == name:
             return str(value.decode("latin-1"))[:128]
