@@ -27,7 +27,7 @@ from trainer.encoder import SentenceEncoder, load_base
 from trainer.evaluate import LabeledPair, retrieval_metrics
 from trainer.export import embed_with_torch
 from trainer.publish import load_trained
-from trainer.train import train
+from trainer.train import read_metrics, train
 
 RESULTS = Path(__file__).parent / "results" / "bench_ssl.json"
 EVAL_MAX_TOKENS = 256
@@ -117,7 +117,7 @@ def main() -> None:
         train_started = time.perf_counter()
         result = train(config)
         train_seconds = time.perf_counter() - train_started
-        metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        metrics = read_metrics(result.run_dir)
         adapted = evaluate(load_trained(result.last_checkpoint).encoder, pairs)
     print(f"adapted: recall@10 {adapted['recall@10']:.4f}  MRR@10 {adapted['mrr@10']:.4f}", flush=True)
 

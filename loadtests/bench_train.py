@@ -23,7 +23,7 @@ import torch
 from trainer.config import TrainConfig
 from trainer.publish import publish
 from trainer.sample_text import sentences
-from trainer.train import train
+from trainer.train import read_metrics, train
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -70,7 +70,7 @@ def main() -> None:
         train_seconds = time.perf_counter() - started
         if int(os.environ.get("RANK", "0")) != 0:  # every rank trained; one exports and reports
             return
-        metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        metrics = read_metrics(result.run_dir)
         started = time.perf_counter()
         version_dir = publish(result.last_checkpoint)  # no gate threshold: parity is what is checked
         export_seconds = time.perf_counter() - started

@@ -1,7 +1,7 @@
-"""The PNG of a run's loss and evaluation curves, drawn from its metrics.jsonl."""
+"""The PNG of a run's loss and evaluation curves, drawn from its metrics rows."""
 
-import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -9,8 +9,7 @@ matplotlib.use("Agg")  # no display on training nodes
 import matplotlib.pyplot as plt
 
 
-def plot_metrics(metrics_path: Path, output: Path) -> Path:
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+def plot_metrics(records: list[dict[str, Any]], output: Path) -> Path:
     evaluated = [r for r in records if "val_uniformity" in r]
     figure, (loss_axis, eval_axis) = plt.subplots(1, 2, figsize=(11, 4))
     loss_axis.plot([r["step"] for r in records], [r["loss"] for r in records])

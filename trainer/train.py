@@ -49,6 +49,14 @@ class NonFiniteLoss(Exception):
     pass
 
 
+METRICS_FILE = "metrics.jsonl"  # one JSON row per step, in each run's folder
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl, step by step."""
+    return [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
+
+
 @dataclass(frozen=True)
 class TrainResult:
     run_dir: Path
@@ -198,7 +206,7 @@ class Trainer:
         self.position = DataPosition()
         self.step = 0
         self.run_dir = config.run_dir
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.run_dir / METRICS_FILE
         self.summary_path = self.run_dir / "summary.json"
         self.tokens_seen = 0
         self.started = time.perf_counter()
@@ -340,7 +348,7 @@ class Trainer:
                 last_checkpoint = self.save()
         progress.close()
         if main:
-            plot_metrics(self.metrics_path, self.run_dir / "curves.png")
+            plot_metrics(read_metrics(self.run_dir), self.run_dir / "curves.png")
             self._write_summary({"steps": self.step, "final_loss": loss_value, "last_checkpoint": str(last_checkpoint)})
         return TrainResult(self.run_dir, last_checkpoint, self.step, loss_value)
 

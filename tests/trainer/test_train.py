@@ -19,15 +19,11 @@ from trainer.export import ExportRefused
 from trainer.monitor import CollapseDetected
 from trainer.publish import publish
 from trainer.sample_text import paragraphs, sentences
-from trainer.train import NonFiniteLoss, train
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from trainer.train import NonFiniteLoss, read_metrics, train
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [record["loss"] for record in metrics(run_dir)]
+    return [record["loss"] for record in read_metrics(run_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +60,7 @@ def test_resuming_from_step_n_gives_the_weights_of_an_uninterrupted_run(
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(after_resume[name], tensor, atol=1e-6, rtol=0, msg=name)
     # Steps 11-20 are written again, once: no step repeats in metrics.jsonl.
-    assert [record["step"] for record in metrics(resumed.run_dir)] == list(range(1, 21))
+    assert [record["step"] for record in read_metrics(resumed.run_dir)] == list(range(1, 21))
     assert losses(resumed.run_dir) == pytest.approx(losses(finished_run.run_dir), abs=1e-5)
 
 
