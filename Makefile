@@ -35,15 +35,14 @@ triton: bootstrap-model triton-setup
 	scripts/run_triton.sh .triton/repository 8010 8011 8012
 
 ## Set up, make sure a Redis answers, run the whole test suite.
-test: bootstrap-model ensure-redis triton-setup
-	$(PY) -m ruff check service trainer loadtests tests
-	$(PY) -m ruff format --check service trainer loadtests tests
-	$(PY) -m mypy service trainer loadtests
+test: bootstrap-model ensure-redis triton-setup lint typecheck
 	$(PY) -m pytest -q
 
+## ruff (lint + format) and the import contracts of pyproject.toml's [tool.importlinter] (imports go one way).
 lint: $(STAMP)
 	$(PY) -m ruff check service trainer loadtests tests
 	$(PY) -m ruff format --check service trainer loadtests tests
+	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)
 	$(PY) -m mypy service trainer loadtests

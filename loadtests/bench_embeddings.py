@@ -28,8 +28,8 @@ import onnxruntime as ort
 
 from loadtests.http_load import run_load
 from loadtests.processes import gateway, server_process
-from service.tokenization import TextTokenizer, pad_batch
-from trainer.sample_text import paragraphs, sentences
+from service.models.tokenization import TextTokenizer, pad_batch
+from trainer.data.sample_text import paragraphs, sentences
 
 RESULTS = Path(__file__).parent / "results" / "bench_embeddings.json"
 

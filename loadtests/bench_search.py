@@ -32,12 +32,12 @@ from prometheus_client import CollectorRegistry
 from loadtests.http_load import run_load
 from loadtests.manpages import load_man_pages
 from loadtests.processes import gateway
-from service.collections_protocol import ItemIn, SearchRequest
-from service.milvus import VectorMetrics
-from service.model_store import ModelStore, ModelVersion
+from service.models.store import ModelStore, ModelVersion
 from service.settings import Settings
-from service.vectors import VectorStore
-from trainer.sample_text import paragraphs, sentences
+from service.vectors.metrics import VectorMetrics
+from service.vectors.protocol import ItemIn, SearchRequest
+from service.vectors.store import VectorStore
+from trainer.data.sample_text import paragraphs, sentences
 
 RESULTS = Path(__file__).parent / "results" / "bench_search.json"
 MODES = ("dense", "keyword", "hybrid")

@@ -20,13 +20,12 @@ import numpy as np
 import torch
 
 from loadtests.manpages import MAN_ROOT, load_man_pages
-from service.tokenization import TextTokenizer
-from trainer.bootstrap import packaged_minilm
+from service.models.tokenization import TextTokenizer
 from trainer.config import TrainConfig
-from trainer.encoder import SentenceEncoder, load_base
-from trainer.evaluate import LabeledPair, retrieval_metrics
-from trainer.export import embed_with_torch
-from trainer.publish import load_trained
+from trainer.encoder import SentenceEncoder, load_base, packaged_minilm
+from trainer.release.evaluate import LabeledPair, retrieval_metrics
+from trainer.release.export import embed_with_torch
+from trainer.release.publish import load_trained
 from trainer.train import read_metrics, train
 
 RESULTS = Path(__file__).parent / "results" / "bench_ssl.json"

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from trainer.config import TrainConfig
-from trainer.publish import publish
-from trainer.sample_text import sentences
+from trainer.data.sample_text import sentences
+from trainer.release.publish import publish
 from trainer.train import read_metrics, train
 
 RESULTS = Path(__file__).parent / "results"

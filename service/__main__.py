@@ -9,10 +9,10 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from service import rollout_cli
 from service.app import create_app
-from service.logs import configure_logging
+from service.rollouts import cli as rollout_cli
 from service.settings import load_settings
+from service.telemetry.logs import configure_logging
 
 log = logging.getLogger("service")
 

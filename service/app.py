@@ -14,29 +14,33 @@ from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 from starlette.exceptions import HTTPException
 
-from service.access import AccessMiddleware
-from service.auth import require_client
-from service.backends import Backend
+from service import ops
+from service.backends.contract import Backend
 from service.backends.onnx import OnnxBackend
 from service.backends.triton import TritonBackend
-from service.batcher import Batcher, BatchLimits
-from service.body_limit import BodyLimitMiddleware
-from service.cache import CircuitBreaker, EmbeddingCache
-from service.canary_window import CanaryWindow
-from service.drift import DriftMonitor, TextSample
-from service.embedder import Embedder
+from service.edge.access import AccessMiddleware
+from service.edge.auth import require_client
+from service.edge.body_limit import BodyLimitMiddleware
+from service.edge.protocol import LONE_SURROGATE, ErrorBody, ErrorDetail
+from service.embeddings import router as embeddings
+from service.embeddings.batcher import Batcher, BatchLimits
+from service.embeddings.cache import CircuitBreaker, EmbeddingCache
+from service.embeddings.embedder import Embedder
 from service.errors import ApiError
-from service.metrics import Metrics
-from service.milvus import VectorMetrics
-from service.model_store import ModelStore, ModelVersion
-from service.protocol import LONE_SURROGATE, ErrorBody, ErrorDetail
-from service.rollout_analysis import RolloutAnalysis
-from service.rollout_store import MemoryRolloutStore, RedisRolloutStore, RolloutMetrics, RolloutStore, RolloutWatcher
-from service.routes import collections, embeddings, ops, rollouts
+from service.models import router as models
+from service.models.store import ModelStore, ModelVersion
+from service.rollouts import router as rollouts
+from service.rollouts.analysis import RolloutAnalysis
+from service.rollouts.shadow import ShadowMirror
+from service.rollouts.store import MemoryRolloutStore, RedisRolloutStore, RolloutMetrics, RolloutStore, RolloutWatcher
+from service.rollouts.window import CanaryWindow
 from service.settings import Settings
-from service.shadow import ShadowMirror
-from service.tracing import create_tracing
-from service.vectors import VectorStore
+from service.telemetry.drift import DriftMonitor, TextSample
+from service.telemetry.metrics import Metrics
+from service.telemetry.tracing import create_tracing
+from service.vectors import router as collections
+from service.vectors.metrics import VectorMetrics
+from service.vectors.store import VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +181,7 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
     app.state.tracing = tracing
     app.include_router(embeddings.router, dependencies=[Depends(require_client)])
     app.include_router(ops.router)
+    app.include_router(models.router, dependencies=[Depends(require_client)])
     app.include_router(collections.router, dependencies=[Depends(require_client)])
     app.include_router(rollouts.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)

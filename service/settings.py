@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     redis_retry_after_s: float = Field(5.0, description="How long an open circuit skips Redis before probing it.")
     log_level: str = Field("INFO", description="Log level of the JSON logs.")
 
-    # Tracing (service/tracing.py).
+    # Tracing (service/telemetry/tracing.py).
     otlp_endpoint: str | None = Field(
         None,
         description="OTLP/gRPC endpoint that receives the traces, e.g. http://otel-collector:4317; unset = no "
@@ -100,7 +100,7 @@ class Settings(BaseSettings):
         description="Share of new traces recorded; a request whose traceparent says sampled (or not) follows it.",
     )
 
-    # Access and rollouts (service/auth.py, service/rollout_store.py).
+    # Access and rollouts (service/edge/auth.py, service/rollouts/store.py).
     admin_api_key: SecretStr | None = Field(
         None, description="Key of the admin routes (/v1/rollouts), sent as a Bearer token; unset = admin API off."
     )
@@ -113,7 +113,7 @@ class Settings(BaseSettings):
         1.0, gt=0, description="Seconds between two reads of the rollout states from Redis by each replica."
     )
 
-    # Drift monitoring (service/drift.py).
+    # Drift monitoring (service/telemetry/drift.py).
     drift_interval_s: float = Field(
         15.0, gt=0, description="Seconds between two recomputations of the drift gauges (MMD, mean cosine distance)."
     )
@@ -130,7 +130,7 @@ class Settings(BaseSettings):
         "neighbourhood agreement; 0 keeps none.",
     )
 
-    # Vector search (service/vectors.py).
+    # Vector search (service/vectors/store.py).
     milvus_uri: str = Field(
         "data/milvus.db",
         description="Milvus to store collections in: a local file path ending in .db runs Milvus Lite in-process; "

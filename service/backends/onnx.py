@@ -10,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 
 from service.errors import ServiceUnavailable
-from service.model_store import ModelVersion
-from service.tokenization import TokenBatch
+from service.models.store import ModelVersion
+from service.models.tokenization import TokenBatch
 
 log = logging.getLogger(__name__)
 

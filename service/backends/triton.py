@@ -17,12 +17,12 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
 from service.errors import ServiceUnavailable
-from service.model_store import ModelVersion
-from service.tokenization import TokenBatch
+from service.models.store import ModelVersion
+from service.models.tokenization import TokenBatch
 
 log = logging.getLogger(__name__)
 
-# The tensors of every version's Triton model config (trainer/triton_config.py writes them).
+# The tensors of every version's Triton model config (trainer/release/triton_config.py writes them).
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 OUTPUT = "embedding"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import TrainConfig
-from trainer.sample_text import paragraphs, sentences
+from trainer.data.sample_text import paragraphs, sentences
 
 PII_LINES = 8  # each with one email and one IPv4 address
 

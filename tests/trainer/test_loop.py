@@ -8,14 +8,14 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from service.tokenization import TextTokenizer, pad_batch
+from service.models.tokenization import TextTokenizer, pad_batch
 from tests.trainer.conftest import tiny_config
 from trainer.checkpoint import load_checkpoint
-from trainer.data import DataPosition
+from trainer.data.order import DataPosition
+from trainer.data.tokenizer import train_wordpiece
 from trainer.distributed import Topology
 from trainer.encoder import SentenceEncoder
-from trainer.publish import load_trained
-from trainer.tokenizer import train_wordpiece
+from trainer.release.publish import load_trained
 from trainer.train import Trainer, warmup_cosine
 
 CPU = Topology(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -104,7 +104,8 @@ def test_continuing_from_a_base_model_folder_starts_from_its_weights(corpus_file
         assert torch.equal(tensor, base_weights[name]), name
     # Step 0 embeddings are the base's own.
     batch = pad_batch(
-        trainer.tokenizer.encode(["The river rose.", "A tuple is a sequence."], truncate=True), trainer.tokenizer.pad_id
+        trainer.tokenizer.encode(["The river rose.", "A tuple is a sequence."], truncate=True),
+        trainer.tokenizer.pad_id,
     )
     ids, mask = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)
     with torch.no_grad():

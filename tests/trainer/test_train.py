@@ -10,15 +10,15 @@ from fastapi.testclient import TestClient
 
 import trainer.train as training
 from service.app import create_app
-from service.manifest import verify_version
+from service.models.manifest import verify_version
 from tests.helpers import private_settings
 from tests.trainer.conftest import PII_LINES, tiny_config
 from trainer.checkpoint import CorruptCheckpoint, list_checkpoints, load_checkpoint
 from trainer.config import TrainConfig
-from trainer.export import ExportRefused
+from trainer.data.sample_text import paragraphs, sentences
 from trainer.monitor import CollapseDetected
-from trainer.publish import publish
-from trainer.sample_text import paragraphs, sentences
+from trainer.release.export import ExportRefused
+from trainer.release.publish import publish
 from trainer.train import NonFiniteLoss, read_metrics, train
 
 
@@ -139,7 +139,7 @@ def test_export_holds_parity_records_provenance_and_is_served(finished_run: Trai
     second = publish(checkpoint)
     assert verify_version(second).parent_version == 1
     # An INT8 twin is never a parent: the next export descends from the newest fp32 version.
-    from trainer.quantize import quantize_version
+    from trainer.release.quantize import quantize_version
 
     int8 = quantize_version(second, list(sentences()[:16]))
     assert (int8.name, verify_version(int8).precision) == ("3", "int8")

@@ -1,0 +1,237 @@
+"""Dynamic batching: one batcher per (model, version) turns many small requests into few inference batches.
+
+Inputs (token ids) join a bounded queue. A worker closes a batch at ``max_batch_size`` inputs, at
+``max_batch_tokens`` padded tokens, or ``max_wait_ms`` after its oldest input arrived, whichever comes
+first. While one batch runs, the next one fills, so under load batches form without any waiting and
+an idle gateway adds no delay. Inputs are grouped by token length so padding stays small; the oldest
+input is always in the next batch, so nothing starves. A full queue refuses new work (429) instead of
+letting waits grow without bound; inputs whose request was cancelled or timed out are dropped before
+inference.
+
+Tracing: a batch serves several requests, so each request gets its own spans for its part of a batch,
+children of the span that was current when it queued its inputs: ``batch.queue_wait`` (from queueing to the
+batch's start) and ``inference`` (the backend call, with the batch's size and padded tokens, the request's
+``inputs`` in it and how many ``requests`` share it). Each request's trace shows where its time went; the
+requests of one batch have ``inference`` spans with the same times.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Span, Status, StatusCode, Tracer
+
+from service.backends.contract import Backend
+from service.errors import ApiError, Overloaded
+from service.models.store import ModelVersion
+from service.models.tokenization import pad_batch
+from service.telemetry.metrics import Metrics
+from service.telemetry.tracing import NO_TRACING, version_attributes
+
+log = logging.getLogger(__name__)
+
+# How many of the oldest queued inputs are considered when grouping by length: bounds the cost of
+# forming a batch and how far a short input can overtake a long one.
+_SELECTION_WINDOW_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch_size: int
+    max_batch_tokens: int
+    max_wait_ms: float
+    max_queue_inputs: int
+
+
+@dataclass(eq=False)
+class _Origin:
+    """The ``embed`` call an input came from: the trace context it was called in, when it queued (ns)."""
+
+    context: otel_context.Context
+    enqueued_ns: int = field(default_factory=time.time_ns)
+
+
+@dataclass(eq=False)
+class _Input:
+    token_ids: list[int]
+    future: asyncio.Future[np.ndarray]
+    origin: _Origin
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    def __init__(
+        self,
+        version: ModelVersion,
+        backend: Backend,
+        limits: BatchLimits,
+        metrics: Metrics,
+        tracer: Tracer = NO_TRACING,
+    ) -> None:
+        self.version = version
+        self._backend = backend
+        self._limits = limits
+        self._metrics = metrics
+        self._tracer = tracer
+        self._labels = (version.model, str(version.version))
+        self._queue: list[_Input] = []
+        self._arrived = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._worker = asyncio.create_task(self._run(), name=f"batcher-{self.version.name}")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        for pending in self._queue:
+            pending.future.cancel()
+        self._queue.clear()
+
+    async def embed(self, token_ids: list[list[int]]) -> np.ndarray:
+        """Vectors for ``token_ids`` (one row each, in order); 429 when the queue can't take them."""
+        if self._queue and len(self._queue) + len(token_ids) > self._limits.max_queue_inputs:
+            self._metrics.rejected.labels(*self._labels, "queue_full").inc()
+            raise Overloaded(
+                f"{self.version.name} has {len(self._queue)} inputs waiting; retry shortly.", retry_after_s=1
+            )
+        loop = asyncio.get_running_loop()
+        origin = _Origin(otel_context.get_current())
+        inputs = [_Input(ids, loop.create_future(), origin) for ids in token_ids]
+        self._queue.extend(inputs)
+        self._metrics.queue_depth.labels(*self._labels).set(len(self._queue))
+        self._arrived.set()
+        try:
+            rows = await asyncio.gather(*(item.future for item in inputs))
+        except BaseException:
+            # Cancelled (client gone, deadline passed) or failed: queued siblings must not run.
+            for item in inputs:
+                item.future.cancel()
+            raise
+        return np.stack(rows)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            batch = await self._next_batch()
+            if batch:
+                await self._infer(batch)
+
+    async def _next_batch(self) -> list[_Input]:
+        """Wait until a batch should close, then take it out of the queue."""
+        while True:
+            self._drop_abandoned()
+            if not self._queue:
+                return []
+            batch = self._select()
+            waited_ms = (time.monotonic() - self._queue[0].enqueued_at) * 1000
+            remaining_ms = self._limits.max_wait_ms - waited_ms
+            full = len(batch) >= self._limits.max_batch_size or len(batch) < min(
+                len(self._queue), self._limits.max_batch_size
+            )
+            if full or remaining_ms <= 0:
+                break
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining_ms / 1000)
+        taken = set(map(id, batch))
+        self._queue = [item for item in self._queue if id(item) not in taken]
+        self._metrics.queue_depth.labels(*self._labels).set(len(self._queue))
+        return batch
+
+    def _select(self) -> list[_Input]:
+        """The oldest input plus the queued inputs closest to it in length, within the batch limits."""
+        oldest = self._queue[0]
+        window = self._queue[1 : 1 + self._limits.max_batch_size * _SELECTION_WINDOW_FACTOR]
+        window.sort(key=lambda item: abs(len(item.token_ids) - len(oldest.token_ids)))
+        batch = [oldest]
+        longest = len(oldest.token_ids)
+        for item in window:
+            if len(batch) >= self._limits.max_batch_size:
+                break
+            candidate_longest = max(longest, len(item.token_ids))
+            if candidate_longest * (len(batch) + 1) > self._limits.max_batch_tokens:
+                continue
+            batch.append(item)
+            longest = candidate_longest
+        return batch
+
+    def _drop_abandoned(self) -> None:
+        kept = [item for item in self._queue if not item.future.done()]
+        if len(kept) != len(self._queue):
+            self._metrics.dropped.labels(*self._labels, "abandoned").inc(len(self._queue) - len(kept))
+            self._queue = kept
+
+    async def _infer(self, batch: list[_Input]) -> None:
+        started = time.monotonic()
+        tokens = pad_batch([item.token_ids for item in batch], self.version.tokenizer.pad_id)
+        for item in batch:
+            self._metrics.queue_wait.labels(*self._labels).observe(started - item.enqueued_at)
+        self._metrics.batch_size.labels(*self._labels).observe(len(batch))
+        self._metrics.batch_padded_tokens.labels(*self._labels).observe(tokens.padded_tokens)
+        self._metrics.padding_ratio.labels(*self._labels).observe(1 - tokens.real_tokens / tokens.padded_tokens)
+        spans = self._start_spans(batch, tokens.padded_tokens)
+        try:
+            vectors = await self._backend.embed(self.version, tokens)
+        except ApiError as error:
+            _record_error(spans, error)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        except Exception as error:
+            _record_error(spans, error)
+            log.exception("inference failed", extra={"model": self.version.model, "version": self.version.version})
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        finally:
+            for span in spans:
+                span.end()
+        self._metrics.inference_latency.labels(*self._labels).observe(time.monotonic() - started)
+        for item, vector in zip(batch, vectors, strict=True):
+            if not item.future.done():
+                item.future.set_result(vector)
+
+    def _start_spans(self, batch: list[_Input], padded_tokens: int) -> list[Span]:
+        """Per request in ``batch``: its ``batch.queue_wait`` span (ended now) and its ``inference`` span (open)."""
+        now_ns = time.time_ns()
+        inputs_per_origin = Counter(item.origin for item in batch)
+        version = version_attributes(self.version)
+        spans: list[Span] = []
+        for origin, inputs in inputs_per_origin.items():
+            queue_wait = self._tracer.start_span(
+                "batch.queue_wait",
+                origin.context,
+                attributes={**version, "inputs": inputs},
+                start_time=origin.enqueued_ns,
+            )
+            queue_wait.end(now_ns)
+            attributes = {
+                **version,
+                "inputs": inputs,
+                "batch_size": len(batch),
+                "padded_tokens": padded_tokens,
+                "requests": len(inputs_per_origin),
+            }
+            spans.append(self._tracer.start_span("inference", origin.context, attributes=attributes, start_time=now_ns))
+        return spans
+
+
+def _record_error(spans: list[Span], error: Exception) -> None:
+    for span in spans:
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR, type(error).__name__))

@@ -1,0 +1,48 @@
+"""Wire models of POST /v1/embeddings (OpenAI's shapes)."""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from service.edge.protocol import RequestBody
+
+# Token-id inputs are accepted by the schema only so they can be refused with a message that says
+# what to do instead: the ids of another tokenizer mean nothing to these models.
+TokenIds = list[StrictInt]
+
+
+class EmbeddingRequest(RequestBody):
+    # Unknown fields are ignored, as the OpenAI API does, so SDKs that add fields keep working.
+    model_config = ConfigDict(extra="ignore")
+
+    input: StrictStr | list[StrictStr] | TokenIds | list[TokenIds] = Field(
+        description="A string or a list of strings to embed."
+    )
+    model: StrictStr | None = Field(
+        None, description="A model name, or name@version to pin a version; omitted = the default model."
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="float: lists of numbers; base64: little-endian float32 bytes, base64-encoded."
+    )
+    dimensions: Annotated[StrictInt, Field(gt=0)] | None = Field(
+        None, description="Must equal the model's embedding size when given (no truncated embeddings)."
+    )
+    user: StrictStr | None = Field(None, description="An end-user id; also the sticky routing key.")
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str = Field(description="The model and version that made the vectors, as name@version.")
+    usage: Usage

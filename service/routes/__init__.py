@@ -1,1 +1,0 @@
-"""HTTP routers: thin layers that parse wire models, call the core and shape responses."""
