@@ -112,7 +112,11 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
         cache = create_cache(settings, metrics, tracing.tracer)
         rollout_metrics = RolloutMetrics(metrics.registry)
         rollout_watcher = RolloutWatcher(
-            create_rollout_store(settings), store, settings.rollout_refresh_s, rollout_metrics
+            create_rollout_store(settings),
+            store,
+            settings.rollout_refresh_s,
+            rollout_metrics,
+            configured_stable=settings.stable_versions,
         )
         await rollout_watcher.refresh()
         rollout_watcher.start()

@@ -28,12 +28,9 @@ class MilvusLiteServer:
 
     def start(self, timeout_s: float = 60.0) -> None:
         log = (self.data_dir.parent / f"{self.data_dir.name}.log").open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(self.data_dir)]
-            + ["--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=log,
-            stderr=log,
-        )
+        address = ["--host", "127.0.0.1", "--port", str(self.port)]
+        command = [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(self.data_dir), *address]
+        self.process = subprocess.Popen(command, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process.poll() is not None:
@@ -71,6 +68,7 @@ def milvus_server(data_dir: Path) -> Iterator[MilvusLiteServer]:
 def gateways(count: int, env: dict[str, str], folder: Path) -> Iterator[list[str]]:
     """``count`` gateway processes with the same ``env`` (EMBEDSERVE_* settings); their base URLs, each ready
     (/readyz 200). Logs in ``folder``/gateway-<i>.log."""
+    folder.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         urls = [stack.enter_context(gateway(env, folder / f"gateway-{i}.log")) for i in range(count)]
         yield urls

@@ -155,7 +155,8 @@ class EmbeddingCache:
         self._writes: set[asyncio.Task[None]] = set()
 
     def _key(self, version: ModelVersion, digest: str) -> str:
-        return f"{self._prefix}emb:{version.model}:{version.version}:{digest}"
+        # The content id: a re-exported version (same number, other weights) never reads the old one's vectors.
+        return f"{self._prefix}emb:{version.model}:{version.version}:{version.content_id}:{digest}"
 
     async def get_many(self, version: ModelVersion, digests: list[str]) -> dict[str, CachedEmbedding]:
         """Entries found for ``digests`` (distinct): L1 first, then one MGET to Redis for the rest."""

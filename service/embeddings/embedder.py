@@ -32,8 +32,9 @@ class VersionRouter(Protocol):
         """The stable version of ``model``'s rollout; None without a rollout."""
         ...
 
-    def route(self, model: str, routing_key: str | None) -> int | None:
-        """The version an unpinned request of ``model`` goes to; None without a rollout."""
+    def route(self, model: str, identity: str | None) -> int | None:
+        """The version an unpinned request of ``model`` from the caller ``identity`` goes to; None without a
+        rollout."""
         ...
 
 
@@ -84,15 +85,15 @@ class Embedder:
         return versions[-1]
 
     def route(
-        self, requested: str | None, header_version: str | None = None, routing_key: str | None = None
+        self, requested: str | None, header_version: str | None = None, identity: str | None = None
     ) -> tuple[ModelVersion, bool]:
         """The version an embeddings request gets, and whether it pinned one. A pinned version (name@version or
-        ``x-model-version``) wins; unpinned, a model's canary rollout picks stable or canary by ``routing_key``
-        (sticky) or at random."""
+        ``x-model-version``) wins; unpinned, a model's canary rollout picks stable or canary by the caller's
+        ``identity`` (sticky), and a caller without one gets stable."""
         name, pinned = self._parse(requested, header_version)
         if pinned:
             return self._pinned(name, pinned), True
-        routed = self._rollouts.route(name, routing_key) if self._rollouts else None
+        routed = self._rollouts.route(name, identity) if self._rollouts else None
         version = self._store.get(name, routed) if routed is not None else None
         return version or self.default_version(name), False
 

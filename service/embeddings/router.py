@@ -8,6 +8,7 @@ from typing import Any, Protocol, TypeVar
 
 from fastapi import APIRouter, Header, Request, Response
 
+from service.edge.auth import caller_identity
 from service.embeddings.embedder import Embedder, EmbedResult
 from service.embeddings.protocol import Embedding, EmbeddingRequest, EmbeddingResponse, Usage
 from service.errors import ApiError, InvalidRequest
@@ -76,10 +77,14 @@ async def create_embeddings(
     body: EmbeddingRequest,
     request: Request,
     x_model_version: str | None = Header(None, description="Pin a version (e.g. 2) when model has none."),
-    x_routing_key: str | None = Header(None, description="Sticky key of a canary rollout; default: 'user'."),
+    x_routing_key: str | None = Header(
+        None, description="Sticky key of a canary rollout; default: 'user', else the API key; none: stable."
+    ),
 ) -> Response:
     embedder: Embedder = request.app.state.embedder
-    version, pinned = embedder.route(body.model, x_model_version, x_routing_key or body.user)
+    # The caller's identity: a canary's share is one of callers, and a caller never sees two versions.
+    identity = x_routing_key or body.user or caller_identity(request.headers.get("authorization"))
+    version, pinned = embedder.route(body.model, x_model_version, identity)
     request.state.model_version = version
     texts = embedder.check_inputs(body.input)
     if body.dimensions is not None and body.dimensions != version.dimension:

@@ -5,6 +5,7 @@ A version whose files don't match its manifest is refused (and says why); the ot
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from service.models.manifest import Manifest, ManifestError, verify_version
@@ -13,6 +14,8 @@ from service.models.tokenization import TOKENIZER_FILE, TextTokenizer
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
+# 64 bits of the manifest sha256: enough to tell apart the builds of one model version.
+CONTENT_ID_DIGITS = 16
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,13 @@ class ModelVersion:
     @property
     def dimension(self) -> int:
         return self.manifest.embedding_dimension
+
+    @cached_property
+    def content_id(self) -> str:
+        """What the version holds, not what it is called: the first 16 hex digits of its manifest sha256.
+        A version deleted and exported again under the same number has another one, so everything that
+        keeps vectors (cache keys, drift samples) keys them by it, never by the number alone."""
+        return self.manifest.sha256[:CONTENT_ID_DIGITS]
 
     @property
     def onnx_path(self) -> Path:

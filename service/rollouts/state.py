@@ -104,21 +104,21 @@ def check_steps(steps: list[int]) -> None:
         )
 
 
-def bucket(model: str, routing_key: str) -> int:
-    """The sticky bucket of ``routing_key`` in [0, 10000): the first 8 bytes of sha256(model, key)."""
-    digest = hashlib.sha256(f"{model}\x00{routing_key}".encode()).digest()
+def bucket(model: str, identity: str) -> int:
+    """The sticky bucket of a caller ``identity`` in [0, 10000): the first 8 bytes of sha256(model, identity)."""
+    digest = hashlib.sha256(f"{model}\x00{identity}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % BUCKETS
 
 
-def choose_version(state: RolloutState, routing_key: str | None, rng: random.Random) -> int:
-    """Stable or canary for one request. A key sees one version while the weight holds, and raising the
-    weight only moves keys from stable to canary (its bucket stays put, the threshold rises)."""
-    if not state.active or state.canary_version is None:
+def choose_version(state: RolloutState, identity: str | None) -> int:
+    """Stable or canary for one request of the caller ``identity`` (routing key, else user, else API key).
+    A caller sees one version while the weight holds, and raising the weight only moves callers from stable to
+    canary (its bucket stays put, the threshold rises): the canary's share is a share of callers, never of one
+    caller's requests, so no caller gets vectors of two versions mixed. A request without an identity is
+    served by stable."""
+    if not state.active or state.canary_version is None or identity is None:
         return state.stable_version
-    if routing_key is not None:
-        to_canary = bucket(state.model, routing_key) < state.weight * (BUCKETS // 100)
-    else:
-        to_canary = rng.random() * 100 < state.weight
+    to_canary = bucket(state.model, identity) < state.weight * (BUCKETS // 100)
     return state.canary_version if to_canary else state.stable_version
 
 
@@ -196,6 +196,14 @@ def start(
         shadow_percent=shadow_percent,
         analysis=analysis,
     )
+
+
+def adopt(model: str, stable_version: int, reason: str, actor: str) -> RolloutState:
+    """The first state of a model that has none: ``stable_version`` serves every unpinned request (phase
+    promoted, no canary), as after a promotion. The replicas agree on it through the store, so a version added
+    to some of them later moves no caller: only a rollout changes the stable version."""
+    state = RolloutState(model=model, stable_version=stable_version, phase="promoted")
+    return _decided(state, "adopt", 0, reason, actor)
 
 
 def begin_promotion(

@@ -6,7 +6,6 @@ known states, and it only ever routes to versions verified in this replica's ``M
 """
 
 import logging
-import random
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -16,7 +15,7 @@ from redis.exceptions import RedisError
 from service.errors import Conflict, ServiceUnavailable
 from service.models.store import ModelStore
 from service.periodic import Periodic
-from service.rollouts.state import PHASES, RolloutState, choose_version
+from service.rollouts.state import PHASES, RolloutState, adopt, choose_version
 
 log = logging.getLogger(__name__)
 
@@ -238,12 +237,13 @@ class RolloutWatcher:
         models: ModelStore,
         refresh_s: float = 1.0,
         metrics: RolloutMetrics | None = None,
-        rng: random.Random | None = None,
+        configured_stable: dict[str, int] | None = None,
     ) -> None:
         self.store = store
         self._models = models
         self._metrics = metrics
-        self._rng = rng or random.Random()
+        self._configured_stable = configured_stable or {}
+        self._disagreement_logged: set[str] = set()
         self._states: dict[str, RolloutState] = {}
         self._unservable_logged: set[tuple[str, int]] = set()
         self._failing = False
@@ -262,13 +262,14 @@ class RolloutWatcher:
             return None
         return state.stable_version
 
-    def route(self, model: str, routing_key: str | None) -> int | None:
-        """The version an unpinned request for ``model`` gets; None = no rollout here, use the default. Never a
-        version this replica hasn't verified: an unservable canary sends everything to stable (and is logged)."""
+    def route(self, model: str, identity: str | None) -> int | None:
+        """The version an unpinned request for ``model`` from the caller ``identity`` gets; None = no rollout
+        here, use the default. Never a version this replica hasn't verified: an unservable canary sends
+        everything to stable (and is logged)."""
         state = self._states.get(model)
         if state is None:
             return None
-        chosen = choose_version(state, routing_key, self._rng)
+        chosen = choose_version(state, identity)
         if chosen != state.stable_version and self._models.get(model, chosen) is None:
             if (model, chosen) not in self._unservable_logged:
                 self._unservable_logged.add((model, chosen))
@@ -302,6 +303,44 @@ class RolloutWatcher:
         self._failing = False
         for state in states.values():
             self._accept(state)
+        await self._adopt_stable_versions(states)
+
+    async def _adopt_stable_versions(self, states: dict[str, RolloutState]) -> None:
+        """Record the stable version of each model served here that has no state yet: the
+        EMBEDSERVE_STABLE_VERSIONS one, else the highest verified here. The first replica to serve a model
+        decides for all, so a rolling deploy that adds a version moves no unpinned caller pod by pod."""
+        for model in self._models.models():
+            state = states.get(model)
+            configured = self._configured_stable.get(model)
+            if state is not None:
+                if configured is not None and configured != state.stable_version:
+                    self._log_disagreement(model, configured, state.stable_version)
+                continue
+            versions = self._models.versions_of(model)
+            if configured is not None:
+                stable, why = configured, "EMBEDSERVE_STABLE_VERSIONS"
+            elif versions:
+                stable, why = versions[-1].version, "the highest version verified by the first replica to serve it"
+            else:
+                continue
+            reason = f"{model}@{stable} is the stable version: {why}"
+            try:
+                saved = await self.store.save(adopt(model, stable, reason, actor="gateway"))
+            except Conflict:
+                continue  # another replica recorded one first: the next refresh brings it
+            except (RedisError, OSError, TimeoutError):
+                return  # keep today's default (settings, else highest) until the store answers again
+            self._accept(saved)
+            log.info("stable version recorded", extra={"model": model, "version": stable})
+
+    def _log_disagreement(self, model: str, configured: int, recorded: int) -> None:
+        if model not in self._disagreement_logged:
+            self._disagreement_logged.add(model)
+            log.warning(
+                "EMBEDSERVE_STABLE_VERSIONS differs from the shared stable version, which wins; "
+                "change it with a rollout (PUT /v1/rollouts/{model})",
+                extra={"model": model, "configured_version": configured, "stable_version": recorded},
+            )
 
     async def update(self, model: str, change: Callable[[RolloutState | None], RolloutState]) -> RolloutState:
         """Read ``model``'s state from the store, apply ``change``, save it compare-and-set; seen here at once."""

@@ -206,8 +206,9 @@ class DriftMonitor:
         self.min_samples = min_samples
         self.interval_s = interval_s
         self._seeds = np.random.SeedSequence(seed)
-        self._reservoirs: dict[tuple[str, int], Reservoir] = {}
-        self._references: dict[tuple[str, int], _Reference | None] = {}
+        # By (model, version, content id): a version exported again under its number starts a new sample.
+        self._reservoirs: dict[tuple[str, int, str], Reservoir] = {}
+        self._references: dict[tuple[str, int, str], _Reference | None] = {}
         self._lock = threading.Lock()
         self._loop = Periodic("drift-gauges", interval_s, self._update_gauges_in_thread)
         versioned = ["model", "version"]
@@ -228,7 +229,7 @@ class DriftMonitor:
             self._reservoir(version)
 
     def _reservoir(self, version: ModelVersion) -> Reservoir:
-        key = (version.model, version.version)
+        key = (version.model, version.version, version.content_id)
         reservoir = self._reservoirs.get(key)
         if reservoir is None:
             with self._lock:
@@ -244,18 +245,25 @@ class DriftMonitor:
         """Offer the vectors ``version`` served for one request to its sample (a copy; no scoring)."""
         self._reservoir(version).observe(vectors)
 
+    def _served_key(self, model: str, version: int) -> tuple[str, int, str] | None:
+        """The reservoir key of what ``model@version`` is now (None when it is not served)."""
+        served = self._store.get(model, version)
+        return None if served is None else (model, version, served.content_id)
+
     def samples(self, model: str, version: int) -> int:
-        reservoir = self._reservoirs.get((model, version))
+        key = self._served_key(model, version)
+        reservoir = self._reservoirs.get(key) if key is not None else None
         return 0 if reservoir is None else len(reservoir)
 
     def scores(self, model: str, version: int) -> DriftScores | None:
         """Drift of what ``model@version`` served against its reference; None with fewer than ``min_samples``
         served vectors or without reference statistics. A few milliseconds of CPU: call it from a thread
         when latency matters."""
-        reservoir = self._reservoirs.get((model, version))
-        if reservoir is None or len(reservoir) < self.min_samples:
+        key = self._served_key(model, version)
+        reservoir = self._reservoirs.get(key) if key is not None else None
+        if key is None or reservoir is None or len(reservoir) < self.min_samples:
             return None
-        reference = self._reference(model, version)
+        reference = self._reference(key)
         if reference is None:
             return None
         served = reservoir.snapshot()
@@ -265,11 +273,10 @@ class DriftMonitor:
             samples=len(served),
         )
 
-    def _reference(self, model: str, version: int) -> _Reference | None:
-        key = (model, version)
+    def _reference(self, key: tuple[str, int, str]) -> _Reference | None:
         with self._lock:  # the gauges' thread and the analysis loop: one load, one warning
             if key not in self._references:
-                self._references[key] = self._load_reference(model, version)
+                self._references[key] = self._load_reference(key[0], key[1])
             return self._references[key]
 
     def _load_reference(self, model: str, version: int) -> _Reference | None:
@@ -286,7 +293,7 @@ class DriftMonitor:
 
     def update_gauges(self) -> None:
         """Recompute every version's scores and set its gauges (versions without scores keep no series)."""
-        for model, version in list(self._reservoirs):
+        for model, version in sorted({(model, version) for model, version, _ in list(self._reservoirs)}):
             scores = self.scores(model, version)
             if scores is not None:
                 self.mmd.labels(model, str(version)).set(scores.mmd)

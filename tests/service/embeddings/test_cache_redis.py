@@ -1,16 +1,22 @@
 """The Redis layer of the cache: shared between gateways, and never a reason for a request to fail."""
 
 import asyncio
+import base64
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 
+from service.models.tokenization import TextTokenizer
 from service.settings import Settings
-from tests.conftest import SHARED_REDIS_URL
-from tests.helpers import metric, read_metrics, running_gateway
+from tests.conftest import SHARED_REDIS_URL, export_tiny
+from tests.helpers import metric, private_settings, read_metrics, running_gateway
 from tests.redis_server import PrivateRedis
+from trainer.data.sample_text import sentences
+from trainer.release.export import embed_with_onnx
 
 
 @pytest.fixture
@@ -34,7 +40,7 @@ async def test_two_gateways_share_entries_through_redis(settings: Settings, shar
     body = {"input": ["shared between replicas"], "model": "tiny@1", "encoding_format": "base64"}
     async with running_gateway(shared) as (_, first):
         computed = (await first.post("/v1/embeddings", json=body)).json()
-    stored = redis.Redis.from_url(SHARED_REDIS_URL).keys(f"{shared_redis_prefix}*")
+    stored = redis.Redis.from_url(SHARED_REDIS_URL).keys(f"{shared_redis_prefix}emb:*")
     assert len(stored) == 1 and b":tiny:1:" in stored[0]
     async with running_gateway(shared) as (_, second):
         from_redis = (await second.post("/v1/embeddings", json=body)).json()
@@ -42,6 +48,39 @@ async def test_two_gateways_share_entries_through_redis(settings: Settings, shar
     assert from_redis["data"] == computed["data"]  # byte-identical base64
     assert metric(found, "embedserve_cache_lookups_total", layer="redis", result="hit") == 1
     assert metric(found, "embedserve_batch_size_count") == 0
+
+
+async def test_a_version_exported_again_under_its_number_never_gets_the_old_ones_vectors(
+    repository_copy: Path, shared_redis_prefix: str
+) -> None:
+    """Delete tiny@2, export other weights as tiny@2: the shared cache holds the old ones' vectors under the
+    same model and number, and none of them is served (keys carry the version's content id)."""
+    shared = private_settings(repository_copy).model_copy(
+        update={"redis_url": SHARED_REDIS_URL, "redis_prefix": shared_redis_prefix}
+    )
+    texts = list(sentences()[:8])
+
+    async def served(texts: list[str]) -> list[bytes]:
+        async with running_gateway(shared) as (_, client):
+            answers = [
+                await client.post(
+                    "/v1/embeddings", json={"input": text, "model": "tiny@2", "encoding_format": "base64"}
+                )
+                for text in texts
+            ]
+        return [base64.b64decode(answer.json()["data"][0]["embedding"]) for answer in answers]
+
+    old = await served(texts)
+    assert redis.Redis.from_url(SHARED_REDIS_URL).keys(f"{shared_redis_prefix}emb:tiny:2:*")
+    shutil.rmtree(repository_copy / "tiny" / "2")
+    assert export_tiny(repository_copy, seed=99).name == "2"
+    new = await served(texts)
+    version_dir = repository_copy / "tiny" / "2"
+    tokenizer = TextTokenizer(version_dir / "tokenizer.json", 64)
+    for text, old_bytes, new_bytes in zip(texts, old, new, strict=True):
+        direct = embed_with_onnx(version_dir / "model.onnx", tokenizer, [text])[0].astype("<f4")
+        assert new_bytes == direct.tobytes()  # the new weights' vector, bit for bit
+        assert abs(float(np.frombuffer(old_bytes, "<f4") @ direct)) < 0.9  # and not the old weights' one
 
 
 async def test_stopping_redis_keeps_requests_succeeding_and_restarting_brings_hits_back(

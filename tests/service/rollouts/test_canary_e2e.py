@@ -169,7 +169,7 @@ async def test_a_healthy_canary_steps_up_and_is_promoted_with_its_collections(
         assert state["phase"] == "promoted", state["history"][-1]
         assert state["stable_version"] == 2 and state["canary_version"] is None
         actions = [(decision["action"], decision["to_weight"]) for decision in state["history"]]
-        assert actions == [("start", 50), ("step", 100), ("promoting", 100), ("promote", 0)]
+        assert actions == [("adopt", 0), ("start", 50), ("step", 100), ("promoting", 100), ("promote", 0)]
         assert sent.served.get("2", 0) > 0
         # The collection followed the canary before it became stable, and answers from it.
         collection = (await client.get("/v1/collections/docs")).json()
@@ -198,7 +198,7 @@ async def test_a_randomly_initialised_canary_is_rolled_back_for_its_neighbourhoo
         decision = state["history"][-1]
         assert (decision["action"], decision["actor"]) == ("fail", "analysis")
         assert "neighbour agreement" in decision["reason"]
-        assert [d["action"] for d in state["history"]] == ["start", "fail"]  # never stepped up
+        assert [d["action"] for d in state["history"]] == ["adopt", "start", "fail"]  # never stepped up
         answers = [
             (await client.post("/v1/embeddings", json={"model": "minilm", "input": "x", "user": f"u{i}"}))
             for i in range(20)
