@@ -1,6 +1,7 @@
 """The embedding cache: an in-process LRU bounded in bytes, in front of Redis.
 
-Key: model, version and sha256 of the exact input text, so two versions never share an entry.
+Key: model, version, the version's content id and sha256 of the exact input text, so two versions (or two
+builds of one version number) never share an entry.
 Value: the vector as little-endian float32 bytes followed by the input's token count as a
 little-endian uint32 (4 bytes), so a hit also answers ``usage.prompt_tokens`` without tokenising.
 Redis is optional; when it errors or is slow a circuit breaker skips it and requests still succeed.
@@ -90,7 +91,8 @@ class ByteBoundedLru:
 
 class CircuitBreaker:
     """Closed: use Redis. Open after ``failure_threshold`` failures in a row: skip it for ``retry_after_s``.
-    Then one probe request is let through (half-open); its success closes the circuit again."""
+    Then one probe request is let through (half-open); its success closes the circuit again. A probe whose
+    outcome never comes (its request cancelled mid-call) is given up, so the next request probes."""
 
     def __init__(self, failure_threshold: int, retry_after_s: float, metrics: Metrics) -> None:
         self.failure_threshold = failure_threshold
@@ -111,6 +113,10 @@ class CircuitBreaker:
             return False
         self._probing = True
         return True
+
+    def abandon_probe(self) -> None:
+        """The call let through ended without an answer either way (cancelled): let another one probe."""
+        self._probing = False
 
     def record_success(self) -> None:
         self._failures = 0
@@ -193,6 +199,9 @@ class EmbeddingCache:
             self._redis_failed(version, "mget", error)
             span.set_attribute("redis_error", type(error).__name__)
             return found
+        except BaseException:
+            self.breaker.abandon_probe()  # cancelled with its request: no verdict on Redis
+            raise
         self.breaker.record_success()
         hits = 0
         for key, digest, stored in zip(keys, missing, values, strict=True):
@@ -234,6 +243,9 @@ class EmbeddingCache:
                 await pipe.execute()
         except (RedisError, OSError, TimeoutError) as error:
             self._redis_failed(version, "set", error)
+        except BaseException:
+            self.breaker.abandon_probe()  # cancelled (the gateway stopping): no verdict on Redis
+            raise
         else:
             self.breaker.record_success()
 

@@ -3,15 +3,20 @@
 import asyncio
 import base64
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
+from redis.asyncio import Redis
 
+from service.embeddings.cache import CachedEmbedding, CircuitBreaker, EmbeddingCache, encode_entry, text_digest
+from service.models.store import ModelStore
 from service.models.tokenization import TextTokenizer
 from service.settings import Settings
+from service.telemetry.metrics import Metrics
 from tests.conftest import SHARED_REDIS_URL, export_tiny
 from tests.helpers import metric, private_settings, read_metrics, running_gateway
 from tests.redis_server import PrivateRedis
@@ -125,3 +130,49 @@ async def test_stopping_redis_keeps_requests_succeeding_and_restarting_brings_hi
 
         await wait_for(hit_again)
         assert metric(await read_metrics(client), "embedserve_redis_circuit_open") == 0
+
+
+async def test_a_probe_cancelled_in_flight_does_not_leave_redis_skipped_for_good(
+    model_repository: Path, private_redis: PrivateRedis
+) -> None:
+    """The half-open probe's request goes away while Redis is busy: its outcome is unknown, so the next
+    request probes again instead of Redis being skipped until the process restarts."""
+    version = ModelStore.scan(model_repository).get("tiny", 1)
+    assert version is not None
+    metrics = Metrics()
+    cache = EmbeddingCache(
+        metrics,
+        l1_max_bytes=0,  # every hit comes from Redis
+        redis=Redis.from_url(private_redis.url, socket_timeout=10),
+        breaker=CircuitBreaker(failure_threshold=1, retry_after_s=0.2, metrics=metrics),
+    )
+    stored = CachedEmbedding(vector=np.ones(version.dimension, dtype=np.float32), tokens=3)
+    digest = text_digest("stored")
+    try:
+        private_redis.stop()
+        assert await cache.get_many(version, [digest]) == {}
+        assert cache.breaker.is_open
+        private_redis.start()
+        redis.Redis.from_url(private_redis.url).set(
+            f"embedserve:emb:tiny:1:{version.content_id}:{digest}", encode_entry(stored.vector, stored.tokens)
+        )
+        await asyncio.sleep(0.3)  # past retry_after_s: the next lookup is the probe
+        assert private_redis.process is not None
+        private_redis.process.send_signal(signal.SIGSTOP)  # Redis stops answering (its socket still accepts)
+        try:
+            probe = asyncio.create_task(cache.get_many(version, [digest]))
+            await asyncio.sleep(0.3)
+            assert not probe.done()
+            probe.cancel()  # the client went away while its MGET waited on Redis
+            with pytest.raises(asyncio.CancelledError):
+                await probe
+        finally:
+            private_redis.process.send_signal(signal.SIGCONT)
+
+        async def redis_answers() -> bool:
+            return digest in await cache.get_many(version, [digest])
+
+        await wait_for(redis_answers)
+        assert not cache.breaker.is_open
+    finally:
+        await cache.close()
