@@ -74,7 +74,9 @@ class Settings(BaseSettings):
     )
     cache_enabled: bool = Field(True, description="Cache embeddings (in-process LRU, and Redis when configured).")
     cache_memory_bytes: int = Field(
-        256 * 1024 * 1024, description="Byte budget of the in-process LRU cache; 0 turns that layer off."
+        256 * 1024 * 1024,
+        description="Memory budget of the in-process LRU cache (keys, vectors and the map's own entries); "
+        "0 turns that layer off.",
     )
     cache_ttl_s: int = Field(7 * 24 * 3600, description="Time to live of cache entries in Redis.")
     redis_url: str | None = Field(

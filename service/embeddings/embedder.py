@@ -13,12 +13,13 @@ from service.embeddings.batcher import Batcher
 from service.embeddings.cache import CachedEmbedding, EmbeddingCache, text_digest
 from service.errors import DeadlineExceeded, InvalidRequest, ModelNotFound, ServiceUnavailable
 from service.models.store import ModelStore, ModelVersion
+from service.models.tokenization import TooManyTokens
 from service.settings import Settings
 from service.telemetry.drift import DriftMonitor, TextSample
 from service.telemetry.metrics import Metrics
 
-# Tokenising more inputs than this would hold up the event loop: it moves to a thread.
-_TOKENIZE_INLINE_MAX = 64
+# Tokenising more characters than this (~2 ms) would hold up the event loop: it moves to a thread.
+_TOKENIZE_INLINE_MAX_CHARS = 8_192
 # How much of a client-sent model or version name an error message repeats.
 MAX_NAME_ECHO = 64
 
@@ -216,8 +217,12 @@ class Embedder:
                 # The last request waiting for it went away: drop the inputs before inference.
                 if computation.waiters == 0 and not computation.task.done():
                     computation.task.cancel()
+        limit = version.tokenizer.max_seq_length
         for computation in shared:
             found.update(computation.task.result())
+            for index, digest in enumerate(digests):
+                if digest in computation.too_long:  # named as this request numbers its inputs
+                    raise TooManyTokens(index, computation.too_long[digest], limit)
         return found, len(missing)
 
     def _joinable(self, key: tuple[str, int, str]) -> bool:
@@ -229,18 +234,26 @@ class Embedder:
         batcher = self._batchers[(version.model, version.version)]
         truncate = self._settings.truncate
 
+        too_long: dict[str, int] = {}
+
         async def compute() -> dict[str, CachedEmbedding]:
-            if len(texts) > _TOKENIZE_INLINE_MAX:
+            if sum(map(len, texts)) > _TOKENIZE_INLINE_MAX_CHARS:
                 token_ids = await asyncio.to_thread(version.tokenizer.encode, texts, truncate=truncate)
             else:
                 token_ids = version.tokenizer.encode(texts, truncate=truncate)
-            vectors = await batcher.embed(token_ids)
+            # An input over the limit fails the requests that sent it, not the others sharing this computation.
+            limit = version.tokenizer.max_seq_length
+            too_long.update((d, len(ids)) for d, ids in zip(digests, token_ids, strict=True) if len(ids) > limit)
+            fitting = [(d, ids) for d, ids in zip(digests, token_ids, strict=True) if d not in too_long]
+            if not fitting:
+                return {}
+            vectors = await batcher.embed([ids for _, ids in fitting])
             return {
                 digest: CachedEmbedding(vector=vector, tokens=len(ids))
-                for digest, vector, ids in zip(digests, vectors, token_ids, strict=True)
+                for (digest, ids), vector in zip(fitting, vectors, strict=True)
             }
 
-        computation = _Computation(asyncio.create_task(compute()))
+        computation = _Computation(asyncio.create_task(compute()), too_long)
         keys = [(version.model, version.version, digest) for digest in digests]
         for key in keys:
             self._in_flight[key] = computation
@@ -260,4 +273,5 @@ class _Computation:
     """Embedding of a group of distinct inputs, shared by every request that asked for one of them."""
 
     task: asyncio.Task[dict[str, CachedEmbedding]]
+    too_long: dict[str, int]  # digest -> tokens of the inputs over the model's limit (never embedded)
     waiters: int = 0

@@ -48,19 +48,22 @@ class TextTokenizer:
         ]
 
     def encode(self, texts: list[str], *, truncate: bool) -> list[list[int]]:
-        """Token ids of each text; with ``truncate`` off, a text over the limit is a 400 naming it."""
-        if truncate:
-            return [encoding.ids for encoding in self._truncating.encode_batch(texts)]
-        ids = [encoding.ids for encoding in self._untruncated.encode_batch(texts)]
-        for index, token_ids in enumerate(ids):
-            if len(token_ids) > self.max_seq_length:
-                raise InvalidRequest(
-                    f"input[{index}] has {len(token_ids)} tokens, over this model's limit of "
-                    f"{self.max_seq_length}; shorten it or split it into several inputs.",
-                    param="input",
-                    code="context_length_exceeded",
-                )
-        return ids
+        """Token ids of each text: cut at ``max_seq_length`` with ``truncate``, else whole (an input longer
+        than the limit is the caller's to refuse, with ``TooManyTokens``)."""
+        encoder = self._truncating if truncate else self._untruncated
+        return [encoding.ids for encoding in encoder.encode_batch(texts)]
+
+
+class TooManyTokens(InvalidRequest):
+    """Input ``index`` of a request has more tokens than the model takes (and truncation is off)."""
+
+    def __init__(self, index: int, tokens: int, limit: int) -> None:
+        super().__init__(
+            f"input[{index}] has {tokens} tokens, over this model's limit of {limit}; "
+            "shorten it or split it into several inputs.",
+            param="input",
+            code="context_length_exceeded",
+        )
 
 
 def pad_batch(token_ids: list[list[int]], pad_id: int) -> TokenBatch:

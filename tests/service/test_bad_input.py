@@ -122,6 +122,11 @@ def test_over_the_token_limit_without_truncation_names_the_limit(settings: Setti
         )
         assert error["code"] == "context_length_exceeded"
         assert client.post("/v1/embeddings", json={"input": "word " * 100, "model": "minilm"}).status_code == 200
+        # The index is the request's own, whatever was cached or repeated before the long input.
+        assert client.post("/v1/embeddings", json={"input": ["cached one"], "model": "minilm"}).status_code == 200
+        inputs = ["cached one", "new", "new", "cached one", "word " * 400]
+        response = client.post("/v1/embeddings", json={"input": inputs, "model": "minilm"})
+        assert_openai_error(response, 400, "input[4]", "limit of 256")
 
 
 def _random_json(rng: random.Random, depth: int = 0) -> object:
