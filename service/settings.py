@@ -68,9 +68,10 @@ class Settings(BaseSettings):
         "stop sending before it stops; 0 = stop at once (in-flight requests still finish).",
     )
     max_request_bytes: int = Field(
-        128 * 1024 * 1024,
+        8 * 1024 * 1024,
         gt=0,
-        description="Largest request body accepted; a larger one gets 413 before it is all read into memory.",
+        description="Largest request body accepted (2,048 inputs of ~4,000 characters); a larger one gets 413 "
+        "before it is all read into memory.",
     )
     cache_enabled: bool = Field(True, description="Cache embeddings (in-process LRU, and Redis when configured).")
     cache_memory_bytes: int = Field(

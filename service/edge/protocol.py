@@ -2,20 +2,31 @@
 
 from typing import Any
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, ValidationInfo, model_validator
 from pydantic_core import PydanticCustomError
+
+from service.settings import Settings
 
 # JSON may escape half of a UTF-16 surrogate pair ("\ud800"); that is no text, and nothing downstream
 # (tokenizers, Redis keys, Milvus, the error message quoting it) could carry it.
 LONE_SURROGATE = "lone_surrogate"
+# Validation context key: False when the raw body holds no surrogate escape, so no string can hold one.
+SURROGATE_ESCAPES = "surrogate_escapes"
 
 
 class RequestBody(BaseModel):
     """A JSON request body: every string in it, keys included, must be Unicode text."""
 
+    @classmethod
+    def check_size(cls, fields: dict[str, Any], settings: Settings) -> None:
+        """Refuse a body whose bulk (the list a request carries many of) is over its limit, before anything
+        walks it (``service.edge.json_body`` calls this on the decoded JSON)."""
+
     @model_validator(mode="before")
     @classmethod
-    def _text_only(cls, data: Any) -> Any:
+    def _text_only(cls, data: Any, info: ValidationInfo) -> Any:
+        if info.context is not None and info.context.get(SURROGATE_ESCAPES) is False:
+            return data  # the raw body holds no \ud800-\udfff escape: nothing to look for
         where = _lone_surrogate_at(data, ())
         if where is not None:
             raise PydanticCustomError(

@@ -140,7 +140,8 @@ class Embedder:
         raise ModelNotFound(f"model {name} has no version {pinned}; served versions: {served}.", param="model")
 
     def check_inputs(self, raw: RequestInput) -> list[str]:
-        """The request's inputs as a list of strings, or a 400 that says what to fix."""
+        """The request's inputs as a list of strings, or a 400 that says what to fix (their count was checked
+        before the body was validated: ``EmbeddingRequest.check_size``)."""
         texts = [raw] if isinstance(raw, str) else raw
         if not texts:
             raise InvalidRequest("'input' is an empty list; send at least one string.", param="input")
@@ -148,12 +149,6 @@ class Embedder:
             raise InvalidRequest(
                 "'input' holds token ids; send text instead: each model uses its own tokenizer. "
                 "(LangChain: set check_embedding_ctx_length=False.)",
-                param="input",
-            )
-        if len(texts) > self._settings.max_inputs_per_request:
-            raise InvalidRequest(
-                f"'input' has {len(texts)} items, over the limit of {self._settings.max_inputs_per_request}; "
-                "split it into several requests.",
                 param="input",
             )
         strings: list[str] = texts  # type: ignore[assignment]  # checked just above

@@ -1,10 +1,12 @@
 """Wire models of POST /v1/embeddings (OpenAI's shapes)."""
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from service.edge.protocol import RequestBody
+from service.errors import InvalidRequest
+from service.settings import Settings
 
 # Token-id inputs are accepted by the schema only so they can be refused with a message that says
 # what to do instead: the ids of another tokenizer mean nothing to these models.
@@ -28,6 +30,16 @@ class EmbeddingRequest(RequestBody):
         None, description="Must equal the model's embedding size when given (no truncated embeddings)."
     )
     user: StrictStr | None = Field(None, description="An end-user id; also the sticky routing key.")
+
+    @classmethod
+    def check_size(cls, fields: dict[str, Any], settings: Settings) -> None:
+        inputs = fields.get("input")
+        if isinstance(inputs, list) and len(inputs) > settings.max_inputs_per_request:
+            raise InvalidRequest(
+                f"'input' has {len(inputs)} items, over the limit of {settings.max_inputs_per_request}; "
+                "split it into several requests.",
+                param="input",
+            )
 
 
 class Embedding(BaseModel):

@@ -4,11 +4,12 @@ import asyncio
 import base64
 import time
 from collections.abc import Coroutine
-from typing import Any, Protocol, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 
 from service.edge.auth import caller_identity
+from service.edge.json_body import json_body, request_schema
 from service.embeddings.embedder import Embedder, EmbedResult
 from service.embeddings.protocol import Embedding, EmbeddingRequest, EmbeddingResponse, Usage
 from service.errors import ApiError, InvalidRequest
@@ -72,10 +73,10 @@ async def _recorded(request: Request, work: Coroutine[Any, Any, EmbedResult], ve
     return result
 
 
-@router.post("/v1/embeddings", response_model=EmbeddingResponse)
+@router.post("/v1/embeddings", response_model=EmbeddingResponse, openapi_extra=request_schema(EmbeddingRequest))
 async def create_embeddings(
-    body: EmbeddingRequest,
     request: Request,
+    body: Annotated[EmbeddingRequest, Depends(json_body(EmbeddingRequest))],
     x_model_version: str | None = Header(None, description="Pin a version (e.g. 2) when model has none."),
     x_routing_key: str | None = Header(
         None, description="Sticky key of a canary rollout; default: 'user', else the API key; none: stable."
