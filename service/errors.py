@@ -73,6 +73,15 @@ class Overloaded(ApiError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class InferenceFailed(ApiError):
+    """The backend could not compute a batch for a reason that is no client's (a model that fails on its
+    input); logged with its cause where it happened."""
+
+    status_code = 500
+    error_type = "server_error"
+    code = "inference_failed"
+
+
 class ServiceUnavailable(ApiError):
     """A dependency this route needs (inference backend, vector store) is not available."""
 

@@ -27,7 +27,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
 from service.backends.contract import Backend
-from service.errors import ApiError, Overloaded
+from service.errors import ApiError, InferenceFailed, Overloaded
 from service.models.store import ModelVersion
 from service.models.tokenization import pad_batch
 from service.telemetry.metrics import Metrics
@@ -194,9 +194,10 @@ class Batcher:
         except Exception as error:
             _record_error(spans, error)
             log.exception("inference failed", extra={"model": self.version.model, "version": self.version.version})
+            failed = InferenceFailed(f"inference failed in {self.version.name}; it has been logged.")
             for item in batch:
                 if not item.future.done():
-                    item.future.set_exception(error)
+                    item.future.set_exception(failed)
             return
         finally:
             for span in spans:

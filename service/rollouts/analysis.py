@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from opentelemetry.context import Context
@@ -77,6 +78,9 @@ class RolloutAnalysis:
         # The stable version's last measured P95, for steps where stable serves too little to measure it (100 %).
         self._stable_p95: dict[tuple[str, int], float] = {}
         self._reindex_attempts: dict[tuple[str, str, int], int] = {}
+        # Measures of intervals that ended in a wait, added to the next one's: a quiet canary's requests add
+        # up until there are enough to judge.
+        self._carried: dict[tuple[str, int], VersionWindow] = {}
         self._reference_texts: dict[tuple[str, int], list[str]] = {}
         self._loop = Periodic("rollout-analysis", TICK_S, self._tend_all)
 
@@ -134,8 +138,9 @@ class RolloutAnalysis:
     # ── judging ────────────────────────────────────────────────────────────
 
     async def judge(self, state: RolloutState) -> Judgement:
-        """Canary vs stable over the interval that just ended. Too little traffic, or no sample to compare
-        neighbourhoods on, is a wait: the loop never passes a canary it could not measure."""
+        """Canary vs stable over the interval that just ended, with the measures of the intervals before it
+        that could not be judged. Too little traffic, or no sample to compare on, is a wait: the loop never
+        passes a canary it could not measure (and ``max_wait_intervals`` waits in a row fail it)."""
         assert state.canary_version is not None
         thresholds = state.analysis.thresholds
         canary = await self._interval(state.model, state.canary_version)
@@ -144,19 +149,27 @@ class RolloutAnalysis:
             self._stable_p95[(state.model, state.stable_version)] = stable.p95_s
         stable_p95 = self._stable_p95.get((state.model, state.stable_version))
         drift = await asyncio.to_thread(self._drift.scores, state.model, state.canary_version)
+        stable_drift = await asyncio.to_thread(self._drift.scores, state.model, state.stable_version)
         mmd = None if drift is None else drift.mmd
+        stable_mmd = None if stable_drift is None else stable_drift.mmd
         agreement = await self._agreement(state)
         if agreement is not None:
             self._metrics.agreement.labels(state.model, str(state.canary_version)).set(agreement)
-        failed = _failed_checks(thresholds, canary, stable_p95, mmd, agreement)
+        measures = _Measures(canary, stable_p95, mmd, stable_mmd, agreement)
+        failed = _failed_checks(thresholds, measures)
         if failed:
             result, reason = "fail", "; ".join(failed)
         else:
-            missing = _missing_measures(thresholds, canary, stable_p95, mmd, agreement)
+            missing = _missing_measures(thresholds, measures)
             if missing:
                 result, reason = "wait", "cannot judge yet: " + "; ".join(missing)
             else:
                 result, reason = "pass", "every threshold met"
+        for version, window in ((state.canary_version, canary), (state.stable_version, stable)):
+            if result == "wait":
+                self._carried[(state.model, version)] = window
+            else:
+                self._carried.pop((state.model, version), None)
         self._metrics.analysis.labels(state.model, str(state.canary_version), result).inc()
         return Judgement(
             at=datetime.now(UTC),
@@ -167,18 +180,23 @@ class RolloutAnalysis:
             stable_p95_s=stable_p95,
             canary_p95_s=canary.p95_s,
             drift_mmd=mmd,
+            stable_drift_mmd=stable_mmd,
             neighbour_agreement=agreement,
         )
 
     async def _interval(self, model: str, version: int) -> VersionWindow:
-        """What every replica measured of ``model@version`` over the interval: this one's and those handed over."""
-        own = self._window.take(model, version)
+        """What every replica measured of ``model@version`` over the interval (this one's and those handed over),
+        added to what was carried from intervals that could not be judged."""
+        measured = [self._window.take(model, version)]
+        carried = self._carried.pop((model, version), None)
+        if carried is not None:
+            measured.append(carried)
         try:
             handed = await self._rollouts.store.handed_over(model, version)
         except (RedisError, OSError, TimeoutError) as error:
             log.warning("other replicas' measures unavailable", extra={"model": model, "error": type(error).__name__})
-            return own
-        return VersionWindow.merged([own, *(VersionWindow.from_json(value) for value in handed)])
+            handed = []
+        return VersionWindow.merged([*measured, *(VersionWindow.from_json(value) for value in handed)])
 
     async def _hand_over(self, model: str, versions: tuple[int, int]) -> None:
         """Another replica judges this rollout: give it what this one measured over the interval."""
@@ -235,6 +253,10 @@ class RolloutAnalysis:
             counted = judged(current, judgement)
             if counted.failures >= analysis.failures_to_rollback:
                 return fail(counted, f"{judgement.reason} ({counted.failures} judgements in a row)", ANALYSIS)
+            if counted.waits >= analysis.max_wait_intervals:
+                # Fail closed: a canary that can't be measured is never left taking traffic unjudged.
+                reason = f"no verdict in {counted.waits} intervals in a row, {judgement.reason}"
+                return fail(counted, reason, ANALYSIS)
             if counted.passes >= analysis.passes_to_step:
                 reason = f"{counted.passes} judgements passed in a row at {counted.weight} %"
                 if counted.weight >= counted.steps[-1]:
@@ -285,15 +307,29 @@ def _at(current: RolloutState | None, expected: RolloutState) -> RolloutState:
     return current
 
 
-def _failed_checks(
-    thresholds: AnalysisThresholds,
-    canary: VersionWindow,
-    stable_p95: float | None,
-    mmd: float | None,
-    agreement: float | None,
-) -> list[str]:
+@dataclass(frozen=True)
+class _Measures:
+    """What one judgement measured: the canary's interval, stable's P95, both versions' drift from their own
+    references, and the neighbourhood agreement."""
+
+    canary: VersionWindow
+    stable_p95: float | None
+    mmd: float | None
+    stable_mmd: float | None
+    agreement: float | None
+
+    @property
+    def excess_drift(self) -> float | None:
+        """The canary's drift beyond stable's. Vectors of two versions live in different spaces, so their
+        samples can't be compared directly; each version's distance from its own reference, on the same
+        traffic, can: traffic that moved away from the reference texts moves both, a broken canary only one."""
+        return None if self.mmd is None or self.stable_mmd is None else self.mmd - self.stable_mmd
+
+
+def _failed_checks(thresholds: AnalysisThresholds, measures: _Measures) -> list[str]:
     """The thresholds the canary broke, each with its measure (only measures taken on enough traffic count)."""
     failed = []
+    canary, stable_p95 = measures.canary, measures.stable_p95
     enough = canary.requests >= thresholds.min_requests
     if enough and canary.error_rate is not None and canary.error_rate > thresholds.max_error_rate:
         failed.append(f"error rate {canary.error_rate:.3f} > {thresholds.max_error_rate}")
@@ -304,27 +340,27 @@ def _failed_checks(
                 f"P95 latency {canary.p95_s * 1000:.1f} ms is {ratio:.2f}x stable's {stable_p95 * 1000:.1f} ms "
                 f"> {thresholds.max_p95_latency_ratio}x"
             )
-    if mmd is not None and mmd > thresholds.max_drift_mmd:
-        failed.append(f"drift MMD {mmd:.4f} > {thresholds.max_drift_mmd}")
-    if agreement is not None and agreement < thresholds.min_neighbour_agreement:
-        failed.append(f"neighbour agreement {agreement:.3f} < {thresholds.min_neighbour_agreement}")
+    excess = measures.excess_drift
+    if excess is not None and excess > thresholds.max_drift_mmd:
+        failed.append(
+            f"drift MMD {measures.mmd:.4f} is {excess:.4f} beyond stable's {measures.stable_mmd:.4f} "
+            f"> {thresholds.max_drift_mmd}"
+        )
+    if measures.agreement is not None and measures.agreement < thresholds.min_neighbour_agreement:
+        failed.append(f"neighbour agreement {measures.agreement:.3f} < {thresholds.min_neighbour_agreement}")
     return failed
 
 
-def _missing_measures(
-    thresholds: AnalysisThresholds,
-    canary: VersionWindow,
-    stable_p95: float | None,
-    mmd: float | None,
-    agreement: float | None,
-) -> list[str]:
+def _missing_measures(thresholds: AnalysisThresholds, measures: _Measures) -> list[str]:
     missing = []
-    if canary.requests < thresholds.min_requests:
-        missing.append(f"{canary.requests} canary requests < {thresholds.min_requests}")
-    if stable_p95 is None:
+    if measures.canary.requests < thresholds.min_requests:
+        missing.append(f"{measures.canary.requests} canary requests < {thresholds.min_requests}")
+    if measures.stable_p95 is None:
         missing.append("no stable latency measured yet")
-    if mmd is None:
+    if measures.mmd is None:
         missing.append("too few canary embeddings for a drift score")
-    if agreement is None:
+    if measures.stable_mmd is None:
+        missing.append("too few stable embeddings for a drift score")
+    if measures.agreement is None:
         missing.append(f"fewer than {MIN_AGREEMENT_TEXTS} sampled texts to compare neighbourhoods on")
     return missing

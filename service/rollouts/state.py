@@ -27,7 +27,12 @@ class AnalysisThresholds(BaseModel):
 
     max_error_rate: float = Field(0.01, ge=0, le=1, description="Highest share of canary requests that fail.")
     max_p95_latency_ratio: float = Field(1.5, gt=0, description="Highest canary P95 latency / stable P95 latency.")
-    max_drift_mmd: float = Field(0.1, ge=0, description="Highest kernel MMD of canary embeddings vs its reference.")
+    max_drift_mmd: float = Field(
+        0.1,
+        ge=0,
+        description="Highest excess drift: the canary's kernel MMD (served vs its own reference) minus stable's "
+        "(served vs its own reference), on the same traffic.",
+    )
     min_neighbour_agreement: float = Field(
         0.7, ge=0, le=1, description="Lowest mean top-10 neighbour overlap between canary and stable."
     )
@@ -39,6 +44,12 @@ class AnalysisSettings(BaseModel):
     interval_s: float = Field(60.0, gt=0, description="Seconds between two judgements of the canary.")
     passes_to_step: int = Field(3, ge=1, description="Passed judgements in a row before the next step.")
     failures_to_rollback: int = Field(2, ge=1, description="Failed judgements in a row before the rollout fails.")
+    max_wait_intervals: int = Field(
+        10,
+        ge=1,
+        description="Judgements in a row that cannot judge (too little traffic or no sample, even with the "
+        "waited intervals' measures added up) before the rollout fails closed.",
+    )
     thresholds: AnalysisThresholds = Field(default_factory=AnalysisThresholds)
 
 
@@ -53,6 +64,7 @@ class Judgement(BaseModel):
     stable_p95_s: float | None = None
     canary_p95_s: float | None = None
     drift_mmd: float | None = None
+    stable_drift_mmd: float | None = None
     neighbour_agreement: float | None = None
 
 
@@ -81,6 +93,7 @@ class RolloutState(BaseModel):
     history: list[Decision] = Field(default_factory=list)
     passes: int = Field(0, description="Judgements passed in a row at the current weight.")
     failures: int = Field(0, description="Judgements failed in a row.")
+    waits: int = Field(0, description="Judgements in a row that could not judge the canary.")
     last_judgement: Judgement | None = None
     revision: int = 0
 
@@ -138,7 +151,14 @@ def _decided(
         to_weight=to_weight,
         reason=reason or f"{action} by {actor}",
     )
-    update = {"passes": 0, "failures": 0, **changes, "weight": to_weight, "history": [*state.history, decision]}
+    update = {
+        "passes": 0,
+        "failures": 0,
+        "waits": 0,
+        **changes,
+        "weight": to_weight,
+        "history": [*state.history, decision],
+    }
     return state.model_copy(update=update)
 
 
@@ -247,13 +267,17 @@ def step(state: RolloutState, reason: str, actor: str) -> RolloutState:
 
 
 def judged(state: RolloutState, judgement: "Judgement") -> RolloutState:
-    """``state`` with one more judgement counted (passes or failures in a row; a wait changes neither)."""
-    passes, failures = state.passes, state.failures
+    """``state`` with one more judgement counted: passes, failures or waits in a row (a wait leaves the passes
+    and failures as they were; any verdict ends a run of waits)."""
+    passes, failures, waits = state.passes, state.failures, 0
     if judgement.result == "pass":
         passes, failures = passes + 1, 0
     elif judgement.result == "fail":
         passes, failures = 0, failures + 1
-    return state.model_copy(update={"passes": passes, "failures": failures, "last_judgement": judgement})
+    else:
+        waits = state.waits + 1
+    update = {"passes": passes, "failures": failures, "waits": waits, "last_judgement": judgement}
+    return state.model_copy(update=update)
 
 
 def pause(state: RolloutState | None, model: str, reason: str | None = None, actor: str = ADMIN_API) -> RolloutState:

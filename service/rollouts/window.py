@@ -36,11 +36,13 @@ class VersionWindow:
 
     @classmethod
     def merged(cls, windows: "list[VersionWindow]") -> "VersionWindow":
-        """One window of several replicas' intervals."""
+        """One window of several replicas' (or intervals') measures; at most ``MAX_LATENCIES`` latencies, a
+        uniform sample of theirs."""
+        latencies = [latency for w in windows for latency in w.latencies_s]
+        if len(latencies) > MAX_LATENCIES:
+            latencies = random.sample(latencies, MAX_LATENCIES)
         return cls(
-            requests=sum(w.requests for w in windows),
-            errors=sum(w.errors for w in windows),
-            latencies_s=[latency for w in windows for latency in w.latencies_s],
+            requests=sum(w.requests for w in windows), errors=sum(w.errors for w in windows), latencies_s=latencies
         )
 
     @classmethod
