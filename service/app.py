@@ -19,7 +19,7 @@ from service.backends.contract import Backend
 from service.backends.onnx import OnnxBackend
 from service.backends.triton import TritonBackend
 from service.edge.access import AccessMiddleware
-from service.edge.auth import require_client
+from service.edge.auth import require
 from service.edge.body_limit import BodyLimitMiddleware
 from service.edge.protocol import LONE_SURROGATE, ErrorBody, ErrorDetail
 from service.embeddings import router as embeddings
@@ -159,6 +159,11 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
         # Everything built so far lives as long as the app: keep it out of the garbage collector's
         # scans, whose full passes otherwise show up as tail latency.
         gc.freeze()
+        if settings.allow_anonymous_writes and not settings.api_keys:
+            log.warning(
+                "ANONYMOUS WRITES ALLOWED: anyone who reaches this gateway can create, fill, delete and re-index "
+                "collections (EMBEDSERVE_ALLOW_ANONYMOUS_WRITES=true); set EMBEDSERVE_API_KEYS with write scopes"
+            )
         log.info(
             "gateway started",
             extra={"versions": [v.name for v in store.all()], "refused": len(store.refused), "backend": backend.name},
@@ -183,10 +188,10 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
     app.state.draining = False  # set on SIGTERM by the server (service/__main__.py): /readyz answers 503
     app.state.metrics = metrics
     app.state.tracing = tracing
-    app.include_router(embeddings.router, dependencies=[Depends(require_client)])
+    app.include_router(embeddings.router, dependencies=[Depends(require("embed"))])
     app.include_router(ops.router)
-    app.include_router(models.router, dependencies=[Depends(require_client)])
-    app.include_router(collections.router, dependencies=[Depends(require_client)])
+    app.include_router(models.router, dependencies=[Depends(require("embed"))])
+    app.include_router(collections.router)  # each route names its scope: search, or write
     app.include_router(rollouts.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(AccessMiddleware, metrics=metrics, tracer=tracing.tracer)

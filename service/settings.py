@@ -5,10 +5,22 @@ environment at import time. Every field is documented where it is declared and l
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# What a key may do: embed (/v1/embeddings, /v1/models), search (read collections), write (create, upsert,
+# delete, re-index collections), admin (/v1/rollouts, /readyz detail). The admin key holds every scope.
+Scope = Literal["embed", "search", "write", "admin"]
+READ_SCOPES: frozenset[Scope] = frozenset({"embed", "search"})
+
+
+class ApiKey(BaseModel):
+    """A client key and what it may do; a plain string in EMBEDSERVE_API_KEYS is a key that reads only."""
+
+    key: SecretStr
+    scopes: frozenset[Scope] = READ_SCOPES
 
 
 class Settings(BaseSettings):
@@ -107,10 +119,16 @@ class Settings(BaseSettings):
     admin_api_key: SecretStr | None = Field(
         None, description="Key of the admin routes (/v1/rollouts), sent as a Bearer token; unset = admin API off."
     )
-    api_keys: list[SecretStr] = Field(
+    api_keys: list[ApiKey] = Field(
         default_factory=list,
-        description='JSON list of client keys, e.g. ["k1", "k2"]; when set, /v1/embeddings, /v1/models and '
-        "/v1/collections need one as a Bearer token. They never open admin routes.",
+        description='JSON list of client keys, each a string (scopes embed and search) or {"key": ..., "scopes": '
+        '[...]} with scopes among embed, search, write, admin, e.g. ["k1", {"key": "k2", "scopes": ["embed", '
+        '"search", "write"]}]; when set, every data route needs a key as a Bearer token, with its route\'s scope.',
+    )
+    allow_anonymous_writes: bool = Field(
+        False,
+        description="Without client keys, let anyone create, fill, delete and re-index collections (a warning "
+        "is logged at start); off = those routes answer 403 until a key with the write scope is set.",
     )
     rollout_refresh_s: float = Field(
         1.0, gt=0, description="Seconds between two reads of the rollout states from Redis by each replica."
@@ -157,6 +175,13 @@ class Settings(BaseSettings):
     reindex_grace_s: int = Field(
         300, description="Seconds the previous version's collection is kept after a re-index moves the alias."
     )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _plain_keys_read(cls, entries: Any) -> Any:
+        if isinstance(entries, list):
+            return [{"key": entry} if isinstance(entry, str | SecretStr) else entry for entry in entries]
+        return entries
 
 
 def load_settings() -> Settings:

@@ -80,7 +80,8 @@ def shared_redis_prefix() -> Iterator[str]:
 def settings(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     # A private Milvus Lite file: never the developer's data/milvus.db.
     milvus_file = tmp_path_factory.mktemp("milvus") / "milvus.db"
-    return Settings(model_repository=model_repository, milvus_uri=str(milvus_file))
+    # Tests that are not about keys write to collections as a trusted network's clients would.
+    return Settings(model_repository=model_repository, milvus_uri=str(milvus_file), allow_anonymous_writes=True)
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,10 @@ from service.settings import Settings
 
 def private_settings(repository: Path) -> Settings:
     """Settings for a gateway on ``repository`` with a Milvus Lite file of its own beside it (never the
-    developer's data/milvus.db, which the gateway would open, resume and tidy at start)."""
-    return Settings(model_repository=repository, milvus_uri=str(repository.parent / f"{repository.name}-milvus.db"))
+    developer's data/milvus.db, which the gateway would open, resume and tidy at start); no keys, and
+    anonymous collection writes allowed as on a trusted network (key tests set their own)."""
+    milvus_file = repository.parent / f"{repository.name}-milvus.db"
+    return Settings(model_repository=repository, milvus_uri=str(milvus_file), allow_anonymous_writes=True)
 
 
 @asynccontextmanager

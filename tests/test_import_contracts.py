@@ -57,7 +57,7 @@ def test_the_tree_keeps_every_contract(tree: Path) -> None:
         ),
         (
             "service/models/manifest.py",
-            "from service.edge.auth import require_client",
+            "from service.edge.auth import require",
             "service.models.manifest is not allowed to import fastapi",
         ),
     ],

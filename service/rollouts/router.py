@@ -4,7 +4,7 @@ from collections.abc import Callable
 
 from fastapi import APIRouter, Depends, Request
 
-from service.edge.auth import require_admin
+from service.edge.auth import require
 from service.embeddings.embedder import Embedder
 from service.errors import Conflict, InvalidRequest, ModelNotFound, NotFound
 from service.models.store import ModelStore
@@ -12,7 +12,7 @@ from service.rollouts.protocol import RolloutAction, RolloutList, SetWeight, Sta
 from service.rollouts.state import RolloutState, begin_promotion, pause, resume, rollback, set_weight, start
 from service.rollouts.store import RolloutWatcher
 
-router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"], dependencies=[Depends(require_admin)])
+router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"], dependencies=[Depends(require("admin"))])
 
 
 def _rollouts(request: Request) -> RolloutWatcher:

@@ -1,7 +1,8 @@
 """/v1/collections — collections of items, searched by vector, keyword or both (``store.VectorStore`` does the work)."""
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
+from service.edge.auth import require
 from service.vectors.protocol import (
     CollectionInfo,
     CollectionList,
@@ -17,6 +18,9 @@ from service.vectors.protocol import (
 from service.vectors.store import VectorStore
 
 router = APIRouter(prefix="/v1/collections", tags=["collections"])
+# Reading collections needs the search scope; changing them, the write scope (service/edge/auth.py).
+READ = [Depends(require("search"))]
+WRITE = [Depends(require("write"))]
 
 
 def _store(request: Request) -> VectorStore:
@@ -24,7 +28,7 @@ def _store(request: Request) -> VectorStore:
     return store
 
 
-@router.put("/{name}", response_model=CollectionInfo)
+@router.put("/{name}", response_model=CollectionInfo, dependencies=WRITE)
 async def create_collection(name: str, body: CreateCollection, request: Request, response: Response) -> CollectionInfo:
     """Create a collection on a model (201); the same request again changes nothing (200); other settings: 409."""
     info, created = await _store(request).create(name, body.model, body.fields)
@@ -32,23 +36,23 @@ async def create_collection(name: str, body: CreateCollection, request: Request,
     return info
 
 
-@router.get("", response_model=CollectionList)
+@router.get("", response_model=CollectionList, dependencies=READ)
 async def list_collections(request: Request) -> CollectionList:
     return CollectionList(data=await _store(request).list_collections())
 
 
-@router.get("/{name}", response_model=CollectionInfo)
+@router.get("/{name}", response_model=CollectionInfo, dependencies=READ)
 async def describe_collection(name: str, request: Request) -> CollectionInfo:
     return await _store(request).describe(name)
 
 
-@router.delete("/{name}")
+@router.delete("/{name}", dependencies=WRITE)
 async def delete_collection(name: str, request: Request) -> dict[str, str | bool]:
     await _store(request).drop(name)
     return {"name": name, "deleted": True}
 
 
-@router.post("/{name}/items", response_model=UpsertResult)
+@router.post("/{name}/items", response_model=UpsertResult, dependencies=WRITE)
 async def upsert_items(name: str, body: UpsertItems, request: Request, response: Response) -> UpsertResult:
     """Embed and store up to 1,000 items; an id that exists is replaced."""
     version = await _store(request).upsert(name, body.items)
@@ -58,18 +62,18 @@ async def upsert_items(name: str, body: UpsertItems, request: Request, response:
     return UpsertResult(upserted=len(body.items), model=version.name)
 
 
-@router.get("/{name}/items/{item_id:path}", response_model=Item)
+@router.get("/{name}/items/{item_id:path}", response_model=Item, dependencies=READ)
 async def get_item(name: str, item_id: str, request: Request) -> Item:
     return await _store(request).get(name, item_id)
 
 
-@router.delete("/{name}/items/{item_id:path}", response_model=Deleted)
+@router.delete("/{name}/items/{item_id:path}", response_model=Deleted, dependencies=WRITE)
 async def delete_item(name: str, item_id: str, request: Request) -> Deleted:
     await _store(request).delete(name, item_id)
     return Deleted(id=item_id)
 
 
-@router.post("/{name}/search", response_model=SearchResponse, response_model_exclude_none=True)
+@router.post("/{name}/search", response_model=SearchResponse, response_model_exclude_none=True, dependencies=READ)
 async def search(name: str, body: SearchRequest, request: Request, response: Response) -> SearchResponse:
     """The top_k most similar items, best first: dense (vectors), keyword (BM25) or hybrid (both, RRF)."""
     hits, version = await _store(request).search(name, body)
@@ -78,7 +82,7 @@ async def search(name: str, body: SearchRequest, request: Request, response: Res
     return SearchResponse(hits=hits, model=version.name)
 
 
-@router.post("/{name}/reindex", response_model=CollectionInfo, status_code=202)
+@router.post("/{name}/reindex", response_model=CollectionInfo, status_code=202, dependencies=WRITE)
 async def reindex(name: str, body: ReindexRequest, request: Request) -> CollectionInfo:
     """Start re-embedding the collection with another version of its model; watch GET /v1/collections/{name}."""
     return await _store(request).reindex(name, body.version)

@@ -28,6 +28,7 @@ def canary_gateway(model_repository: Path, tmp_path_factory: pytest.TempPathFact
         "EMBEDSERVE_DEFAULT_MODEL": "tiny",
         "EMBEDSERVE_STABLE_VERSIONS": '{"tiny": 1}',
         "EMBEDSERVE_MILVUS_URI": str(folder / "milvus.db"),
+        "EMBEDSERVE_ALLOW_ANONYMOUS_WRITES": "true",
         "EMBEDSERVE_ADMIN_API_KEY": ADMIN_KEY,
     }
     with gateway(env, folder / "gateway.log") as url:

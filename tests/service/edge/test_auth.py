@@ -1,4 +1,5 @@
-"""API keys: admin routes need the admin key (client keys get 403), client routes need a key when keys are set."""
+"""API keys and their scopes: admin routes need the admin key (client keys get 403), data routes need a key with
+their scope when keys are set, and collection writes are refused to anonymous callers unless allowed."""
 
 from collections.abc import Iterator
 
@@ -7,10 +8,19 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from service.app import create_app
-from service.settings import Settings
+from service.settings import ApiKey, Settings
 
 ADMIN_KEY = "admin-key-for-tests"
-CLIENT_KEYS = ["client-one", "client-two"]
+CLIENT_KEYS = ["client-one", "client-two"]  # plain keys: scopes embed and search
+EMBED_ONLY_KEY = "embed-only"
+WRITER_KEY = "writer"
+WRITE_ROUTES = [
+    ("PUT", "/v1/collections/scoped", {"model": "tiny@1"}),
+    ("POST", "/v1/collections/scoped/items", {"items": [{"id": "a", "text": "an item"}]}),
+    ("DELETE", "/v1/collections/scoped/items/a", None),
+    ("POST", "/v1/collections/scoped/reindex", {"version": 2}),
+    ("DELETE", "/v1/collections/scoped", None),
+]
 ADMIN_ROUTES = [
     ("GET", "/v1/rollouts", None),
     ("GET", "/v1/rollouts/tiny", None),
@@ -34,7 +44,11 @@ def keyed(settings: Settings) -> Iterator[TestClient]:
     configured = settings.model_copy(
         update={
             "admin_api_key": SecretStr(ADMIN_KEY),
-            "api_keys": [SecretStr(key) for key in CLIENT_KEYS],
+            "api_keys": [
+                *(ApiKey(key=SecretStr(key)) for key in CLIENT_KEYS),
+                ApiKey(key=SecretStr(EMBED_ONLY_KEY), scopes=frozenset({"embed"})),
+                ApiKey(key=SecretStr(WRITER_KEY), scopes=frozenset({"embed", "search", "write"})),
+            ],
             "stable_versions": {"tiny": 1},
         }
     )
@@ -92,3 +106,48 @@ def test_without_an_admin_key_the_admin_api_is_disabled(client: TestClient) -> N
     assert response.status_code == 403
     assert response.json()["error"]["message"] == "admin API disabled: set EMBEDSERVE_ADMIN_API_KEY."
     assert client.get("/v1/models").status_code == 200  # no client keys configured: open
+
+
+def test_destructive_routes_need_the_write_scope(keyed: TestClient) -> None:
+    """Each route in its order (create, upsert, delete an item, re-index, drop): 401 without a key, 403 with an
+    embed-only or a read-only key, 2xx with a write key."""
+    for method, path, body in WRITE_ROUTES:
+
+        def call(headers: dict[str, str], method: str = method, path: str = path, body: dict | None = body) -> int:
+            return keyed.request(method, path, json=body, headers=headers).status_code
+
+        assert call({}) == 401, path
+        assert call(bearer(EMBED_ONLY_KEY)) == 403, path
+        assert call(bearer(CLIENT_KEYS[0])) == 403, path
+        assert call(bearer(WRITER_KEY)) in {200, 201, 202}, path
+
+
+def test_a_key_without_the_scope_is_told_which_one(keyed: TestClient) -> None:
+    refused = keyed.post("/v1/collections/any/search", json={"query": "x"}, headers=bearer(EMBED_ONLY_KEY))
+    assert refused.status_code == 403 and "'search' scope" in refused.json()["error"]["message"]
+    assert (
+        keyed.post("/v1/embeddings", json={"input": "x", "model": "tiny"}, headers=bearer(EMBED_ONLY_KEY)).status_code
+        == 200
+    )
+
+
+def test_by_default_anonymous_callers_cannot_write(settings: Settings) -> None:
+    default = settings.model_copy(update={"allow_anonymous_writes": False})
+    with TestClient(create_app(default)) as client:
+        for method, path, body in WRITE_ROUTES:
+            refused = client.request(method, path, json=body)
+            assert refused.status_code == 403, path
+            assert refused.json()["error"]["code"] == "write_scope_required"
+            assert "EMBEDSERVE_ALLOW_ANONYMOUS_WRITES" in refused.json()["error"]["message"]
+        assert client.get("/v1/collections").status_code == 200  # reading stays open without keys
+    allowed = settings.model_copy(update={"allow_anonymous_writes": True})
+    with TestClient(create_app(allowed)) as client:
+        assert client.put("/v1/collections/anonymous", json={"model": "tiny@1"}).status_code in {200, 201}
+        assert client.delete("/v1/collections/anonymous").status_code == 200
+
+
+def test_keys_come_from_the_environment_as_strings_or_scoped_objects(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDSERVE_API_KEYS", '["plain", {"key": "w", "scopes": ["write", "search"]}]')
+    plain, writer = Settings().api_keys
+    assert plain.key.get_secret_value() == "plain" and plain.scopes == {"embed", "search"}
+    assert writer.scopes == {"write", "search"}

@@ -17,7 +17,7 @@ from pydantic import SecretStr
 
 from loadtests.processes import free_port
 from service.app import create_app
-from service.settings import Settings
+from service.settings import ApiKey, Settings
 
 CLIENT_KEY = "limits-client-key"
 
@@ -142,7 +142,7 @@ def test_a_body_under_the_byte_limit_with_a_million_inputs_is_a_400_before_it_is
 
 
 def test_authentication_comes_before_the_body_is_parsed(settings: Settings) -> None:
-    keyed = settings.model_copy(update={"api_keys": [SecretStr(CLIENT_KEY)]})
+    keyed = settings.model_copy(update={"api_keys": [ApiKey(key=SecretStr(CLIENT_KEY))]})
     with TestClient(create_app(keyed)) as client:
         garbage = client.post("/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"})
         assert garbage.status_code == 401  # not 400: nobody unauthenticated gets the body parsed

@@ -72,6 +72,7 @@ async def gateway(repository: Path, tmp_path: Path) -> AsyncIterator[tuple[FastA
     settings = Settings(
         model_repository=repository,
         milvus_uri=str(tmp_path / "milvus.db"),
+        allow_anonymous_writes=True,
         admin_api_key=SecretStr("canary-admin"),
         stable_versions={"minilm": 1},
         reindex_batch_size=64,
