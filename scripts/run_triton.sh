@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Run the local Triton Inference Server (from scripts/setup_triton.sh) in the foreground on a model repository.
-# Usage: scripts/run_triton.sh REPO_DIR [HTTP_PORT GRPC_PORT METRICS_PORT]   (defaults 8010 8011 8012)
-# Every version in REPO_DIR is loaded at start; a version that fails to load stops the server.
+# Usage: scripts/run_triton.sh REPO_DIR [HTTP_PORT GRPC_PORT METRICS_PORT [TRITONSERVER_ARGS...]]
+#        (ports default to 8010 8011 8012; extra arguments go to tritonserver as they are)
+# Every version in REPO_DIR is loaded at start; a version that fails to load stops the server
+# (unless --exit-on-error=false is passed).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DEST=$ROOT/.triton
 SERVER=$DEST/pytriton/tritonserver
 
-if [[ $# -lt 1 || $# -gt 4 ]]; then
-  echo "usage: $0 REPO_DIR [HTTP_PORT GRPC_PORT METRICS_PORT]" >&2
+if [[ $# -lt 1 ]]; then
+  echo "usage: $0 REPO_DIR [HTTP_PORT GRPC_PORT METRICS_PORT [TRITONSERVER_ARGS...]]" >&2
   exit 2
 fi
 if ! compgen -G "$DEST/.complete-*" >/dev/null; then
@@ -33,4 +35,5 @@ exec "$SERVER/bin/tritonserver" \
   --grpc-address=127.0.0.1 --grpc-port="${3:-8011}" \
   --metrics-address=127.0.0.1 --metrics-port="${4:-8012}" \
   --allow-gpu-metrics=false --pinned-memory-pool-byte-size=0 \
-  --log-verbose=0
+  --log-verbose=0 \
+  "${@:5}"

@@ -82,11 +82,15 @@ def create_rollout_store(settings: Settings) -> RolloutStore:
 def start_batchers(
     settings: Settings, versions: list[ModelVersion], backend: Backend, metrics: Metrics, tracer: Tracer
 ) -> dict[tuple[str, int], Batcher]:
+    # In process, one batch at a time per version already uses every core; a remote GPU idles through each
+    # round trip unless several batches are in flight, and gains from larger ones.
+    triton = settings.backend == "triton"
     limits = BatchLimits(
         max_batch_size=settings.max_batch_size,
-        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_tokens=settings.triton_max_batch_tokens if triton else settings.max_batch_tokens,
         max_wait_ms=settings.max_wait_ms,
         max_queue_inputs=settings.max_queue_inputs,
+        batches_in_flight=settings.triton_batches_in_flight if triton else 1,
     )
     batchers = {(v.model, v.version): Batcher(v, backend, limits, metrics, tracer) for v in versions}
     for batcher in batchers.values():
@@ -109,6 +113,7 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
         app.state.store = store
         app.state.backend = backend
         batchers = start_batchers(settings, store.all(), backend, metrics, tracing.tracer)
+        app.state.batchers = batchers
         cache = create_cache(settings, metrics, tracing.tracer)
         rollout_metrics = RolloutMetrics(metrics.registry)
         rollout_watcher = RolloutWatcher(

@@ -47,6 +47,20 @@ class Settings(BaseSettings):
     )
     triton_url: str = Field("127.0.0.1:8011", description="host:port of Triton's gRPC endpoint (backend=triton).")
     triton_timeout_s: float = Field(10.0, description="Timeout of one Triton inference call.")
+    triton_batches_in_flight: int = Field(
+        4,
+        ge=1,
+        description="Batches of one version this gateway process sends to Triton at once (backend=triton): while one "
+        "crosses the network or waits in Triton's queue, the others keep the GPU busy. Triton runs them at the same "
+        "time only with enough model instances (instance_group count) or merges them in its dynamic batcher. The "
+        "in-process ONNX backend always runs one batch at a time per version.",
+    )
+    triton_max_batch_tokens: int = Field(
+        8192,
+        ge=1,
+        description="Most tokens in one batch sent to Triton, padding included (rows x longest row); "
+        "EMBEDSERVE_MAX_BATCH_TOKENS is the in-process ONNX backend's budget. GPUs gain from large batches.",
+    )
     onnx_intra_op_threads: int = Field(
         0, description="ONNX Runtime intra-op threads per session; 0 = one per CPU core."
     )
@@ -61,8 +75,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, description="Most inputs in one inference batch.")
     max_batch_tokens: int = Field(
         512,
-        description="Most tokens in one inference batch, padding included (rows x longest row). On CPU, "
-        "throughput peaks around 500 padded tokens per batch (see README); raise it on GPUs.",
+        description="Most tokens in one inference batch of the in-process ONNX backend, padding included (rows x "
+        "longest row). On CPU, throughput peaks around 500 padded tokens per batch (see README); Triton's batches "
+        "have their own budget, EMBEDSERVE_TRITON_MAX_BATCH_TOKENS.",
     )
     max_wait_ms: float = Field(
         0.0,

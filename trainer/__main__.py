@@ -61,6 +61,12 @@ def main() -> None:
     )
     python_repo.add_argument("--instances", type=int, default=1, help="Triton model instances (per GPU on gpu)")
 
+    digests = commands.add_parser(
+        "triton-config",
+        help="name the sha256 of every version in each model's config.pbtxt (repositories exported before they did)",
+    )
+    digests.add_argument("--repository", type=Path, default=Path("model_repository"))
+
     args = parser.parse_args()
     configure_logging("INFO")
     try:
@@ -110,6 +116,10 @@ def run(args: argparse.Namespace) -> None:
         options = TritonOptions(args.instance_kind, args.instances)
         copied = write_python_repository(args.source, args.target, options)
         log.info("python-backend repository written", extra={"versions": copied})
+    elif args.command == "triton-config":
+        from trainer.release.triton_config import write_digests
+
+        log.info("triton configs written", extra={"models": write_digests(args.repository)})
 
 
 def evaluate_command(args: argparse.Namespace) -> dict[str, object]:

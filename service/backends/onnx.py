@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from service.backends.contract import READY, Availability
 from service.errors import ServiceUnavailable
 from service.models.store import ModelVersion
 from service.models.tokenization import TokenBatch
@@ -50,8 +51,10 @@ class OnnxBackend:
         log.info("onnx session loaded", extra={"model": version.model, "version": version.version})
         return session
 
-    async def ready(self, version: ModelVersion) -> bool:
-        return (version.model, version.version) in self._loaded
+    async def availability(self, version: ModelVersion) -> Availability:
+        if (version.model, version.version) in self._loaded:
+            return READY
+        return Availability("not_loaded", "no ONNX Runtime session for it in this gateway")
 
     async def embed(self, version: ModelVersion, batch: TokenBatch) -> np.ndarray:
         loaded = self._loaded.get((version.model, version.version))

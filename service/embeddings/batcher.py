@@ -2,11 +2,16 @@
 
 Inputs (token ids) join a bounded queue. A worker closes a batch at ``max_batch_size`` inputs, at
 ``max_batch_tokens`` padded tokens, or ``max_wait_ms`` after its oldest input arrived, whichever comes
-first. While one batch runs, the next one fills, so under load batches form without any waiting and
-an idle gateway adds no delay. Inputs are grouped by token length so padding stays small; the oldest
-input is always in the next batch, so nothing starves. A full queue refuses new work (429) instead of
-letting waits grow without bound; inputs whose request was cancelled or timed out are dropped before
-inference.
+first, and sends it to the backend; up to ``batches_in_flight`` batches run at once (1 for the in-process
+backend, several to keep a remote GPU busy through each round trip). While every slot is taken the next
+batch fills, so under load batches form without any waiting and an idle gateway adds no delay. Inputs are
+grouped by token length so padding stays small; the oldest input is always in the next batch, so nothing
+starves. A full queue refuses new work (429) instead of letting waits grow without bound; inputs whose
+request was cancelled or timed out are dropped before inference.
+
+A worker that dies (a bug, a stray cancellation) is restarted after a pause that grows while it keeps
+dying, and counted (``embedserve_batcher_restarts_total``); the inputs it held fail at once with a 503,
+and so do new ones until it runs again (``running`` is False meanwhile: /readyz reports the version).
 
 Tracing: a batch serves several requests, so each request gets its own spans for its part of a batch,
 children of the span that was current when it queued its inputs: ``batch.queue_wait`` (from queueing to the
@@ -27,7 +32,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
 from service.backends.contract import Backend
-from service.errors import ApiError, InferenceFailed, Overloaded
+from service.errors import ApiError, InferenceFailed, Overloaded, ServiceUnavailable
 from service.models.store import ModelVersion
 from service.models.tokenization import pad_batch
 from service.telemetry.metrics import Metrics
@@ -38,6 +43,8 @@ log = logging.getLogger(__name__)
 # How many of the oldest queued inputs are considered when grouping by length: bounds the cost of
 # forming a batch and how far a short input can overtake a long one.
 _SELECTION_WINDOW_FACTOR = 4
+# Seconds before a dead worker is restarted, by how many times in a row it died without forming a batch.
+RESTART_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class BatchLimits:
     max_batch_tokens: int
     max_wait_ms: float
     max_queue_inputs: int
+    batches_in_flight: int = 1
 
 
 @dataclass(eq=False)
@@ -81,25 +89,87 @@ class Batcher:
         self._labels = (version.model, str(version.version))
         self._queue: list[_Input] = []
         self._arrived = asyncio.Event()
+        self._slots = asyncio.Semaphore(limits.batches_in_flight)
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
+        self._restart: asyncio.TimerHandle | None = None
+        self._deaths_in_a_row = 0
+        self._stopping = False
+        self.last_death: str | None = None  # why the worker last died, while it is down
 
     @property
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def running(self) -> bool:
+        """Whether the worker that forms this version's batches is alive (False while it waits to restart)."""
+        return self._worker is not None and not self._worker.done()
+
     def start(self) -> None:
+        self._stopping = False
+        self._start_worker()
+
+    def _start_worker(self) -> None:
+        self._restart = None
+        self.last_death = None
         self._worker = asyncio.create_task(self._run(), name=f"batcher-{self.version.name}")
+        self._worker.add_done_callback(self._worker_done)
+
+    def _worker_done(self, worker: asyncio.Task[None]) -> None:
+        if self._stopping:
+            return
+        error = None if worker.cancelled() else worker.exception()
+        error_type = type(error).__name__ if error else "CancelledError"
+        delay = RESTART_DELAYS_S[min(self._deaths_in_a_row, len(RESTART_DELAYS_S) - 1)]
+        self._deaths_in_a_row += 1
+        self.last_death = f"its batcher worker stopped ({error_type}) and restarts in {delay:g} s"
+        self._metrics.batcher_restarts.labels(*self._labels).inc()
+        log.error(
+            "batcher worker stopped; restarting",
+            extra={
+                "model": self.version.model,
+                "version": self.version.version,
+                "error_type": error_type,
+                "restart_in_s": delay,
+            },
+            exc_info=error,
+        )
+        # Nothing would take the queued inputs until the restart: they fail now rather than at their deadline.
+        self._fail_queued()
+        self._restart = asyncio.get_running_loop().call_later(delay, self._start_worker)
+
+    def _fail_queued(self) -> None:
+        for pending in self._queue:
+            if not pending.future.done():
+                pending.future.set_exception(self._restarting())
+        self._queue.clear()
+        self._metrics.queue_depth.labels(*self._labels).set(0)
+
+    def _restarting(self) -> ServiceUnavailable:
+        return ServiceUnavailable(
+            f"the batcher of {self.version.name} stopped and is restarting; retry in a few seconds (see /readyz)."
+        )
 
     async def stop(self) -> None:
+        self._stopping = True
+        if self._restart is not None:
+            self._restart.cancel()
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
+        for task in self._in_flight:
+            task.cancel()
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
         for pending in self._queue:
             pending.future.cancel()
         self._queue.clear()
 
     async def embed(self, token_ids: list[list[int]]) -> np.ndarray:
-        """Vectors for ``token_ids`` (one row each, in order); 429 when the queue can't take them."""
+        """Vectors for ``token_ids`` (one row each, in order); 429 when the queue can't take them, 503 while the
+        worker restarts."""
+        if not self.running:
+            raise self._restarting()
         if self._queue and len(self._queue) + len(token_ids) > self._limits.max_queue_inputs:
             self._metrics.rejected.labels(*self._labels, "queue_full").inc()
             raise Overloaded(
@@ -125,9 +195,26 @@ class Batcher:
             if not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
-            batch = await self._next_batch()
-            if batch:
-                await self._infer(batch)
+            # A free slot first: while every batch in flight runs, the queue keeps filling the next one.
+            await self._slots.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            if not batch:
+                self._slots.release()
+                continue
+            self._deaths_in_a_row = 0
+            task = asyncio.create_task(self._infer(batch), name=f"batch-{self.version.name}")
+            self._in_flight.add(task)
+            self._metrics.batches_in_flight.labels(*self._labels).set(len(self._in_flight))
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._slots.release()
+        self._metrics.batches_in_flight.labels(*self._labels).set(len(self._in_flight))
 
     async def _next_batch(self) -> list[_Input]:
         """Wait until a batch should close, then take it out of the queue."""
@@ -175,6 +262,29 @@ class Batcher:
             self._queue = kept
 
     async def _infer(self, batch: list[_Input]) -> None:
+        """Run ``batch`` and settle every input's future: its vector, or the error (whatever raised it)."""
+        try:
+            vectors = await self._run_batch(batch)
+            if len(vectors) != len(batch):
+                raise ValueError(f"the backend returned {len(vectors)} vectors for {len(batch)} inputs")
+        except asyncio.CancelledError:
+            for item in batch:
+                item.future.cancel()
+            raise
+        except Exception as error:
+            if not isinstance(error, ApiError):
+                log.exception("inference failed", extra={"model": self.version.model, "version": self.version.version})
+                # The cause stays in the log: the client learns which version failed, never its internals.
+                error = InferenceFailed(f"inference failed in {self.version.name}; it has been logged.")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        for item, vector in zip(batch, vectors, strict=True):
+            if not item.future.done():
+                item.future.set_result(vector)
+
+    async def _run_batch(self, batch: list[_Input]) -> np.ndarray:
         started = time.monotonic()
         tokens = pad_batch([item.token_ids for item in batch], self.version.tokenizer.pad_id)
         for item in batch:
@@ -185,27 +295,14 @@ class Batcher:
         spans = self._start_spans(batch, tokens.padded_tokens)
         try:
             vectors = await self._backend.embed(self.version, tokens)
-        except ApiError as error:
-            _record_error(spans, error)
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
-            return
         except Exception as error:
             _record_error(spans, error)
-            log.exception("inference failed", extra={"model": self.version.model, "version": self.version.version})
-            failed = InferenceFailed(f"inference failed in {self.version.name}; it has been logged.")
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(failed)
-            return
+            raise
         finally:
             for span in spans:
                 span.end()
         self._metrics.inference_latency.labels(*self._labels).observe(time.monotonic() - started)
-        for item, vector in zip(batch, vectors, strict=True):
-            if not item.future.done():
-                item.future.set_result(vector)
+        return vectors
 
     def _start_spans(self, batch: list[_Input], padded_tokens: int) -> list[Span]:
         """Per request in ``batch``: its ``batch.queue_wait`` span (ended now) and its ``inference`` span (open)."""

@@ -16,6 +16,16 @@ SCHEMA_VERSION = 1
 _CHUNK = 1 << 20
 
 
+# A Triton model config parameter named this + a version number holds that version's ``Manifest.sha256`` (one
+# config.pbtxt serves every version of its model). The trainer writes them; the gateway and the python backend's
+# model.py read them, so what Triton loaded can be matched to the manifest the gateway verified.
+TRITON_SHA256_PREFIX = "embedserve_sha256_v"
+
+
+def triton_sha256_key(version: int) -> str:
+    return f"{TRITON_SHA256_PREFIX}{version}"
+
+
 class FileDigest(BaseModel):
     sha256: str
     size: int

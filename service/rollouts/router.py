@@ -4,6 +4,7 @@ from collections.abc import Callable
 
 from fastapi import APIRouter, Depends, Request
 
+from service.backends.contract import Backend
 from service.edge.auth import require
 from service.embeddings.embedder import Embedder
 from service.errors import Conflict, InvalidRequest, ModelNotFound, NotFound
@@ -57,13 +58,23 @@ async def show_rollout(model: str, request: Request) -> RolloutState:
 
 @router.put("/{model}", response_model=RolloutState)
 async def start_rollout(model: str, body: StartRollout, request: Request) -> RolloutState:
-    """Start a canary at ``steps[0]`` percent; the canary must be verified on this replica."""
+    """Start a canary at ``steps[0]`` percent; the canary must be verified on this replica and its backend serve it."""
     _known_model(request, model)
     store: ModelStore = request.app.state.store
-    if store.get(model, body.canary_version) is None:
+    canary = store.get(model, body.canary_version)
+    if canary is None:
         refusal = store.refusal(model, body.canary_version)
         why = refusal.reason if refusal else "it is not in the model repository"
         raise InvalidRequest(f"{model}@{body.canary_version} cannot be served: {why}.", param="canary_version")
+    # Pods are ready only when their canary serves: a canary the backend cannot serve would take them all out.
+    backend: Backend = request.app.state.backend
+    availability = await backend.availability(canary)
+    if not availability.ready:
+        raise InvalidRequest(
+            f"{model}@{body.canary_version} cannot be a canary: {availability.reason}. Fix that first (see /readyz): "
+            "with it as canary, no replica would be ready.",
+            param="canary_version",
+        )
     embedder: Embedder = request.app.state.embedder
 
     def begin(current: RolloutState | None) -> RolloutState:

@@ -88,6 +88,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.batches_in_flight = Gauge(
+            "embedserve_batches_in_flight",
+            "Batches of the version running in the backend now (up to EMBEDSERVE_TRITON_BATCHES_IN_FLIGHT).",
+            versioned,
+            registry=self.registry,
+        )
+        self.batcher_restarts = Counter(
+            "embedserve_batcher_restarts",
+            "Times the version's batcher worker died and was restarted (the version is not ready meanwhile).",
+            versioned,
+            registry=self.registry,
+        )
         self.inference_latency = Histogram(
             "embedserve_inference_duration_seconds",
             "Backend time per inference batch.",

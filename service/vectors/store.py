@@ -198,6 +198,19 @@ class VectorStore:
         records = await self._catalog.records()
         return [await self._describe(records[name]) for name in sorted(records)]
 
+    async def bound_versions(self) -> dict[tuple[str, int], list[str]] | None:
+        """(model, version) -> the collections bound to it: each one's active version, and the target of a running
+        re-index (written to as well). None until the catalog has been read at start: this never waits on Milvus."""
+        if self._startup is not None and not self._startup.done():
+            return None
+        if self._startup is None and self._milvus.is_lite and not Path(self._milvus.uri).exists():
+            return {}  # no Milvus Lite file yet: no collection either
+        bound: dict[tuple[str, int], list[str]] = {}
+        for name, record in sorted((await self._catalog.records()).items()):
+            for physical in record.write_targets():
+                bound.setdefault((record.model, physical.version), []).append(name)
+        return bound
+
     async def collections_on(self, model: str) -> list[CollectionRecord]:
         """The catalog records, by name, of the collections whose vectors ``model`` makes (a promotion of a new
         version re-indexes each); read from the catalog alone, without counting items in Milvus."""

@@ -146,7 +146,8 @@ def test_schema_refuses_secrets_in_plain_config_and_mistakes(values: dict[str, A
 
 def test_settings_become_embedserve_variables(rendered: dict[str, list[dict[str, Any]]]) -> None:
     data = settings(rendered["gpu-production"])
-    assert data["EMBEDSERVE_MAX_BATCH_TOKENS"] == "8192"
+    assert data["EMBEDSERVE_TRITON_MAX_BATCH_TOKENS"] == "8192"  # batches to Triton (on GPUs) have their own budget
+    assert data["EMBEDSERVE_TRITON_BATCHES_IN_FLIGHT"] == "4"
     assert data["EMBEDSERVE_CACHE_MEMORY_BYTES"] == "536870912"  # no float exponent
     assert json.loads(data["EMBEDSERVE_STABLE_VERSIONS"]) == {"minilm": 1}
     assert data["EMBEDSERVE_HOST"] == "0.0.0.0" and data["EMBEDSERVE_MODEL_REPOSITORY"] == "/models"

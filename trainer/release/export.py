@@ -24,7 +24,15 @@ from service.models.manifest import MANIFEST_FILE, EmbeddingStats, Evaluation, M
 from service.models.store import ONNX_FILE
 from service.models.tokenization import TOKENIZER_FILE, TextTokenizer, pad_batch
 from trainer.encoder import SentenceEncoder
-from trainer.release.triton_config import GPU_ONNX, TritonChanges, onnx_config, read_options
+from trainer.release.triton_config import (
+    GPU_ONNX,
+    TritonChanges,
+    TritonOptions,
+    onnx_config,
+    read_options,
+    version_digests,
+    write_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +90,7 @@ def export_version(encoder: SentenceEncoder, request: ExportRequest, repository:
                 shutil.copy2(request.tokenizer_dir / name, staging / name)
         tokenizer = TextTokenizer(staging / TOKENIZER_FILE, encoder.max_seq_length)
         onnx_vectors = check_parity(encoder, staging / ONNX_FILE, tokenizer, request.validation_texts)
-        config_path.write_text(onnx_config(request.model, encoder.dimension, triton))
-        return publish_staged(staging, request, encoder.dimension, encoder.max_seq_length, onnx_vectors)
+        return publish_staged(staging, request, encoder.dimension, encoder.max_seq_length, onnx_vectors, triton=triton)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -177,10 +184,13 @@ def publish_staged(
     max_seq_length: int,
     vectors: np.ndarray,
     precision: Literal["fp32", "int8"] = "fp32",
+    triton: TritonOptions | None = None,
 ) -> Path:
     """Write the manifest of the files in ``staging`` and rename it to the model's next version folder.
 
-    ``vectors`` are the version's own outputs on the validation texts (its reference statistics)."""
+    ``vectors`` are the version's own outputs on the validation texts (its reference statistics). The model's
+    config.pbtxt is rewritten with ``triton`` (None: the options it has) and the sha256 of every version, the
+    new one's before its folder appears, so a Triton that polls the repository never loads it unnamed."""
     model_dir = staging.parent
     existing = model_versions(model_dir.parent, request.model)
     version = (existing[-1] if existing else 0) + 1
@@ -204,9 +214,16 @@ def publish_staged(
         notes=request.notes,
     )
     _write_durably(staging / MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())
+    options = triton or read_options(model_dir / "config.pbtxt") or GPU_ONNX
+    digests = version_digests(model_dir)
+    write_config(model_dir, onnx_config(request.model, dimension, options, {**digests, version: manifest.sha256}))
     target = model_dir / str(version)
-    # rename() of a folder fails if the target exists, so two concurrent exports can't share a number.
-    os.rename(staging, target)
+    try:
+        # rename() of a folder fails if the target exists, so two concurrent exports can't share a number.
+        os.rename(staging, target)
+    finally:
+        # The config names exactly the versions on disk (another export may have taken the number).
+        write_config(model_dir, onnx_config(request.model, dimension, options, version_digests(model_dir)))
     _fsync_dir(model_dir)
     log.info("version exported", extra={"model": request.model, "version": version, "sha256": manifest.sha256})
     return target

@@ -4,7 +4,11 @@ The model repository written by export is for the official Triton container (``o
 platform, GPU instances). For a Triton with the python backend only (the local CPU one built from the
 nvidia-pytriton wheel, or a GPU one without the ONNX Runtime backend), ``write_python_repository``
 derives a copy whose versions run the same ``model.onnx`` through ``model.py``; only versions that
-verify against their manifest are copied.
+verify against their manifest are copied, each with its manifest.
+
+Every config names the sha256 of each of its versions (``Manifest.sha256``, in a parameter keyed by
+version): the gateway reads it back from Triton and routes only to versions whose digest is the one it
+verified, and the python backend's model.py refuses to load files that do not match it.
 """
 
 import os
@@ -13,7 +17,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from service.models.manifest import ManifestError, verify_version
+from service.models.manifest import (
+    MANIFEST_FILE,
+    TRITON_SHA256_PREFIX,
+    ManifestError,
+    read_manifest,
+    triton_sha256_key,
+    verify_version,
+)
 
 # Rows Triton takes in one request; its dynamic batcher merges requests up to the same size. The
 # gateway reads it from Triton and splits larger batches, so EMBEDSERVE_MAX_BATCH_SIZE may exceed it.
@@ -109,25 +120,50 @@ _TENSORRT = """optimization { execution_accelerators {
 """
 
 
+def version_digests(model_dir: Path) -> dict[int, str]:
+    """The sha256 of every version folder of ``model_dir`` whose manifest reads, by version number (files are not
+    hashed: the gateway verifies them against the same manifest before it routes to the version)."""
+    digests: dict[int, str] = {}
+    for version_dir in (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()):
+        try:
+            digests[int(version_dir.name)] = read_manifest(version_dir).sha256
+        except ManifestError:
+            continue  # refused by the gateway anyway
+    return digests
+
+
+def _parameters(digests: dict[int, str]) -> str:
+    return "".join(
+        f'parameters {{ key: "{triton_sha256_key(version)}" value: {{ string_value: "{digests[version]}" }} }}\n'
+        for version in sorted(digests)
+    )
+
+
 def _instance_group(options: TritonOptions) -> str:
     kind = "KIND_GPU" if options.instance_kind == "gpu" else "KIND_CPU"
     return f"instance_group [ {{ kind: {kind} count: {options.instance_count} }} ]\n"
 
 
-def onnx_config(model: str, dimension: int, options: TritonOptions = GPU_ONNX) -> str:
-    """The ``onnxruntime_onnx`` config: the tensors the gateway sends, the instances, every version loaded."""
+def onnx_config(
+    model: str, dimension: int, options: TritonOptions = GPU_ONNX, digests: dict[int, str] | None = None
+) -> str:
+    """The ``onnxruntime_onnx`` config: the tensors the gateway sends, the instances, every version loaded, and
+    the sha256 of each version in ``digests``."""
     config = (
         f'name: "{model}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {options.max_batch_size}\n'
         + _TENSORS.format(dimension=dimension)
         + _instance_group(options)
+        + _parameters(digests or {})
     )
     if options.tensorrt:
         config += _TENSORRT
     return config
 
 
-def python_config(model: str, dimension: int, options: TritonOptions = CPU_PYTHON) -> str:
-    """The python-backend config: ``model.py`` runs ``model.onnx`` with ONNX Runtime.
+def python_config(
+    model: str, dimension: int, options: TritonOptions = CPU_PYTHON, digests: dict[int, str] | None = None
+) -> str:
+    """The python-backend config: ``model.py`` runs ``model.onnx`` with ONNX Runtime; ``digests`` as in onnx_config.
 
     On KIND_GPU instances model.py uses ONNX Runtime's CUDA provider (when the Triton environment's
     onnxruntime has it); on KIND_CPU instances the CPU."""
@@ -137,20 +173,23 @@ def python_config(model: str, dimension: int, options: TritonOptions = CPU_PYTHO
         f'name: "{model}"\nbackend: "python"\nmax_batch_size: {options.max_batch_size}\n'
         + _TENSORS.format(dimension=dimension)
         + _instance_group(options)
+        + _parameters(digests or {})
     )
 
 
 def write_python_repository(source: Path, target: Path, options: TritonOptions = CPU_PYTHON) -> list[str]:
     """Rebuild ``target`` as a python-backend copy of every verified version under ``source``.
 
-    model.onnx is hard-linked when both are on one filesystem (no copy of the weights). Returns the
-    copied versions as name@version."""
+    model.onnx is hard-linked when both are on one filesystem (no copy of the weights); the manifest is
+    copied beside it (model.py checks model.onnx against it at load). Returns the copied versions as
+    name@version."""
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
     copied: list[str] = []
     for model_dir in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
         dimension = None
+        digests: dict[int, str] = {}
         for version_dir in sorted((p for p in model_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)):
             try:
                 manifest = verify_version(version_dir)
@@ -159,12 +198,47 @@ def write_python_repository(source: Path, target: Path, options: TritonOptions =
             destination = target / model_dir.name / version_dir.name
             destination.mkdir(parents=True)
             _link_or_copy(version_dir / "model.onnx", destination / "model.onnx")
+            shutil.copy2(version_dir / MANIFEST_FILE, destination / MANIFEST_FILE)
             shutil.copy2(PYTHON_MODEL_SOURCE, destination / "model.py")
             dimension = manifest.embedding_dimension
+            digests[manifest.version] = manifest.sha256
             copied.append(f"{model_dir.name}@{version_dir.name}")
         if dimension is not None:
-            (target / model_dir.name / "config.pbtxt").write_text(python_config(model_dir.name, dimension, options))
+            config = python_config(model_dir.name, dimension, options, digests)
+            (target / model_dir.name / "config.pbtxt").write_text(config)
     return copied
+
+
+def write_digests(repository: Path) -> list[str]:
+    """Set, in the config.pbtxt of every model under ``repository``, the sha256 of each of its versions, and keep
+    everything else the config says (for a repository exported before configs carried them). Returns the models
+    whose config changed."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    written: list[str] = []
+    for model_dir in sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        config_path = model_dir / "config.pbtxt"
+        if not config_path.is_file():
+            continue
+        config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+        before = text_format.MessageToString(config)
+        for key in [key for key in config.parameters if key.startswith(TRITON_SHA256_PREFIX)]:
+            del config.parameters[key]
+        for version, digest in version_digests(model_dir).items():
+            config.parameters[triton_sha256_key(version)].string_value = digest
+        after = text_format.MessageToString(config)
+        if after != before:
+            write_config(model_dir, after)
+            written.append(model_dir.name)
+    return written
+
+
+def write_config(model_dir: Path, config: str) -> None:
+    """Replace ``model_dir``'s config.pbtxt in one step (a Triton polling the repository never reads half a file)."""
+    staged = model_dir / ".config.pbtxt.tmp"
+    staged.write_text(config)
+    os.replace(staged, model_dir / "config.pbtxt")
 
 
 def _link_or_copy(source: Path, destination: Path) -> None:

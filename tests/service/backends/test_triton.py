@@ -1,116 +1,30 @@
 """The gateway through a real Triton Inference Server: same vectors, clean failure, recovery.
 
-One Triton serves the module (its graceful exit takes up to 30 s). Its repository is the python-backend
-copy of the session repository, plus what the failure tests need: tiny's config takes at most
-TRITON_TINY_MAX_BATCH rows per request (the gateway must split its batches), and a ``slow`` model whose
-model.py sleeps past the gateway's timeout. The gateway-side repository ``gateway_repository`` adds
-tiny@3, which Triton lacks, and slow@1.
+The Triton and its repositories are this package's (conftest.py).
 """
 
 import asyncio
-import json
 import logging
-import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.models.manifest import MANIFEST_FILE
 from service.settings import Settings
 from tests.helpers import running_gateway
+from tests.service.backends.conftest import (
+    SLOW_MODEL_SLEEP_S,
+    TRITON_TINY_MAX_BATCH,
+    min_cosine,
+    triton_counts,
+    triton_settings,
+    vectors,
+)
 from tests.triton_server import LocalTriton
 from trainer.data.sample_text import paragraphs, sentences
-from trainer.release.triton_config import PYTHON_MODEL_SOURCE, TritonOptions, python_config, write_python_repository
 
-TRITON_TINY_MAX_BATCH = 4
-SLOW_MODEL_SLEEP_S = 2.0
 SLOW_CALL_TIMEOUT_S = 0.5
-# model.py of the slow model: the real one, with execute() sleeping first.
-SLOW_MODEL_PY = (
-    PYTHON_MODEL_SOURCE.read_text()
-    + f"""
-
-class _Slow(TritonPythonModel):
-    def execute(self, requests):
-        import time
-
-        time.sleep({SLOW_MODEL_SLEEP_S})
-        return super().execute(requests)
-
-
-TritonPythonModel = _Slow
-"""
-)
-
-
-def add_version_copy(repository: Path, source: str, target: str) -> None:
-    """``source`` (model/version) again as ``target``, its manifest renamed; the weights are hard-linked."""
-    source_dir, target_dir = repository / source, repository / target
-    shutil.copytree(source_dir, target_dir, copy_function=os.link)
-    model, version = target.split("/")
-    manifest = json.loads((source_dir / MANIFEST_FILE).read_text())
-    (target_dir / MANIFEST_FILE).unlink()
-    (target_dir / MANIFEST_FILE).write_text(json.dumps({**manifest, "model": model, "version": int(version)}))
-
-
-@pytest.fixture(scope="module")
-def gateway_repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session repository plus tiny@3 (Triton lacks it) and slow@1 (Triton's copy sleeps)."""
-    repository = tmp_path_factory.mktemp("gateway") / "repository"
-    shutil.copytree(model_repository, repository, copy_function=os.link)
-    add_version_copy(repository, "tiny/2", "tiny/3")
-    (repository / "slow").mkdir()
-    add_version_copy(repository, "tiny/1", "slow/1")
-    return repository
-
-
-@pytest.fixture(scope="module")
-def triton(gateway_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
-    workdir = tmp_path_factory.mktemp("triton")
-    repository = workdir / "repository"
-    copied = write_python_repository(gateway_repository, repository)
-    assert copied == ["minilm@1", "slow@1", "tiny@1", "tiny@2", "tiny@3"]
-    shutil.rmtree(repository / "tiny" / "3")
-    options = TritonOptions(instance_kind="cpu", max_batch_size=TRITON_TINY_MAX_BATCH)
-    (repository / "tiny" / "config.pbtxt").write_text(python_config("tiny", 32, options))
-    (repository / "slow" / "1" / "model.py").write_text(SLOW_MODEL_PY)
-    server = LocalTriton(repository, workdir / "triton.log")
-    server.start()
-    yield server
-    server.stop()
-
-
-def triton_settings(settings: Settings, triton: LocalTriton, **update: object) -> Settings:
-    # The cache is off so every vector really comes from Triton.
-    return settings.model_copy(
-        update={
-            "backend": "triton",
-            "triton_url": triton.grpc_url,
-            "cache_enabled": False,
-            "triton_timeout_s": 5.0,
-            **update,
-        }
-    )
-
-
-def vectors(body: dict) -> np.ndarray:
-    return np.array([item["embedding"] for item in body["data"]], dtype=np.float32)
-
-
-def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(((a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
-
-
-def triton_counts(triton: LocalTriton, model: str, version: int) -> tuple[int, int]:
-    """(requests that succeeded, rows inferred) for one version, from Triton's statistics."""
-    url = f"http://127.0.0.1:{triton.http_port}/v2/models/{model}/versions/{version}/stats"
-    (stats,) = httpx.get(url, timeout=5).json()["model_stats"]
-    return int(stats["inference_stats"]["success"]["count"]), int(stats["inference_count"])
+assert SLOW_CALL_TIMEOUT_S < SLOW_MODEL_SLEEP_S
 
 
 @pytest.mark.parametrize("model", ["minilm@1", "tiny@1", "tiny@2"])
@@ -157,7 +71,9 @@ async def test_a_version_triton_lacks_gets_503s_while_the_others_serve(
         assert message == "the inference server has not loaded tiny@3 (see /readyz)."
         ready = await gateway.get("/readyz")
         assert ready.status_code == 503 and ready.json()["ready"] is False
-        assert ready.json()["problems"] == ["tiny@3 is not ready in the triton backend"]
+        # tiny@3 is tiny's default version (its highest): the pod is out of rotation.
+        (problem,) = ready.json()["problems"]
+        assert problem.startswith("tiny@3, used by default, cannot serve: not loaded in Triton")
         for model in ("tiny@1", "tiny@2", "minilm@1"):
             served = await gateway.post("/v1/embeddings", json={"input": "still here", "model": model})
             assert served.status_code == 200, model
@@ -200,7 +116,9 @@ async def test_killing_triton_gives_503s_and_restarting_recovers(settings: Setti
         assert "grpc" not in error["message"].lower() and "StatusCode" not in error["message"]
         ready = await gateway.get("/readyz")
         assert ready.status_code == 503 and ready.json()["ready"] is False
-        assert "tiny@1 is not ready in the triton backend" in ready.json()["problems"]
+        problems = ready.json()["problems"]
+        assert [p.split(",")[0] for p in problems] == ["minilm@1", "tiny@2"]  # the defaults; tiny@1 is unused
+        assert all("cannot serve: not loaded in Triton" in problem for problem in problems)
         # Only the embedding routes depend on Triton.
         assert (await gateway.get("/v1/models")).status_code == 200
 

@@ -36,7 +36,13 @@ def test_a_flipped_byte_refuses_that_version_only(repository_copy: Path, caplog:
         assert ready["ready"] is True
         refused = [v for v in ready["versions"] if v["state"] == "refused"]
         assert refused == [
-            {"model": "tiny", "version": 2, "state": "refused", "reason": "file model.onnx does not match its sha256"}
+            {
+                "model": "tiny",
+                "version": 2,
+                "state": "refused",
+                "reason": "file model.onnx does not match its sha256",
+                "used_by": [],
+            }
         ]
         tiny = next(card for card in client.get("/v1/models").json()["data"] if card["id"] == "tiny")
         assert [(v["version"], v["state"]) for v in tiny["versions"]] == [(1, "ready"), (2, "refused")]

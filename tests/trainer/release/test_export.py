@@ -10,7 +10,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 import trainer.__main__ as trainer_cli
-from service.models.manifest import file_sha256, verify_version
+from service.models.manifest import file_sha256, triton_sha256_key, verify_version
 from tests.conftest import TINY_DIMENSION, export_tiny
 from trainer.config import TrainConfig
 from trainer.data.sample_text import paragraphs, sentences
@@ -40,6 +40,12 @@ def test_export_writes_the_next_version_with_a_manifest_of_every_file(tmp_path: 
     assert stats is not None and len(stats.mean) == TINY_DIMENSION and stats.count == 64
     assert abs(stats.norm_quantiles["0.5"] - 1.0) < 1e-4  # unit vectors
     assert json.loads((second / "manifest.json").read_text())["source"] == "test:random-init seed=2"
+    # Triton's config names the sha256 of every version, each written before its folder appeared.
+    config = text_format.Parse((tmp_path / "m" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert {key: value.string_value for key, value in config.parameters.items()} == {
+        triton_sha256_key(1): verify_version(first).sha256,
+        triton_sha256_key(2): manifest.sha256,
+    }
 
 
 def test_the_model_config_is_tritons_onnx_layout(tmp_path: Path) -> None:
@@ -158,3 +164,11 @@ def test_int8_is_a_version_of_its_own_with_its_agreement_recorded(repository_cop
     assert (written / "model.onnx").stat().st_size < (
         repository_copy / "minilm" / "1" / "model.onnx"
     ).stat().st_size / 2
+    # Triton's config names the new version's sha256 too (the gateway routes to no version it cannot match).
+    config = text_format.Parse(
+        (repository_copy / "minilm" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    assert config.parameters[triton_sha256_key(2)].string_value == manifest.sha256
+    assert (
+        config.parameters[triton_sha256_key(1)].string_value == verify_version(repository_copy / "minilm" / "1").sha256
+    )

@@ -1,5 +1,6 @@
 """Every generated config.pbtxt parses as Triton's ModelConfig and names the tensors the gateway sends."""
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -7,13 +8,15 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+import trainer.__main__ as trainer_cli
 from service.backends.triton import ATTENTION_MASK, INPUT_IDS, OUTPUT
-from service.models.manifest import verify_version
+from service.models.manifest import TRITON_SHA256_PREFIX, triton_sha256_key, verify_version
 from trainer.release.triton_config import (
     MAX_BATCH_SIZE,
     TritonOptions,
     onnx_config,
     python_config,
+    read_options,
     write_python_repository,
 )
 
@@ -95,8 +98,42 @@ def test_exported_and_python_backend_configs_parse(model_repository: Path, tmp_p
         assert_gateway_tensors(config, dimension)
         assert instance_groups(config) == [("KIND_CPU", 1)]
     version = tmp_path / "python" / "tiny" / "2"
-    assert sorted(p.name for p in version.iterdir()) == ["model.onnx", "model.py"]
+    assert sorted(p.name for p in version.iterdir()) == ["manifest.json", "model.onnx", "model.py"]
     assert (version / "model.onnx").stat().st_ino == (model_repository / "tiny" / "2" / "model.onnx").stat().st_ino
+
+
+def named_digests(config: model_config_pb2.ModelConfig) -> dict[str, str]:
+    return {key: value.string_value for key, value in config.parameters.items() if key.startswith(TRITON_SHA256_PREFIX)}
+
+
+def test_every_config_names_the_sha256_of_each_version(model_repository: Path, tmp_path: Path) -> None:
+    write_python_repository(model_repository, tmp_path / "python")
+    for repository in (model_repository, tmp_path / "python"):
+        for model, versions in (("minilm", [1]), ("tiny", [1, 2])):
+            config = parse((repository / model / "config.pbtxt").read_text())
+            assert named_digests(config) == {
+                triton_sha256_key(v): verify_version(model_repository / model / str(v)).sha256 for v in versions
+            }, repository
+
+
+def test_triton_config_names_the_digests_in_a_repository_exported_without_them(
+    repository_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_path = repository_copy / "tiny" / "config.pbtxt"
+    options = TritonOptions(instance_count=3, tensorrt=True)
+    config_path.write_text(onnx_config("tiny", 32, options) + 'model_warmup [ { name: "kept" batch_size: 1 } ]\n')
+    assert named_digests(parse(config_path.read_text())) == {}
+    monkeypatch.setattr(sys, "argv", ["python -m trainer", "triton-config", "--repository", str(repository_copy)])
+    monkeypatch.setattr(trainer_cli, "configure_logging", lambda level: None)
+    trainer_cli.main()
+    config = parse(config_path.read_text())
+    assert named_digests(config) == {
+        triton_sha256_key(v): verify_version(repository_copy / "tiny" / str(v)).sha256 for v in (1, 2)
+    }
+    # Everything else the config said is kept.
+    assert read_options(config_path) == options
+    assert [warmup.name for warmup in config.model_warmup] == ["kept"]
+    assert_gateway_tensors(config, 32)
 
 
 def test_the_python_repository_for_a_gpu_triton(model_repository: Path, tmp_path: Path) -> None:
