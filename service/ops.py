@@ -10,10 +10,11 @@ pod out of rotation (requests pinned to it get their 503).
 import asyncio
 from typing import Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from pydantic import BaseModel, Field
 
 from service.backends.contract import Backend
+from service.edge.auth import may_see_internals
 from service.embeddings.batcher import Batcher
 from service.embeddings.embedder import Embedder
 from service.errors import ApiError
@@ -39,8 +40,15 @@ class VersionReadiness(BaseModel):
     )
 
 
-class Readiness(BaseModel):
+class ReadinessStatus(BaseModel):
+    """What anyone may know of a pod's readiness (the status code says it too)."""
+
     ready: bool
+
+
+class Readiness(ReadinessStatus):
+    """The detail, for the admin scope (or anyone when no key is configured): versions, reasons, paths."""
+
     backend: str
     versions: list[VersionReadiness]
     problems: list[str] = Field(default_factory=list)
@@ -53,9 +61,12 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=Readiness)
-async def readyz(request: Request) -> Response:
-    """Ready only when every version this pod routes traffic to serves, and every model has one to serve."""
+@router.get("/readyz", response_model=Readiness | ReadinessStatus)
+async def readyz(
+    request: Request, authorization: str | None = Header(None, description="Bearer <admin key>")
+) -> Response:
+    """Ready only when every version this pod routes traffic to serves, and every model has one to serve. The
+    detail (versions, problems) only for the admin scope when keys are configured: it names paths and reasons."""
     state = request.app.state
     store: ModelStore = state.store
     backend: Backend = state.backend
@@ -94,7 +105,11 @@ async def readyz(request: Request) -> Response:
         )
     if not store.models():
         problems.append(f"no model versions under {store.repository}; run `make bootstrap-model`.")
-    body = Readiness(ready=not problems, backend=backend.name, versions=versions, problems=problems, notes=notes)
+    body: ReadinessStatus = Readiness(
+        ready=not problems, backend=backend.name, versions=versions, problems=problems, notes=notes
+    )
+    if not may_see_internals(state.settings, authorization):
+        body = ReadinessStatus(ready=body.ready)
     return Response(body.model_dump_json(), status_code=200 if body.ready else 503, media_type="application/json")
 
 

@@ -46,6 +46,16 @@ def _scopes_of(key: str, settings: Settings) -> frozenset[Scope] | None:
     return found
 
 
+def may_see_internals(settings: Settings, authorization: str | None) -> bool:
+    """Whether the caller may read what the gateway's operators read (/readyz detail: versions, reasons,
+    paths): anyone when no key is configured at all, else a key with the admin scope."""
+    if not settings.api_keys and settings.admin_api_key is None:
+        return True
+    key = _bearer(authorization)
+    scopes = _scopes_of(key, settings) if key is not None else None
+    return scopes is not None and "admin" in scopes
+
+
 def require(scope: Scope) -> Callable[..., Awaitable[None]]:
     """The dependency of a route that needs ``scope``."""
 

@@ -40,7 +40,7 @@ def pinned_to_2(settings: Settings, triton: LocalTriton, gateway_repository: Pat
 
 async def readiness(gateway: httpx.AsyncClient) -> tuple[int, dict, dict[str, dict]]:
     """(status, body, versions by name@version) of /readyz."""
-    response = await gateway.get("/readyz")
+    response = await gateway.get("/readyz", headers={"Authorization": f"Bearer {ADMIN_KEY}"})  # the detail
     body = response.json()
     return response.status_code, body, {f"{v['model']}@{v['version']}": v for v in body["versions"]}
 

@@ -151,3 +151,12 @@ def test_keys_come_from_the_environment_as_strings_or_scoped_objects(monkeypatch
     plain, writer = Settings().api_keys
     assert plain.key.get_secret_value() == "plain" and plain.scopes == {"embed", "search"}
     assert writer.scopes == {"write", "search"}
+
+
+def test_readiness_detail_is_for_the_admin_scope_when_keys_are_set(keyed: TestClient, client: TestClient) -> None:
+    anyone = keyed.get("/readyz")
+    assert anyone.status_code == 200 and anyone.json() == {"ready": True}  # no versions, reasons or paths
+    assert keyed.get("/readyz", headers=bearer(CLIENT_KEYS[0])).json() == {"ready": True}
+    detail = keyed.get("/readyz", headers=bearer(ADMIN_KEY)).json()
+    assert detail["ready"] and {v["version"] for v in detail["versions"] if v["model"] == "tiny"} == {1, 2}
+    assert "versions" in client.get("/readyz").json()  # no key configured at all: nothing to hide it from
