@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 def create_backend(settings: Settings) -> Backend:
     if settings.backend == "triton":
         return TritonBackend(settings.triton_url, timeout_s=settings.triton_timeout_s)
-    return OnnxBackend(intra_op_threads=settings.onnx_intra_op_threads)
+    return OnnxBackend(threads=settings.inference_threads)
 
 
 def create_cache(settings: Settings, metrics: Metrics, tracer: Tracer) -> EmbeddingCache | None:

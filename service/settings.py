@@ -61,8 +61,11 @@ class Settings(BaseSettings):
         description="Most tokens in one batch sent to Triton, padding included (rows x longest row); "
         "EMBEDSERVE_MAX_BATCH_TOKENS is the in-process ONNX backend's budget. GPUs gain from large batches.",
     )
-    onnx_intra_op_threads: int = Field(
-        0, description="ONNX Runtime intra-op threads per session; 0 = one per CPU core."
+    inference_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads in-process inference may use, shared by every loaded version; 0 = the "
+        "container's CPU quota (cgroup), else the CPUs this process may run on.",
     )
     truncate: bool = Field(
         True,

@@ -1,10 +1,19 @@
-"""In-process ONNX Runtime backend (the embedded default)."""
+"""In-process ONNX Runtime backend (the embedded default).
+
+One thread budget for every version: the CPUs the container may use (its cgroup quota, else its CPU
+affinity — ``os.cpu_count()`` is the node's, not the pod's), or ``EMBEDSERVE_INFERENCE_THREADS``. A lone
+version's session may use all of it; with several versions loaded (a canary beside stable) each session
+still may, but its idle threads sleep instead of spinning, so two versions running at once share the
+cores instead of burning them on busy-waits.
+"""
 
 import asyncio
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -29,23 +38,49 @@ class _Loaded:
     thread: ThreadPoolExecutor
 
 
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: its cgroup CPU quota (v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us``), rounded up, within the CPUs it may run on (``sched_getaffinity``)."""
+    affinity = len(os.sched_getaffinity(0))
+    quota = _cgroup_quota(cgroup_root)
+    return max(1, min(affinity, math.ceil(quota))) if quota is not None else affinity
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    try:
+        if (root / "cpu.max").is_file():
+            limit, period = (root / "cpu.max").read_text().split()[:2]
+            return None if limit == "max" else int(limit) / int(period)
+        v1 = root / "cpu"
+        if (v1 / "cpu.cfs_quota_us").is_file():
+            limit_us = int((v1 / "cpu.cfs_quota_us").read_text())
+            return None if limit_us <= 0 else limit_us / int((v1 / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        log.warning("cgroup CPU quota unreadable; using the CPU affinity", extra={"cgroup_root": str(root)})
+    return None
+
+
 class OnnxBackend:
     name = "onnx"
 
-    def __init__(self, intra_op_threads: int = 0) -> None:
-        self._intra_op_threads = intra_op_threads or os.cpu_count() or 1
+    def __init__(self, threads: int = 0) -> None:
+        self.threads = threads or available_cpus()
         self._loaded: dict[tuple[str, int], _Loaded] = {}
 
     async def start(self, versions: list[ModelVersion]) -> None:
+        spinning = len(versions) <= 1
         for version in versions:
-            session = await asyncio.to_thread(self._load, version)
+            session = await asyncio.to_thread(self._load, version, spinning)
             thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"onnx-{version.name}")
             self._loaded[(version.model, version.version)] = _Loaded(session, thread)
+        log.info("onnx thread budget", extra={"threads": self.threads, "versions": len(versions), "spinning": spinning})
 
-    def _load(self, version: ModelVersion) -> ort.InferenceSession:
+    def _load(self, version: ModelVersion, spinning: bool) -> ort.InferenceSession:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self._intra_op_threads
+        options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
+        # Spinning threads wait for work by busy-looping: right for one session, CPU burnt against another.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         session = ort.InferenceSession(str(version.onnx_path), options, providers=["CPUExecutionProvider"])
         log.info("onnx session loaded", extra={"model": version.model, "version": version.version})
