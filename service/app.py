@@ -23,9 +23,10 @@ from service.edge.auth import require
 from service.edge.body_limit import BodyLimitMiddleware
 from service.edge.protocol import LONE_SURROGATE, ErrorBody, ErrorDetail
 from service.embeddings import router as embeddings
-from service.embeddings.batcher import Batcher, BatchLimits
+from service.embeddings.batcher import Batcher
 from service.embeddings.cache import CircuitBreaker, EmbeddingCache
 from service.embeddings.embedder import Embedder
+from service.embeddings.queue import LaneLimits, QueueLimits
 from service.errors import ApiError
 from service.models import router as models
 from service.models.store import ModelStore, ModelVersion
@@ -82,17 +83,23 @@ def create_rollout_store(settings: Settings) -> RolloutStore:
 def start_batchers(
     settings: Settings, versions: list[ModelVersion], backend: Backend, metrics: Metrics, tracer: Tracer
 ) -> dict[tuple[str, int], Batcher]:
-    # In process, one batch at a time per version already uses every core; a remote GPU idles through each
-    # round trip unless several batches are in flight, and gains from larger ones.
+    # In process, one batch at a time per version already uses every core, and bulk batches stay small so an
+    # interactive input waits behind one at most; a remote GPU idles through each round trip unless several
+    # batches are in flight, and gains from larger ones in both lanes.
     triton = settings.backend == "triton"
-    limits = BatchLimits(
-        max_batch_size=settings.max_batch_size,
-        max_batch_tokens=settings.triton_max_batch_tokens if triton else settings.max_batch_tokens,
+    interactive_tokens = settings.triton_max_batch_tokens if triton else settings.max_batch_tokens
+    limits = QueueLimits(
+        interactive=LaneLimits(settings.max_batch_size, interactive_tokens, settings.max_queue_inputs),
+        bulk=LaneLimits(
+            settings.max_batch_size,
+            settings.triton_max_batch_tokens if triton else settings.bulk_max_batch_tokens,
+            settings.max_bulk_queue_inputs,
+        ),
+        bulk_share=settings.bulk_share,
         max_wait_ms=settings.max_wait_ms,
-        max_queue_inputs=settings.max_queue_inputs,
-        batches_in_flight=settings.triton_batches_in_flight if triton else 1,
     )
-    batchers = {(v.model, v.version): Batcher(v, backend, limits, metrics, tracer) for v in versions}
+    in_flight = settings.triton_batches_in_flight if triton else 1
+    batchers = {(v.model, v.version): Batcher(v, backend, limits, metrics, tracer, in_flight) for v in versions}
     for batcher in batchers.values():
         batcher.start()
     return batchers

@@ -88,7 +88,31 @@ class Settings(BaseSettings):
         "once (batches still fill while the previous one runs).",
     )
     max_queue_inputs: int = Field(
-        4096, description="Most inputs waiting per model version; beyond it requests get 429 with Retry-After."
+        512,
+        ge=1,
+        description="Most interactive inputs waiting per model version (~2 s of CPU work for MiniLM); beyond it "
+        "requests get 429 with Retry-After, before any work is done for them.",
+    )
+    bulk_min_inputs: int = Field(
+        64,
+        ge=1,
+        description="Requests with more inputs than this go to the bulk lane (document batches, collection "
+        "upserts, re-index batches); smaller ones are interactive.",
+    )
+    max_bulk_queue_inputs: int = Field(
+        8192, ge=1, description="Most bulk inputs waiting per model version; beyond it bulk requests get 429."
+    )
+    bulk_share: float = Field(
+        0.25,
+        ge=0.01,
+        le=1.0,
+        description="Share of the batches the bulk lane gets while interactive inputs wait too (alone it gets all).",
+    )
+    bulk_max_batch_tokens: int = Field(
+        256,
+        ge=1,
+        description="Most tokens in one bulk batch of the in-process ONNX backend: small, so an interactive input "
+        "waits behind one short batch at most (Triton's batches use EMBEDSERVE_TRITON_MAX_BATCH_TOKENS).",
     )
     request_timeout_s: float = Field(30.0, description="Deadline of one embedding request; past it, 504.")
     shutdown_drain_s: float = Field(

@@ -1,13 +1,13 @@
 """Dynamic batching: one batcher per (model, version) turns many small requests into few inference batches.
 
-Inputs (token ids) join a bounded queue. A worker closes a batch at ``max_batch_size`` inputs, at
+Inputs (token ids) join a bounded queue of two lanes, interactive and bulk (``service.embeddings.queue``
+says which batch goes next). A worker closes a batch at its lane's ``max_batch_size`` inputs or
 ``max_batch_tokens`` padded tokens, or ``max_wait_ms`` after its oldest input arrived, whichever comes
 first, and sends it to the backend; up to ``batches_in_flight`` batches run at once (1 for the in-process
 backend, several to keep a remote GPU busy through each round trip). While every slot is taken the next
-batch fills, so under load batches form without any waiting and an idle gateway adds no delay. Inputs are
-grouped by token length so padding stays small; the oldest input is always in the next batch, so nothing
-starves. A full queue refuses new work (429) instead of letting waits grow without bound; inputs whose
-request was cancelled or timed out are dropped before inference.
+batch fills, so under load batches form without any waiting and an idle gateway adds no delay. A full lane
+refuses new work (429, ``Retry-After`` from the measured drain rate) instead of letting waits grow without
+bound; inputs whose request was cancelled or timed out are dropped before inference.
 
 A worker that dies (a bug, a stray cancellation) is restarted after a pause that grows while it keeps
 dying, and counted (``embedserve_batcher_restarts_total``); the inputs it held fail at once with a 503,
@@ -25,13 +25,13 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 import numpy as np
 from opentelemetry import context as otel_context
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
 from service.backends.contract import Backend
+from service.embeddings.queue import InputQueue, Lane, Origin, Pending, QueueLimits
 from service.errors import ApiError, InferenceFailed, Overloaded, ServiceUnavailable
 from service.models.store import ModelVersion
 from service.models.tokenization import pad_batch
@@ -40,36 +40,8 @@ from service.telemetry.tracing import NO_TRACING, version_attributes
 
 log = logging.getLogger(__name__)
 
-# How many of the oldest queued inputs are considered when grouping by length: bounds the cost of
-# forming a batch and how far a short input can overtake a long one.
-_SELECTION_WINDOW_FACTOR = 4
 # Seconds before a dead worker is restarted, by how many times in a row it died without forming a batch.
 RESTART_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)
-
-
-@dataclass(frozen=True)
-class BatchLimits:
-    max_batch_size: int
-    max_batch_tokens: int
-    max_wait_ms: float
-    max_queue_inputs: int
-    batches_in_flight: int = 1
-
-
-@dataclass(eq=False)
-class _Origin:
-    """The ``embed`` call an input came from: the trace context it was called in, when it queued (ns)."""
-
-    context: otel_context.Context
-    enqueued_ns: int = field(default_factory=time.time_ns)
-
-
-@dataclass(eq=False)
-class _Input:
-    token_ids: list[int]
-    future: asyncio.Future[np.ndarray]
-    origin: _Origin
-    enqueued_at: float = field(default_factory=time.monotonic)
 
 
 class Batcher:
@@ -77,19 +49,20 @@ class Batcher:
         self,
         version: ModelVersion,
         backend: Backend,
-        limits: BatchLimits,
+        limits: QueueLimits,
         metrics: Metrics,
         tracer: Tracer = NO_TRACING,
+        batches_in_flight: int = 1,
     ) -> None:
         self.version = version
         self._backend = backend
-        self._limits = limits
         self._metrics = metrics
         self._tracer = tracer
         self._labels = (version.model, str(version.version))
-        self._queue: list[_Input] = []
+        self._queue = InputQueue(limits)
         self._arrived = asyncio.Event()
-        self._slots = asyncio.Semaphore(limits.batches_in_flight)
+        self._batches_in_flight = batches_in_flight
+        self._slots = asyncio.Semaphore(batches_in_flight)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
         self._restart: asyncio.TimerHandle | None = None
@@ -100,6 +73,9 @@ class Batcher:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    def queued_in(self, lane: Lane) -> int:
+        return self._queue.queued(lane)
 
     @property
     def running(self) -> bool:
@@ -140,10 +116,9 @@ class Batcher:
         self._restart = asyncio.get_running_loop().call_later(delay, self._start_worker)
 
     def _fail_queued(self) -> None:
-        for pending in self._queue:
+        for pending in self._queue.clear():
             if not pending.future.done():
                 pending.future.set_exception(self._restarting())
-        self._queue.clear()
         self._metrics.queue_depth.labels(*self._labels).set(0)
 
     def _restarting(self) -> ServiceUnavailable:
@@ -161,32 +136,43 @@ class Batcher:
         for task in self._in_flight:
             task.cancel()
         await asyncio.gather(*self._in_flight, return_exceptions=True)
-        for pending in self._queue:
+        for pending in self._queue.clear():
             pending.future.cancel()
-        self._queue.clear()
 
-    async def embed(self, token_ids: list[list[int]]) -> np.ndarray:
-        """Vectors for ``token_ids`` (one row each, in order); 429 when the queue can't take them, 503 while the
-        worker restarts."""
+    def admit(self, count: int, lane: Lane) -> None:
+        """Refuse now, before any work is done for them, ``count`` inputs that ``lane`` can't take: 429 with the
+        seconds its queue needs to drain; 503 while the worker restarts."""
         if not self.running:
             raise self._restarting()
-        if self._queue and len(self._queue) + len(token_ids) > self._limits.max_queue_inputs:
+        if not self._queue.fits(count, lane):
             self._metrics.rejected.labels(*self._labels, "queue_full").inc()
             raise Overloaded(
-                f"{self.version.name} has {len(self._queue)} inputs waiting; retry shortly.", retry_after_s=1
+                f"{self.version.name} has {self._queue.queued(lane)} {lane} inputs waiting; retry shortly.",
+                retry_after_s=self._queue.retry_after_s(lane),
             )
+
+    def submit(self, token_ids: list[list[int]], lane: Lane) -> list[asyncio.Future[np.ndarray]]:
+        """Queue ``token_ids`` in ``lane``; each input's future gets its vector (or the error). Cancel a future
+        to drop its input before inference."""
+        self.admit(len(token_ids), lane)
         loop = asyncio.get_running_loop()
-        origin = _Origin(otel_context.get_current())
-        inputs = [_Input(ids, loop.create_future(), origin) for ids in token_ids]
-        self._queue.extend(inputs)
+        origin = Origin(otel_context.get_current())
+        inputs = [Pending(ids, loop.create_future(), origin) for ids in token_ids]
+        self._queue.push(inputs, lane)
         self._metrics.queue_depth.labels(*self._labels).set(len(self._queue))
         self._arrived.set()
+        return [item.future for item in inputs]
+
+    async def embed(self, token_ids: list[list[int]], lane: Lane = "interactive") -> np.ndarray:
+        """Vectors for ``token_ids`` (one row each, in order); 429 when ``lane`` can't take them, 503 while the
+        worker restarts."""
+        futures = self.submit(token_ids, lane)
         try:
-            rows = await asyncio.gather(*(item.future for item in inputs))
+            rows = await asyncio.gather(*futures)
         except BaseException:
             # Cancelled (client gone, deadline passed) or failed: queued siblings must not run.
-            for item in inputs:
-                item.future.cancel()
+            for future in futures:
+                future.cancel()
             raise
         return np.stack(rows)
 
@@ -216,52 +202,27 @@ class Batcher:
         self._slots.release()
         self._metrics.batches_in_flight.labels(*self._labels).set(len(self._in_flight))
 
-    async def _next_batch(self) -> list[_Input]:
+    async def _next_batch(self) -> list[Pending]:
         """Wait until a batch should close, then take it out of the queue."""
         while True:
-            self._drop_abandoned()
-            if not self._queue:
+            dropped = self._queue.drop_abandoned()
+            if dropped:
+                self._metrics.dropped.labels(*self._labels, "abandoned").inc(dropped)
+            lane = self._queue.next_lane()
+            if lane is None:
                 return []
-            batch = self._select()
-            waited_ms = (time.monotonic() - self._queue[0].enqueued_at) * 1000
-            remaining_ms = self._limits.max_wait_ms - waited_ms
-            full = len(batch) >= self._limits.max_batch_size or len(batch) < min(
-                len(self._queue), self._limits.max_batch_size
-            )
-            if full or remaining_ms <= 0:
+            batch = self._queue.select(lane)
+            remaining_ms = self._queue.limits.max_wait_ms - self._queue.oldest_wait_ms(lane)
+            if self._queue.complete(lane, batch) or remaining_ms <= 0:
                 break
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining_ms / 1000)
-        taken = set(map(id, batch))
-        self._queue = [item for item in self._queue if id(item) not in taken]
+        self._queue.take(lane, batch)
         self._metrics.queue_depth.labels(*self._labels).set(len(self._queue))
         return batch
 
-    def _select(self) -> list[_Input]:
-        """The oldest input plus the queued inputs closest to it in length, within the batch limits."""
-        oldest = self._queue[0]
-        window = self._queue[1 : 1 + self._limits.max_batch_size * _SELECTION_WINDOW_FACTOR]
-        window.sort(key=lambda item: abs(len(item.token_ids) - len(oldest.token_ids)))
-        batch = [oldest]
-        longest = len(oldest.token_ids)
-        for item in window:
-            if len(batch) >= self._limits.max_batch_size:
-                break
-            candidate_longest = max(longest, len(item.token_ids))
-            if candidate_longest * (len(batch) + 1) > self._limits.max_batch_tokens:
-                continue
-            batch.append(item)
-            longest = candidate_longest
-        return batch
-
-    def _drop_abandoned(self) -> None:
-        kept = [item for item in self._queue if not item.future.done()]
-        if len(kept) != len(self._queue):
-            self._metrics.dropped.labels(*self._labels, "abandoned").inc(len(self._queue) - len(kept))
-            self._queue = kept
-
-    async def _infer(self, batch: list[_Input]) -> None:
+    async def _infer(self, batch: list[Pending]) -> None:
         """Run ``batch`` and settle every input's future: its vector, or the error (whatever raised it)."""
         try:
             vectors = await self._run_batch(batch)
@@ -284,7 +245,7 @@ class Batcher:
             if not item.future.done():
                 item.future.set_result(vector)
 
-    async def _run_batch(self, batch: list[_Input]) -> np.ndarray:
+    async def _run_batch(self, batch: list[Pending]) -> np.ndarray:
         started = time.monotonic()
         tokens = pad_batch([item.token_ids for item in batch], self.version.tokenizer.pad_id)
         for item in batch:
@@ -301,10 +262,12 @@ class Batcher:
         finally:
             for span in spans:
                 span.end()
-        self._metrics.inference_latency.labels(*self._labels).observe(time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        self._metrics.inference_latency.labels(*self._labels).observe(elapsed)
+        self._queue.drained(len(batch), elapsed, self._batches_in_flight)
         return vectors
 
-    def _start_spans(self, batch: list[_Input], padded_tokens: int) -> list[Span]:
+    def _start_spans(self, batch: list[Pending], padded_tokens: int) -> list[Span]:
         """Per request in ``batch``: its ``batch.queue_wait`` span (ended now) and its ``inference`` span (open)."""
         now_ns = time.time_ns()
         inputs_per_origin = Counter(item.origin for item in batch)

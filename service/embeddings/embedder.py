@@ -11,6 +11,7 @@ import numpy as np
 
 from service.embeddings.batcher import Batcher
 from service.embeddings.cache import CachedEmbedding, EmbeddingCache, text_digest
+from service.embeddings.queue import Lane
 from service.errors import DeadlineExceeded, InvalidRequest, ModelNotFound, ServiceUnavailable
 from service.models.store import ModelStore, ModelVersion
 from service.models.tokenization import TooManyTokens
@@ -166,10 +167,13 @@ class Embedder:
     async def embed(self, texts: list[str], version: ModelVersion, observe: bool = True) -> EmbedResult:
         """Unit vectors of ``texts`` made by ``version``, in input order; 504 past the request deadline.
         ``observe=False``: the gateway's own use (the rollout analysis), kept out of drift and text samples."""
+        lane: Lane = "bulk" if len(texts) > self._settings.bulk_min_inputs else "interactive"
+        # Shed load before any work: no hashing, cache lookup or tokenising for inputs the queue can't take.
+        self._batchers[(version.model, version.version)].admit(len(texts), lane)
         try:
             async with asyncio.timeout(self._settings.request_timeout_s):
                 digests = [text_digest(text) for text in texts]
-                entries, computed = await self._lookup_or_compute(texts, digests, version)
+                entries, computed = await self._lookup_or_compute(texts, digests, version, lane)
         except TimeoutError:
             self._metrics.rejected.labels(version.model, str(version.version), "timeout").inc()
             raise DeadlineExceeded(
@@ -189,7 +193,7 @@ class Embedder:
         return EmbedResult(version=version, vectors=vectors, prompt_tokens=prompt_tokens, computed=computed)
 
     async def _lookup_or_compute(
-        self, texts: list[str], digests: list[str], version: ModelVersion
+        self, texts: list[str], digests: list[str], version: ModelVersion, lane: Lane
     ) -> tuple[dict[str, CachedEmbedding], int]:
         """Each distinct text once: from the cache, from a computation already in flight, or computed now;
         and how many were not in the cache."""
@@ -200,7 +204,7 @@ class Embedder:
             return found, 0
         new = [d for d in missing if not self._joinable((version.model, version.version, d))]
         if new:
-            self._start_computation(version, new, [by_digest[d] for d in new])
+            self._start_computation(version, new, [by_digest[d] for d in new], lane)
         shared = {self._in_flight[(version.model, version.version, d)] for d in missing}
         for computation in shared:
             computation.waiters += 1
@@ -225,7 +229,7 @@ class Embedder:
         # A computation cancelled by its last waiter can't be joined: the input is computed anew.
         return computation is not None and not computation.task.cancelling() and not computation.task.cancelled()
 
-    def _start_computation(self, version: ModelVersion, digests: list[str], texts: list[str]) -> None:
+    def _start_computation(self, version: ModelVersion, digests: list[str], texts: list[str], lane: Lane) -> None:
         batcher = self._batchers[(version.model, version.version)]
         truncate = self._settings.truncate
 
@@ -242,7 +246,17 @@ class Embedder:
             fitting = [(d, ids) for d, ids in zip(digests, token_ids, strict=True) if d not in too_long]
             if not fitting:
                 return {}
-            vectors = await batcher.embed([ids for _, ids in fitting])
+            futures = batcher.submit([ids for _, ids in fitting], lane)
+            try:
+                vectors = await asyncio.gather(*futures)
+            except BaseException:
+                # Deadline passed or client gone: the batches already run are kept, so a retry pays for the rest.
+                done = [(d, ids, f) for (d, ids), f in zip(fitting, futures, strict=True) if _succeeded(f)]
+                if done and self._cache:
+                    self._cache.put_many(version, {d: CachedEmbedding(f.result(), len(ids)) for d, ids, f in done})
+                for future in futures:
+                    future.cancel()
+                raise
             return {
                 digest: CachedEmbedding(vector=vector, tokens=len(ids))
                 for (digest, ids), vector in zip(fitting, vectors, strict=True)
@@ -261,6 +275,10 @@ class Embedder:
                 self._cache.put_many(version, task.result())
 
         computation.task.add_done_callback(finished)
+
+
+def _succeeded(future: "asyncio.Future[np.ndarray]") -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 @dataclass(eq=False)

@@ -23,10 +23,10 @@ async def test_a_dead_worker_makes_its_version_unready_then_restarts_and_serves(
     async with running_gateway(no_cache) as (app, gateway):
         batcher = app.state.batchers[("tiny", 2)]  # tiny's default version
 
-        def broken() -> list:
+        def broken(lane: str) -> list:
             raise RuntimeError("the worker's own bug")
 
-        monkeypatch.setattr(batcher, "_select", broken)  # the next batch kills the worker
+        monkeypatch.setattr(batcher._queue, "select", broken)  # the next batch kills the worker
         started = time.monotonic()
         failed = await gateway.post("/v1/embeddings", json={"input": "this input kills the worker", "model": "tiny"})
         assert failed.status_code == 503, failed.text

@@ -72,7 +72,10 @@ async def dropped_at_least(client: httpx.AsyncClient, count: int) -> bool:
 
 
 async def test_a_full_queue_answers_429_with_retry_after(settings: Settings) -> None:
-    tight = settings.model_copy(update={"cache_enabled": False, "max_queue_inputs": 16, "max_batch_size": 2})
+    # One lane (every request interactive) with a queue of 16.
+    tight = settings.model_copy(
+        update={"cache_enabled": False, "max_queue_inputs": 16, "max_batch_size": 2, "bulk_min_inputs": 1000}
+    )
     async with running_gateway(tight) as (_, client):
         # An empty queue takes a request of any size; 128 paragraphs 2 at a time keep it over its limit of 16
         # for 24 more batches after its depth is seen at 64.
@@ -81,7 +84,8 @@ async def test_a_full_queue_answers_429_with_retry_after(settings: Settings) -> 
         await until(lambda: queued_at_least(client, 64))
         refused = await client.post("/v1/embeddings", json={"input": "one more", "model": "minilm"})
         assert refused.status_code == 429
-        assert refused.headers["retry-after"] == "1"
+        # The queued inputs over the measured drain rate: ~60 paragraphs at tens a second.
+        assert 1 <= int(refused.headers["retry-after"]) <= 30
         assert refused.json()["error"]["type"] == "rate_limit_error"
         assert (await first).status_code == 200
         after = await client.post("/v1/embeddings", json={"input": "one more", "model": "minilm"})

@@ -1,0 +1,76 @@
+"""Work shed early and lanes that keep interactive requests moving while bulk work runs; a request past its
+deadline keeps the batches it already paid for."""
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import httpx
+
+from service.settings import Settings
+from tests.helpers import metric, read_metrics, running_gateway
+from trainer.data.sample_text import paragraphs, sentences
+
+
+async def until(condition: Callable[[], Awaitable[bool]], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        assert time.monotonic() < deadline, "timed out waiting for the batcher"
+        await asyncio.sleep(0.01)
+
+
+async def queued_at_least(client: httpx.AsyncClient, count: int) -> bool:
+    return metric(await read_metrics(client), "embedserve_queue_depth", model="minilm") >= count
+
+
+async def test_interactive_requests_overtake_a_bulk_backlog(settings: Settings) -> None:
+    lanes = settings.model_copy(update={"cache_enabled": False, "bulk_min_inputs": 16})
+    async with running_gateway(lanes) as (_, client):
+        backlog = list(paragraphs()) * 2  # 268 inputs of ~120 tokens: one per bulk batch on CPU, ~10 s of work
+        bulk = asyncio.ensure_future(
+            client.post(
+                "/v1/embeddings", json={"input": [f"{t} #{i}" for i, t in enumerate(backlog)], "model": "minilm"}
+            )
+        )
+        await until(lambda: queued_at_least(client, 200))
+        for text in sentences()[:5]:  # one after another, each behind the whole backlog in a single queue
+            answer = await client.post("/v1/embeddings", json={"input": text, "model": "minilm"})
+            assert answer.status_code == 200
+        assert not bulk.done(), "the bulk request finished first: the interactive ones waited behind it"
+        assert (await bulk).status_code == 200
+
+
+async def test_a_full_bulk_lane_refuses_bulk_before_any_work_while_interactive_is_served(settings: Settings) -> None:
+    lanes = settings.model_copy(update={"cache_enabled": False, "bulk_min_inputs": 16, "max_bulk_queue_inputs": 64})
+    async with running_gateway(lanes) as (_, client):
+        first = asyncio.ensure_future(
+            client.post("/v1/embeddings", json={"input": list(paragraphs()[:128]), "model": "minilm"})
+        )
+        await until(lambda: queued_at_least(client, 100))
+        before = await read_metrics(client)
+        refused = await client.post("/v1/embeddings", json={"input": list(sentences()[:32]), "model": "minilm"})
+        assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 30
+        after = await read_metrics(client)
+        # Refused before its inputs were hashed and looked up in the cache, or tokenised.
+        assert metric(after, "embedserve_cache_lookups_total") == metric(before, "embedserve_cache_lookups_total")
+        served = await client.post("/v1/embeddings", json={"input": "an interactive request", "model": "minilm"})
+        assert served.status_code == 200
+        assert (await first).status_code == 200
+
+
+async def test_a_retry_after_a_deadline_pays_only_for_the_rest(settings: Settings) -> None:
+    texts = list(paragraphs()[:200])
+    own = settings.model_copy()  # changed below: the embedder reads the deadline per request
+    async with running_gateway(own) as (_, client):
+        own.request_timeout_s = 1.5
+        timed_out = await client.post("/v1/embeddings", json={"input": texts, "model": "minilm"})
+        assert timed_out.status_code == 504
+        paid = metric(await read_metrics(client), "embedserve_batch_size_sum", model="minilm")
+        assert 0 < paid < len(texts)
+        own.request_timeout_s = 120.0
+        retried = await client.post("/v1/embeddings", json={"input": texts, "model": "minilm"})
+        assert retried.status_code == 200
+        found = await read_metrics(client)
+        hits = metric(found, "embedserve_cache_lookups_total", model="minilm", layer="memory", result="hit")
+        assert hits >= paid - 32  # what the first request computed (a batch cut short by the deadline aside)
+        assert metric(found, "embedserve_batch_size_sum", model="minilm") <= len(texts) + 32
