@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_REPOSITORY ?= model_repository
 
-.PHONY: run test lint typecheck bootstrap-model ensure-redis clean bench bench-ssl bench-search bench-train triton triton-setup loadtest
+.PHONY: run test lint typecheck bootstrap-model ensure-redis clean bench bench-ssl bench-search bench-lanes bench-train triton triton-setup loadtest
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ bench-train: $(STAMP)
 ## Upsert throughput on real text and dense/keyword/hybrid search latency at 100k items (loadtests/results/bench_search.json).
 bench-search: bootstrap-model
 	$(PY) -m loadtests.bench_search
+
+## Interactive P99 at c=4 while a 20,000-item bulk upsert runs, lanes vs one queue (loadtests/results/bench_lanes.json).
+bench-lanes: bootstrap-model
+	$(PY) -m loadtests.bench_lanes
 
 ## Benchmark the gateway against raw ONNX Runtime and a naive server (writes loadtests/results/bench_embeddings.json).
 bench: bootstrap-model

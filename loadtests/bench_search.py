@@ -63,7 +63,7 @@ class SyntheticEncoder:
         assert version is not None, "minilm@1 is missing: run make bootstrap-model"
         return version
 
-    async def embed(self, texts: list[str], version: ModelVersion, observe: bool = True) -> SimpleNamespace:
+    async def embed(self, texts: list[str], version: ModelVersion, purpose: str = "client") -> SimpleNamespace:
         vectors = self.rng.standard_normal((len(texts), version.dimension)).astype(np.float32)
         return SimpleNamespace(vectors=vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
 

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+from pymilvus import MilvusClient
 
 
 def free_port() -> int:
@@ -57,3 +58,53 @@ def gateway(env: dict[str, str], log_path: Path, timeout_s: float = 90.0) -> Ite
     """The embedserve gateway (``python -m service serve``) with ``env`` as its EMBEDSERVE_* settings."""
     with server_process(["service", "serve"], env, log_path, timeout_s=timeout_s) as url:
         yield url
+
+
+class MilvusLiteServer:
+    """``python -m milvus_lite server`` on a free port: one Milvus that several gateways reach by URI."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        log = (self.data_dir.parent / f"{self.data_dir.name}.log").open("ab")
+        address = ["--host", "127.0.0.1", "--port", str(self.port)]
+        command = [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(self.data_dir), *address]
+        self.process = subprocess.Popen(command, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Milvus Lite server exited with {self.process.returncode}")
+            try:
+                MilvusClient(uri=self.uri, timeout=1).list_collections()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Milvus Lite server on port {self.port} did not start") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+
+@contextmanager
+def milvus_server(data_dir: Path) -> Iterator[MilvusLiteServer]:
+    server = MilvusLiteServer(data_dir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

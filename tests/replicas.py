@@ -2,66 +2,11 @@
 private key prefix on the machine's), one Milvus server process (Milvus Lite run as a gRPC server), and
 optionally one Triton."""
 
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from pymilvus import MilvusClient
-
-from loadtests.processes import free_port, gateway
-
-
-class MilvusLiteServer:
-    """``python -m milvus_lite server`` on a free port: one Milvus that several gateways reach by URI."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        log = (self.data_dir.parent / f"{self.data_dir.name}.log").open("ab")
-        address = ["--host", "127.0.0.1", "--port", str(self.port)]
-        command = [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(self.data_dir), *address]
-        self.process = subprocess.Popen(command, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"Milvus Lite server exited with {self.process.returncode}")
-            try:
-                MilvusClient(uri=self.uri, timeout=1).list_collections()
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"Milvus Lite server on port {self.port} did not start") from None
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
-
-
-@contextmanager
-def milvus_server(data_dir: Path) -> Iterator[MilvusLiteServer]:
-    server = MilvusLiteServer(data_dir)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+from loadtests.processes import gateway
 
 
 @contextmanager

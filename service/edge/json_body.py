@@ -1,10 +1,10 @@
 """JSON request bodies read as a route dependency, so the cheap refusals come before the costly work.
 
 FastAPI parses a declared body before any dependency runs, authentication included, and pydantic then
-walks every element of it. Read here instead, a body is parsed only after the route's authentication,
-its fields are kept to those the model declares, its bulk list is counted (``RequestBody.check_size``)
-before anything walks it, and the walk for lone surrogates runs only when the raw bytes hold a
-surrogate escape at all. The errors are the ones FastAPI's own parsing raises, so the app maps them
+walks every element of it. Read here instead, a body is parsed only after the route's authentication;
+fields a model ignores are dropped unread (one that forbids them gets its 400); its bulk list is counted
+(``RequestBody.check_size``) before anything walks it; and the walk for lone surrogates runs only when
+the raw bytes hold a surrogate escape at all. The errors are the ones FastAPI's own parsing raises, so the app maps them
 to the same 400s.
 """
 
@@ -30,28 +30,42 @@ def json_body(model: type[Body]) -> Callable[[Request], Awaitable[Body]]:
     """A dependency that reads the request's body as ``model``: 400s in the app's usual shapes."""
 
     async def read(request: Request) -> Body:
-        raw = await request.body()
-        if not raw or not _declares_json(request.headers.get("content-type")):
-            raise _invalid("dict_type", "Input should be a valid dictionary")
-        try:
-            document = json.loads(raw)
-        except (ValueError, RecursionError):  # UnicodeDecodeError included; nesting past the parser's limit
-            raise _invalid("json_invalid", "JSON decode error") from None
-        if not isinstance(document, dict):
-            raise _invalid("dict_type", "Input should be a valid dictionary")
-        # Unknown fields are ignored by every request model: dropped before anything walks them.
-        declared = {key: value for key, value in document.items() if key in model.model_fields}
-        settings: Settings = request.app.state.settings
-        model.check_size(declared, settings)
-        context = {SURROGATE_ESCAPES: _SURROGATE_ESCAPE.search(raw) is not None}
-        try:
-            return model.model_validate(declared, context=context)
-        except ValidationError as error:
-            raise RequestValidationError(
-                [{**detail, "loc": ("body", *detail["loc"])} for detail in error.errors()]
-            ) from None
+        return _parsed(model, await request.body(), request)
 
     return read
+
+
+def optional_json_body(model: type[Body]) -> Callable[[Request], Awaitable[Body | None]]:
+    """``json_body`` for a route whose body may be left out (None then)."""
+
+    async def read(request: Request) -> Body | None:
+        raw = await request.body()
+        return _parsed(model, raw, request) if raw else None
+
+    return read
+
+
+def _parsed(model: type[Body], raw: bytes, request: Request) -> Body:
+    if not raw or not _declares_json(request.headers.get("content-type")):
+        raise _invalid("dict_type", "Input should be a valid dictionary")
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError included; nesting past the parser's limit
+        raise _invalid("json_invalid", "JSON decode error") from None
+    if not isinstance(document, dict):
+        raise _invalid("dict_type", "Input should be a valid dictionary")
+    declared = document
+    if model.model_config.get("extra") != "forbid":  # fields it would ignore: dropped before anything walks them
+        declared = {key: value for key, value in document.items() if key in model.model_fields}
+    settings: Settings = request.app.state.settings
+    model.check_size(declared, settings)
+    context = {SURROGATE_ESCAPES: _SURROGATE_ESCAPE.search(raw) is not None}
+    try:
+        return model.model_validate(declared, context=context)
+    except ValidationError as error:
+        raise RequestValidationError(
+            [{**detail, "loc": ("body", *detail["loc"])} for detail in error.errors()]
+        ) from None
 
 
 def request_schema(model: type[RequestBody]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 from opentelemetry import context as otel_context
@@ -188,7 +189,7 @@ class Batcher:
             except BaseException:
                 self._slots.release()
                 raise
-            if not batch:
+            if batch is None:
                 self._slots.release()
                 continue
             self._deaths_in_a_row = 0
@@ -202,15 +203,15 @@ class Batcher:
         self._slots.release()
         self._metrics.batches_in_flight.labels(*self._labels).set(len(self._in_flight))
 
-    async def _next_batch(self) -> list[Pending]:
-        """Wait until a batch should close, then take it out of the queue."""
+    async def _next_batch(self) -> "_Batch | None":
+        """Wait until a batch should close, then take it out of the queue (None: nothing left to run)."""
         while True:
             dropped = self._queue.drop_abandoned()
             if dropped:
                 self._metrics.dropped.labels(*self._labels, "abandoned").inc(dropped)
             lane = self._queue.next_lane()
             if lane is None:
-                return []
+                return None
             batch = self._queue.select(lane)
             remaining_ms = self._queue.limits.max_wait_ms - self._queue.oldest_wait_ms(lane)
             if self._queue.complete(lane, batch) or remaining_ms <= 0:
@@ -218,14 +219,15 @@ class Batcher:
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining_ms / 1000)
-        self._queue.take(lane, batch)
+        contended = self._queue.take(lane, batch)
         self._metrics.queue_depth.labels(*self._labels).set(len(self._queue))
-        return batch
+        return _Batch(lane, batch, contended)
 
-    async def _infer(self, batch: list[Pending]) -> None:
-        """Run ``batch`` and settle every input's future: its vector, or the error (whatever raised it)."""
+    async def _infer(self, formed: "_Batch") -> None:
+        """Run the batch and settle every input's future: its vector, or the error (whatever raised it)."""
+        batch = formed.inputs
         try:
-            vectors = await self._run_batch(batch)
+            vectors = await self._run_batch(formed)
             if len(vectors) != len(batch):
                 raise ValueError(f"the backend returned {len(vectors)} vectors for {len(batch)} inputs")
         except asyncio.CancelledError:
@@ -245,7 +247,8 @@ class Batcher:
             if not item.future.done():
                 item.future.set_result(vector)
 
-    async def _run_batch(self, batch: list[Pending]) -> np.ndarray:
+    async def _run_batch(self, formed: "_Batch") -> np.ndarray:
+        batch = formed.inputs
         started = time.monotonic()
         tokens = pad_batch([item.token_ids for item in batch], self.version.tokenizer.pad_id)
         for item in batch:
@@ -264,7 +267,7 @@ class Batcher:
                 span.end()
         elapsed = time.monotonic() - started
         self._metrics.inference_latency.labels(*self._labels).observe(elapsed)
-        self._queue.drained(len(batch), elapsed, self._batches_in_flight)
+        self._queue.drained(formed.lane, len(batch), elapsed, self._batches_in_flight, formed.contended)
         return vectors
 
     def _start_spans(self, batch: list[Pending], padded_tokens: int) -> list[Span]:
@@ -290,6 +293,15 @@ class Batcher:
             }
             spans.append(self._tracer.start_span("inference", origin.context, attributes=attributes, start_time=now_ns))
         return spans
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Inputs taken from a lane for one inference; ``contended``: the other lane waited too."""
+
+    lane: Lane
+    inputs: list[Pending]
+    contended: bool
 
 
 def _record_error(spans: list[Span], error: Exception) -> None:

@@ -5,7 +5,7 @@ Knows nothing about HTTP; raises ``service.errors`` for anything a client can fi
 
 import asyncio
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -25,6 +25,8 @@ _TOKENIZE_INLINE_MAX_CHARS = 8_192
 MAX_NAME_ECHO = 64
 
 RequestInput = str | list[str] | list[int] | list[list[int]]
+# Who asked: a client, or the gateway itself (a shadow copy of a request, the rollout analysis, a re-index).
+Purpose = Literal["client", "shadow", "analysis", "reindex"]
 
 
 class VersionRouter(Protocol):
@@ -164,9 +166,10 @@ class Embedder:
                 )
         return strings
 
-    async def embed(self, texts: list[str], version: ModelVersion, observe: bool = True) -> EmbedResult:
+    async def embed(self, texts: list[str], version: ModelVersion, purpose: Purpose = "client") -> EmbedResult:
         """Unit vectors of ``texts`` made by ``version``, in input order; 504 past the request deadline.
-        ``observe=False``: the gateway's own use (the rollout analysis), kept out of drift and text samples."""
+        ``purpose``: a client's request, or the gateway's own work (shadow copies, the rollout analysis,
+        re-indexing), which is counted apart and kept out of drift and text samples."""
         lane: Lane = "bulk" if len(texts) > self._settings.bulk_min_inputs else "interactive"
         # Shed load before any work: no hashing, cache lookup or tokenising for inputs the queue can't take.
         self._batchers[(version.model, version.version)].admit(len(texts), lane)
@@ -180,7 +183,7 @@ class Embedder:
                 f"embedding took longer than {self._settings.request_timeout_s:g}s; retry with fewer inputs."
             ) from None
         vectors = np.stack([entries[digest].vector for digest in digests])
-        if observe:
+        if purpose == "client":
             # Cache hits too: drift is about what is served, whatever answered it.
             if self._drift is not None:
                 self._drift.observe(version, vectors)
@@ -188,8 +191,11 @@ class Embedder:
                 self._texts.observe(version.model, texts)
         prompt_tokens = sum(entries[digest].tokens for digest in digests)
         labels = (version.model, str(version.version))
-        self._metrics.inputs.labels(*labels).inc(len(texts))
-        self._metrics.tokens.labels(*labels).inc(prompt_tokens)
+        if purpose == "client":
+            self._metrics.inputs.labels(*labels).inc(len(texts))
+            self._metrics.tokens.labels(*labels).inc(prompt_tokens)
+        else:  # the gateway's own work: apart, so client traffic and rollout judgements never include it
+            self._metrics.internal_inputs.labels(*labels, purpose).inc(len(texts))
         return EmbedResult(version=version, vectors=vectors, prompt_tokens=prompt_tokens, computed=computed)
 
     async def _lookup_or_compute(

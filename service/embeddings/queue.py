@@ -4,9 +4,10 @@
 sentences). ``bulk``: larger ones (a document batch, a collection upsert, a re-index batch). Each lane is
 a queue with its own bound (beyond it the request gets a 429 whose ``Retry-After`` comes from the measured
 drain rate) and its own batch limits: on CPU bulk batches are small, so an interactive input never waits
-behind more than one of them. While both lanes hold inputs, bulk gets ``bulk_share`` of the batches; alone,
-it gets them all. Within a lane the oldest input is always in the next batch, with the queued inputs
-closest to it in length, so padding stays small and nothing starves.
+behind more than one of them. While both lanes hold inputs, bulk gets ``bulk_share`` of the inference time
+(time, not batches: one bulk batch can cost as much as several interactive ones); alone, it gets it all.
+Within a lane the oldest input is always in the next batch, with the queued inputs closest to it in
+length, so padding stays small and nothing starves.
 """
 
 import asyncio
@@ -39,7 +40,7 @@ class LaneLimits:
 class QueueLimits:
     interactive: LaneLimits
     bulk: LaneLimits
-    bulk_share: float  # share of the batches bulk gets while interactive inputs wait too
+    bulk_share: float  # share of the inference time bulk gets while interactive inputs wait too
     max_wait_ms: float  # longest the oldest input waits for its batch to fill while nothing runs
 
     def of(self, lane: Lane) -> LaneLimits:
@@ -66,8 +67,8 @@ class InputQueue:
     def __init__(self, limits: QueueLimits) -> None:
         self.limits = limits
         self._lanes: dict[Lane, list[Pending]] = {lane: [] for lane in LANES}
-        self._contended_batches = 0  # batches formed while both lanes waited
-        self._bulk_contended_batches = 0  # of those, bulk's
+        # Inference seconds of the batches formed while both lanes waited, by lane: what the share is kept on.
+        self._contended_s: dict[Lane, float] = {lane: 0.0 for lane in LANES}
         self._drain_per_s: float | None = None
 
     def __len__(self) -> int:
@@ -106,8 +107,8 @@ class InputQueue:
             return "interactive" if interactive else None
         if not interactive:
             return "bulk"
-        owed = self.limits.bulk_share * (self._contended_batches + 1)
-        return "bulk" if self._bulk_contended_batches < owed else "interactive"
+        spent = self._contended_s["interactive"] + self._contended_s["bulk"]
+        return "bulk" if self._contended_s["bulk"] <= self.limits.bulk_share * spent else "interactive"
 
     def select(self, lane: Lane) -> list[Pending]:
         """The lane's oldest input plus its queued inputs closest to it in length, within the lane's limits."""
@@ -136,16 +137,19 @@ class InputQueue:
     def oldest_wait_ms(self, lane: Lane) -> float:
         return (time.monotonic() - self._lanes[lane][0].enqueued_at) * 1000
 
-    def take(self, lane: Lane, batch: list[Pending]) -> None:
-        """Remove ``batch`` from ``lane``: it goes to inference."""
-        if self._lanes["interactive"] and self._lanes["bulk"]:
-            self._contended_batches += 1
-            self._bulk_contended_batches += lane == "bulk"
+    def take(self, lane: Lane, batch: list[Pending]) -> bool:
+        """Remove ``batch`` from ``lane``: it goes to inference. Whether the other lane waited too (then its
+        time counts towards the share: pass it back to ``drained``)."""
+        contended = bool(self._lanes["interactive"] and self._lanes["bulk"])
         taken = set(map(id, batch))
         self._lanes[lane] = [item for item in self._lanes[lane] if id(item) not in taken]
+        return contended
 
-    def drained(self, inputs: int, seconds: float, in_flight: int) -> None:
-        """A batch of ``inputs`` ran in ``seconds`` with ``in_flight`` batches running at once at most."""
+    def drained(self, lane: Lane, inputs: int, seconds: float, in_flight: int, contended: bool) -> None:
+        """A batch of ``inputs`` of ``lane`` ran in ``seconds``, with ``in_flight`` batches running at once at
+        most; ``contended``: the other lane waited meanwhile."""
+        if contended:
+            self._contended_s[lane] += seconds
         rate = inputs * in_flight / max(seconds, 1e-3)
         previous = self._drain_per_s
         self._drain_per_s = rate if previous is None else (1 - _DRAIN_SMOOTHING) * previous + _DRAIN_SMOOTHING * rate

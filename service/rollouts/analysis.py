@@ -222,8 +222,8 @@ class RolloutAnalysis:
         try:
             stable = self._version(state.model, state.stable_version)
             canary = self._version(state.model, state.canary_version)
-            stable_vectors = (await self._embedder.embed(texts, stable, observe=False)).vectors
-            canary_vectors = (await self._embedder.embed(texts, canary, observe=False)).vectors
+            stable_vectors = (await self._embedder.embed(texts, stable, "analysis")).vectors
+            canary_vectors = (await self._embedder.embed(texts, canary, "analysis")).vectors
         except ApiError as error:  # overloaded, timed out, or a version this replica can't serve: no measure
             log.warning("neighbour agreement not measured", extra={"model": state.model, "reason": error.message})
             return None

@@ -1,17 +1,22 @@
 """/v1/rollouts — the admin API of canary rollouts, behind the admin key (service/edge/auth.py)."""
 
 from collections.abc import Callable
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
 from service.backends.contract import Backend
 from service.edge.auth import require
+from service.edge.json_body import json_body, optional_json_body
 from service.embeddings.embedder import Embedder
 from service.errors import Conflict, InvalidRequest, ModelNotFound, NotFound
 from service.models.store import ModelStore
 from service.rollouts.protocol import RolloutAction, RolloutList, SetWeight, StartRollout
 from service.rollouts.state import RolloutState, begin_promotion, pause, resume, rollback, set_weight, start
 from service.rollouts.store import RolloutWatcher
+
+# An operator action's body (reason, revision) may be left out.
+OptionalAction = Annotated[RolloutAction | None, Depends(optional_json_body(RolloutAction))]
 
 router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"], dependencies=[Depends(require("admin"))])
 
@@ -57,7 +62,9 @@ async def show_rollout(model: str, request: Request) -> RolloutState:
 
 
 @router.put("/{model}", response_model=RolloutState)
-async def start_rollout(model: str, body: StartRollout, request: Request) -> RolloutState:
+async def start_rollout(
+    model: str, body: Annotated[StartRollout, Depends(json_body(StartRollout))], request: Request
+) -> RolloutState:
     """Start a canary at ``steps[0]`` percent; the canary must be verified on this replica and its backend serve it."""
     _known_model(request, model)
     store: ModelStore = request.app.state.store
@@ -100,29 +107,31 @@ async def _operator_action(
 
 
 @router.post("/{model}/promote", response_model=RolloutState)
-async def promote_rollout(model: str, request: Request, body: RolloutAction | None = None) -> RolloutState:
+async def promote_rollout(model: str, request: Request, body: OptionalAction) -> RolloutState:
     """Phase promoting: the model's collections are re-indexed to the canary, then it becomes stable (phase
     promoted); watch GET /v1/rollouts/{model}."""
     return await _operator_action(request, model, body, begin_promotion)
 
 
 @router.post("/{model}/rollback", response_model=RolloutState)
-async def rollback_rollout(model: str, request: Request, body: RolloutAction | None = None) -> RolloutState:
+async def rollback_rollout(model: str, request: Request, body: OptionalAction) -> RolloutState:
     return await _operator_action(request, model, body, rollback)
 
 
 @router.post("/{model}/pause", response_model=RolloutState)
-async def pause_rollout(model: str, request: Request, body: RolloutAction | None = None) -> RolloutState:
+async def pause_rollout(model: str, request: Request, body: OptionalAction) -> RolloutState:
     return await _operator_action(request, model, body, pause)
 
 
 @router.post("/{model}/resume", response_model=RolloutState)
-async def resume_rollout(model: str, request: Request, body: RolloutAction | None = None) -> RolloutState:
+async def resume_rollout(model: str, request: Request, body: OptionalAction) -> RolloutState:
     return await _operator_action(request, model, body, resume)
 
 
 @router.post("/{model}/weight", response_model=RolloutState)
-async def set_rollout_weight(model: str, body: SetWeight, request: Request) -> RolloutState:
+async def set_rollout_weight(
+    model: str, body: Annotated[SetWeight, Depends(json_body(SetWeight))], request: Request
+) -> RolloutState:
     """The operator sets the canary's weight; with analysis disabled it stays there."""
     action = _at_revision(lambda state: set_weight(state, model, body.weight, body.reason), body.revision)
     return await _rollouts(request).update(model, action)

@@ -77,7 +77,7 @@ class ShadowMirror:
         started = time.perf_counter()
         labels = (canary.model, str(canary.version))
         try:
-            result = await self._embedder.embed(texts, canary)
+            result = await self._embedder.embed(texts, canary, "shadow")  # counted apart, out of drift
         except ApiError as error:
             self._window.record(*_key(canary), time.perf_counter() - started, failed=error.status_code >= 500)
             self._metrics.shadow.labels(*labels, "error").inc()

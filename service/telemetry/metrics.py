@@ -37,6 +37,13 @@ class Metrics:
         self.inputs = Counter(
             "embedserve_inputs_embedded", "Inputs embedded.", ["model", "version"], registry=self.registry
         )
+        self.internal_inputs = Counter(
+            "embedserve_internal_inputs_embedded",
+            "Inputs embedded for the gateway's own work, by purpose (shadow, analysis, reindex); client inputs "
+            "are embedserve_inputs_embedded_total.",
+            ["model", "version", "purpose"],
+            registry=self.registry,
+        )
         self.tokens = Counter(
             "embedserve_tokens_embedded",
             "Tokens embedded (special tokens included, after truncation).",

@@ -23,6 +23,10 @@ from service.vectors.milvus import Milvus
 COLLECTION_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 
 
+# Items a client upserts or searches, or the gateway's own re-indexing (counted apart, kept out of drift).
+Purpose = Literal["client", "reindex"]
+
+
 class Embedded(Protocol):
     @property
     def vectors(self) -> np.ndarray: ...
@@ -33,7 +37,7 @@ class Encoder(Protocol):
 
     def resolve(self, requested: str | None, header_version: str | None = None) -> ModelVersion: ...
 
-    async def embed(self, texts: list[str], version: ModelVersion, observe: bool = True) -> Embedded: ...
+    async def embed(self, texts: list[str], version: ModelVersion, purpose: Purpose = "client") -> Embedded: ...
 
 
 class Physical(BaseModel):
@@ -109,10 +113,12 @@ def served_version(encoder: Encoder, record: CollectionRecord, version: int) -> 
         ) from None
 
 
-async def embed(encoder: Encoder, texts: list[str], version: ModelVersion, observe: bool = True) -> list[list[float]]:
-    """``texts`` embedded by ``version``; ``observe=False`` for the gateway's own work (re-indexing), which must
+async def embed(
+    encoder: Encoder, texts: list[str], version: ModelVersion, purpose: Purpose = "client"
+) -> list[list[float]]:
+    """``texts`` embedded by ``version``; ``purpose="reindex"`` for the gateway's own work, which must
     not count as served traffic in drift scores and rollout text samples."""
-    result = await encoder.embed(texts, version, observe)
+    result = await encoder.embed(texts, version, purpose)
     vectors: list[list[float]] = result.vectors.astype(np.float32, copy=False).tolist()
     return vectors
 

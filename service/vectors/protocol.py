@@ -5,6 +5,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from service.edge.protocol import RequestBody
+from service.errors import InvalidRequest
+from service.settings import Settings
 from service.vectors.filters import FieldType
 
 MAX_ITEMS_PER_REQUEST = 1000
@@ -74,6 +76,16 @@ class UpsertItems(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     items: Annotated[list[ItemIn], Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)]
+
+    @classmethod
+    def check_size(cls, fields: dict[str, Any], settings: Settings) -> None:
+        items = fields.get("items")
+        if isinstance(items, list) and len(items) > MAX_ITEMS_PER_REQUEST:
+            raise InvalidRequest(
+                f"'items' has {len(items)} items, over the limit of {MAX_ITEMS_PER_REQUEST}; split it into "
+                "several requests.",
+                param="items",
+            )
 
 
 class UpsertResult(BaseModel):

@@ -138,7 +138,7 @@ class Reindexer:
             async for batch in batches:
                 attributes = {**version_attributes(version), "collection": name, "items": len(batch)}
                 with self._tracer.start_as_current_span("reindex.batch", attributes=attributes):
-                    vectors = await embed(self._encoder, [row["text"] for row in batch], version, observe=False)
+                    vectors = await embed(self._encoder, [row["text"] for row in batch], version, "reindex")
                     async with self._milvus.write_lock(name):
                         # Only rows nobody changed since they were read: a concurrent upsert or delete has already
                         # written the newer state to the target, and must not be overwritten by this older one.
@@ -187,7 +187,7 @@ class Reindexer:
         size = self._settings.reindex_batch_size
         for start in range(0, len(missing), size):
             rows = await self._milvus.get(source.name, missing[start : start + size])
-            vectors = await embed(self._encoder, [row["text"] for row in rows], version, observe=False)
+            vectors = await embed(self._encoder, [row["text"] for row in rows], version, "reindex")
             batch = [{**row, "vector": vector} for row, vector in zip(rows, vectors, strict=True)]
             await self._milvus.upsert(record.name, target.name, batch)
 

@@ -1,8 +1,11 @@
 """/v1/collections — collections of items, searched by vector, keyword or both (``store.VectorStore`` does the work)."""
 
+from typing import Annotated
+
 from fastapi import APIRouter, Depends, Request, Response
 
 from service.edge.auth import require
+from service.edge.json_body import json_body, request_schema
 from service.vectors.protocol import (
     CollectionInfo,
     CollectionList,
@@ -28,8 +31,15 @@ def _store(request: Request) -> VectorStore:
     return store
 
 
-@router.put("/{name}", response_model=CollectionInfo, dependencies=WRITE)
-async def create_collection(name: str, body: CreateCollection, request: Request, response: Response) -> CollectionInfo:
+@router.put(
+    "/{name}", response_model=CollectionInfo, dependencies=WRITE, openapi_extra=request_schema(CreateCollection)
+)
+async def create_collection(
+    name: str,
+    body: Annotated[CreateCollection, Depends(json_body(CreateCollection))],
+    request: Request,
+    response: Response,
+) -> CollectionInfo:
     """Create a collection on a model (201); the same request again changes nothing (200); other settings: 409."""
     info, created = await _store(request).create(name, body.model, body.fields)
     response.status_code = 201 if created else 200
@@ -52,8 +62,12 @@ async def delete_collection(name: str, request: Request) -> dict[str, str | bool
     return {"name": name, "deleted": True}
 
 
-@router.post("/{name}/items", response_model=UpsertResult, dependencies=WRITE)
-async def upsert_items(name: str, body: UpsertItems, request: Request, response: Response) -> UpsertResult:
+@router.post(
+    "/{name}/items", response_model=UpsertResult, dependencies=WRITE, openapi_extra=request_schema(UpsertItems)
+)
+async def upsert_items(
+    name: str, body: Annotated[UpsertItems, Depends(json_body(UpsertItems))], request: Request, response: Response
+) -> UpsertResult:
     """Embed and store up to 1,000 items; an id that exists is replaced."""
     version = await _store(request).upsert(name, body.items)
     request.state.model_version = version
@@ -74,7 +88,9 @@ async def delete_item(name: str, item_id: str, request: Request) -> Deleted:
 
 
 @router.post("/{name}/search", response_model=SearchResponse, response_model_exclude_none=True, dependencies=READ)
-async def search(name: str, body: SearchRequest, request: Request, response: Response) -> SearchResponse:
+async def search(
+    name: str, body: Annotated[SearchRequest, Depends(json_body(SearchRequest))], request: Request, response: Response
+) -> SearchResponse:
     """The top_k most similar items, best first: dense (vectors), keyword (BM25) or hybrid (both, RRF)."""
     hits, version = await _store(request).search(name, body)
     request.state.model_version = version
@@ -82,7 +98,15 @@ async def search(name: str, body: SearchRequest, request: Request, response: Res
     return SearchResponse(hits=hits, model=version.name)
 
 
-@router.post("/{name}/reindex", response_model=CollectionInfo, status_code=202, dependencies=WRITE)
-async def reindex(name: str, body: ReindexRequest, request: Request) -> CollectionInfo:
+@router.post(
+    "/{name}/reindex",
+    response_model=CollectionInfo,
+    status_code=202,
+    dependencies=WRITE,
+    openapi_extra=request_schema(ReindexRequest),
+)
+async def reindex(
+    name: str, body: Annotated[ReindexRequest, Depends(json_body(ReindexRequest))], request: Request
+) -> CollectionInfo:
     """Start re-embedding the collection with another version of its model; watch GET /v1/collections/{name}."""
     return await _store(request).reindex(name, body.version)

@@ -11,9 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtests.processes import MilvusLiteServer, milvus_server
 from tests.conftest import SHARED_REDIS_URL
 from tests.helpers import metric, parse_metrics
-from tests.replicas import MilvusLiteServer, gateways, milvus_server
+from tests.replicas import gateways
 
 ADMIN_KEY = "replicas-admin-key"
 

@@ -320,6 +320,11 @@ async def test_shadow_traffic_mirrors_to_the_canary_without_serving_from_it(sett
         # The mirrored requests count for the canary's analysis, like requests it served.
         window = app.state.canary_window.take("tiny", 2)
         assert (window.requests, window.errors, len(window.latencies_s)) == (mirrored, 0, mirrored)
+        # But they are not client traffic: counted apart, and kept out of the canary's drift sample.
+        assert metric(found, "embedserve_inputs_embedded_total", model="tiny", version="2") == 0
+        shadow_inputs = {"model": "tiny", "version": "2", "purpose": "shadow"}
+        assert metric(found, "embedserve_internal_inputs_embedded_total", **shadow_inputs) == mirrored
+        assert app.state.drift.samples("tiny", 2) == 0 and app.state.drift.samples("tiny", 1) == 21
 
 
 async def test_the_analysis_waits_and_never_passes_a_canary_without_traffic(settings: Settings) -> None:

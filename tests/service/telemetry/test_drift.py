@@ -236,7 +236,7 @@ async def test_the_gateway_exports_drift_of_what_it_serves(settings: Settings) -
             assert response.status_code == 200
         # The gateway's own embeddings are not served traffic: kept out of the samples.
         minilm = app.state.store.get("minilm", 1)
-        await app.state.embedder.embed(prose[:64], minilm, observe=False)
+        await app.state.embedder.embed(prose[:64], minilm, "analysis")
         app.state.drift.update_gauges()
         found = await read_metrics(client)
         out_of_distribution = metric(found, "embedserve_drift_mmd", model="minilm", version="1")

@@ -46,7 +46,7 @@ class TableEncoder:
         assert version is not None
         return version
 
-    async def embed(self, texts: list[str], version: ModelVersion, observe: bool = True) -> SimpleNamespace:
+    async def embed(self, texts: list[str], version: ModelVersion, purpose: str = "client") -> SimpleNamespace:
         self.embedded += [(version.version, text) for text in texts]
         return SimpleNamespace(vectors=np.stack([self.vector(text, version.version) for text in texts]))
 
@@ -295,17 +295,17 @@ async def test_an_id_upserted_twice_is_stored_once_and_delete_removes(filtered: 
 
 
 class PacedEncoder(TableEncoder):
-    """Each re-index batch (the store's own embedding, ``observe=False``) waits for a permit, so the test decides
+    """Each re-index batch (the store's own embedding, purpose "reindex") waits for a permit, so the test decides
     how writes and re-index batches interleave, however fast either runs."""
 
     def __init__(self, models: ModelStore) -> None:
         super().__init__(models)
         self.permits = asyncio.Semaphore(0)
 
-    async def embed(self, texts: list[str], version: ModelVersion, observe: bool = True) -> SimpleNamespace:
-        if not observe:
+    async def embed(self, texts: list[str], version: ModelVersion, purpose: str = "client") -> SimpleNamespace:
+        if purpose == "reindex":
             await self.permits.acquire()
-        return await super().embed(texts, version, observe)
+        return await super().embed(texts, version, purpose)
 
 
 async def test_reindex_while_writes_continue_loses_nothing(models: ModelStore, tmp_path: Path) -> None:
@@ -437,7 +437,7 @@ async def test_dropping_a_collection_mid_reindex_removes_everything(models: Mode
 
 
 class FailingEncoder(TableEncoder):
-    async def embed(self, texts: list[str], version: ModelVersion, observe: bool = True) -> SimpleNamespace:
+    async def embed(self, texts: list[str], version: ModelVersion, purpose: str = "client") -> SimpleNamespace:
         if version.version == 2:
             raise RuntimeError("the new version cannot embed")
         return await super().embed(texts, version)
