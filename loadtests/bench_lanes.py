@@ -46,13 +46,18 @@ def bulk_items(count: int) -> list[dict[str, str]]:
     return [{"id": f"item-{i}", "text": f"{pool[i % len(pool)]} Item {i}."} for i in range(count)]
 
 
-def upsert_all(url: str, items: list[dict[str, str]], done: dict[str, Any]) -> None:
-    """One bulk loader: ``items`` in requests of UPSERT_BATCH, one after another; its timing into ``done``."""
+def upsert_all(url: str, items: list[dict[str, str]], done: dict[str, Any], route: str) -> None:
+    """One bulk loader: ``items`` in requests of UPSERT_BATCH, one after another, upserted into the collection
+    (``route`` upsert) or only embedded (``embeddings``); its timing into ``done``."""
     started = time.perf_counter()
     statuses: dict[int, int] = {}
     with httpx.Client(base_url=url, timeout=600) as client:
         for start in range(0, len(items), UPSERT_BATCH):
-            answer = client.post("/v1/collections/bulk/items", json={"items": items[start : start + UPSERT_BATCH]})
+            chunk = items[start : start + UPSERT_BATCH]
+            if route == "upsert":
+                answer = client.post("/v1/collections/bulk/items", json={"items": chunk})
+            else:
+                answer = client.post("/v1/embeddings", json={"model": "minilm", "input": [i["text"] for i in chunk]})
             statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
     done.update(seconds=time.perf_counter() - started, statuses=statuses)
 
@@ -68,7 +73,7 @@ async def interactive_while(url: str, bodies: list[bytes], running: threading.Ev
     return merged
 
 
-def measure(url: str, items: list[dict[str, str]], idle_s: float, tag: str) -> dict[str, Any]:
+def measure(url: str, items: list[dict[str, str]], idle_s: float, tag: str, route: str) -> dict[str, Any]:
     bodies = interactive_bodies(tag)
     idle = asyncio.run(run_load(url, "/v1/embeddings", bodies, CONCURRENCY, idle_s, warmup_s=2.0))
     created = httpx.put(f"{url}/v1/collections/bulk", json={"model": "minilm@1"}, timeout=60)
@@ -78,7 +83,7 @@ def measure(url: str, items: list[dict[str, str]], idle_s: float, tag: str) -> d
 
     def bulk() -> None:
         try:
-            upsert_all(url, items, done)
+            upsert_all(url, items, done, route)
         finally:
             running.clear()
 
@@ -86,7 +91,7 @@ def measure(url: str, items: list[dict[str, str]], idle_s: float, tag: str) -> d
     loader.start()
     under_bulk = asyncio.run(interactive_while(url, bodies, running))
     loader.join()
-    count = httpx.get(f"{url}/v1/collections/bulk", timeout=60).json()["items"]
+    count = httpx.get(f"{url}/v1/collections/bulk", timeout=60).json()["items"] if route == "upsert" else None
     return {
         "idle": idle.summary(),
         "under_bulk": under_bulk.summary(),
@@ -109,12 +114,20 @@ def main() -> None:
     parser.add_argument("--idle-seconds", type=float, default=20.0)
     parser.add_argument("--milvus-in-process", action="store_true", help="Milvus Lite inside the gateway")
     parser.add_argument("--scenarios", default="lanes,one_queue", help="which of lanes, one_queue to run")
+    parser.add_argument(
+        "--bulk",
+        choices=["upsert", "embeddings"],
+        default="upsert",
+        help="the bulk work: collection upserts (embedding + Milvus inserts), or /v1/embeddings of 1,000 inputs "
+        "(the gateway's scheduling alone, no Milvus work beside it)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     items = bulk_items(args.items)
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
         "concurrency": CONCURRENCY,
+        "bulk_route": args.bulk,
         "milvus": "Milvus Lite in the gateway process" if args.milvus_in_process else "Milvus Lite server process",
     }
     scenarios = {
@@ -139,7 +152,7 @@ def main() -> None:
             }
             print(f"{name}: idle, then {args.items} items upserted ...", flush=True)
             with gateway(env, Path(work) / "gateway.log") as url:
-                report[name] = measure(url, items, args.idle_seconds, name)
+                report[name] = measure(url, items, args.idle_seconds, name, args.bulk)
             print(json.dumps(report[name], indent=2), flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
