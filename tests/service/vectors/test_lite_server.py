@@ -10,7 +10,7 @@ from pymilvus import DataType, MilvusClient
 from tests.replicas import milvus_server
 
 WRITERS = 8
-BATCHES = 60
+BATCHES = 120
 ROWS = 10
 
 
@@ -45,7 +45,7 @@ def test_concurrent_writes_and_flushes_to_one_collection_all_succeed_and_survive
             rows = [{"id": f"{number}-{batch}-{i}", "vector": [rng.random() for _ in range(8)]} for i in range(ROWS)]
             try:
                 client.upsert("shared", rows)
-                if batch % 3 == 0:
+                if batch % 2 == 0:
                     client.flush("shared")
             except Exception as error:
                 errors.append(str(error))
