@@ -1,6 +1,7 @@
 """Several gateway replicas as real processes, sharing what replicas share in production: one Redis (a
-private key prefix on the machine's), one Milvus server process (Milvus Lite run as a gRPC server), and
-optionally one Triton."""
+private key prefix on the machine's), one Milvus server process (Milvus Lite run as a gRPC server that
+serialises writes, ``python -m service.vectors.lite_server``, what ``make milvus`` runs), and optionally one
+Triton."""
 
 import subprocess
 import sys
@@ -13,12 +14,16 @@ from pymilvus import MilvusClient
 
 from loadtests.processes import free_port, gateway
 
+# What ``make milvus`` runs; ("milvus_lite", "server") is milvus_lite's own server, which does not serialise writes.
+SERIALISED_SERVER = ("service.vectors.lite_server",)
+
 
 class MilvusLiteServer:
-    """``python -m milvus_lite server`` on a free port: one Milvus that several gateways reach by URI."""
+    """``python -m service.vectors.lite_server`` on a free port: one Milvus that several gateways reach by URI."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, module: tuple[str, ...] = SERIALISED_SERVER) -> None:
         self.data_dir = data_dir
+        self.module = module
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -29,8 +34,10 @@ class MilvusLiteServer:
     def start(self, timeout_s: float = 60.0) -> None:
         log = (self.data_dir.parent / f"{self.data_dir.name}.log").open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(self.data_dir)]
-            + ["--host", "127.0.0.1", "--port", str(self.port)],
+            [
+                *(sys.executable, "-m", *self.module),
+                *("--data-dir", str(self.data_dir), "--host", "127.0.0.1", "--port", str(self.port)),
+            ],
             stdout=log,
             stderr=log,
         )
@@ -58,8 +65,8 @@ class MilvusLiteServer:
 
 
 @contextmanager
-def milvus_server(data_dir: Path) -> Iterator[MilvusLiteServer]:
-    server = MilvusLiteServer(data_dir)
+def milvus_server(data_dir: Path, module: tuple[str, ...] = SERIALISED_SERVER) -> Iterator[MilvusLiteServer]:
+    server = MilvusLiteServer(data_dir, module)
     server.start()
     try:
         yield server

@@ -1,12 +1,17 @@
 """Milvus Lite run as a server that several processes share (``make milvus``, what tests/replicas.py starts):
-concurrent writers and flushes on one collection, as several gateways make them."""
+concurrent writers and flushes on one collection, as several gateways make them; and how a gateway treats a Lite
+server."""
 
+import logging
 import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from pymilvus import DataType, MilvusClient
 
+from service.settings import Settings
+from service.vectors.milvus import Milvus
 from tests.replicas import milvus_server
 
 WRITERS = 8
@@ -65,3 +70,22 @@ def test_concurrent_writes_and_flushes_to_one_collection_all_succeed_and_survive
         client.load_collection("shared")
         assert _ids(client) == expected
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("module", "serialised"), [(("service.vectors.lite_server",), True), (("milvus_lite", "server"), False)]
+)
+async def test_a_gateway_applies_lite_rules_to_a_lite_server_and_says_when_several_must_not_share_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, module: tuple[str, ...], serialised: bool
+) -> None:
+    with milvus_server(tmp_path / "data", module) as server:
+        milvus = Milvus(Settings(milvus_uri=server.uri))
+        assert not milvus.in_process
+        await milvus.call("list_collections")
+        await milvus.close()
+    assert milvus.lite  # flushed and warmed as an in-process Milvus Lite is
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("service")]
+    assert errors == ([] if serialised else [errors[0]])
+    if not serialised:
+        assert "does not serialise writes: safe for one gateway only" in errors[0]
+        assert "make milvus" in errors[0]

@@ -47,6 +47,8 @@ def replica_env(repository: Path, milvus: MilvusLiteServer, prefix: str) -> dict
         # The previous version's collection goes as soon as the alias moves: a replica still searching it fails.
         "EMBEDSERVE_REINDEX_GRACE_S": "0",
         "EMBEDSERVE_REINDEX_BATCH_SIZE": "32",
+        # No client keys here: gateways that refuse anonymous collection writes must let these through.
+        "EMBEDSERVE_ALLOW_ANONYMOUS_WRITES": "true",
     }
 
 
