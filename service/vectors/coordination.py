@@ -178,8 +178,9 @@ class RedisCoordination(Coordination):
                 await asyncio.sleep(_POLL_S[min(attempt, len(_POLL_S) - 1)])
                 attempt += 1
         except BaseException:
-            if exclusive:  # a claim made while waiting must not keep shared holds out
-                await self._let_go(name, token, exclusive)
+            # An exclusive claim made while waiting must not keep shared holds out; a shared hold may have been
+            # taken by a call whose answer was lost.
+            await self._let_go(name, token, exclusive)
             raise
         renewal = asyncio.create_task(self._renew(name, token, exclusive))
         try:
