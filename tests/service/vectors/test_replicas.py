@@ -53,13 +53,18 @@ def replica_env(repository: Path, milvus: MilvusLiteServer, prefix: str) -> dict
 
 
 @pytest.fixture(scope="module")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of the replicas' logs: gateway-0.log (A) and gateway-1.log (B)."""
+    return tmp_path_factory.mktemp("replicas")
+
+
+@pytest.fixture(scope="module")
 def replicas(
-    model_repository: Path, milvus: MilvusLiteServer, prefix: str, tmp_path_factory: pytest.TempPathFactory
+    model_repository: Path, milvus: MilvusLiteServer, prefix: str, logs: Path
 ) -> Iterator[tuple[httpx.Client, httpx.Client]]:
     """Replicas A and B on the session repository (tiny@1 and tiny@2), each with its own HTTP client."""
-    folder = tmp_path_factory.mktemp("replicas")
     with (
-        gateways(2, replica_env(model_repository, milvus, prefix), folder) as urls,
+        gateways(2, replica_env(model_repository, milvus, prefix), logs) as urls,
         httpx.Client(base_url=urls[0], timeout=60) as a,
         httpx.Client(base_url=urls[1], timeout=60) as b,
     ):
@@ -120,7 +125,7 @@ def test_a_collection_dropped_on_one_replica_is_gone_on_the_other_at_once(
 
 
 def test_a_reindex_driven_by_one_replica_keeps_every_write_of_the_other(
-    replicas: tuple[httpx.Client, httpx.Client],
+    replicas: tuple[httpx.Client, httpx.Client], logs: Path
 ) -> None:
     a, b = replicas
     ok(a.put("/v1/collections/moving", json={"model": "tiny@1", "fields": {"n": "int"}}), 201)
@@ -167,6 +172,14 @@ def test_a_reindex_driven_by_one_replica_keeps_every_write_of_the_other(
         response = client.post("/v1/collections/moving/search", json={"query": texts[item_id], "top_k": 3})
         assert response.headers["x-model-version"] == "2"
         assert item_id in [hit["id"] for hit in ok(response)["hits"]], item_id
+    # Both replicas resume re-indexes nobody drives, yet only A (which started it) copied.
+    drivers = [
+        replica
+        for replica, log in (("A", "gateway-0.log"), ("B", "gateway-1.log"))
+        for line in (logs / log).read_text().splitlines()
+        if '"re-index driven by this replica"' in line and '"collection": "moving"' in line
+    ]
+    assert drivers == ["A"]
 
 
 def test_a_replica_serving_other_content_under_the_same_version_refuses_the_collection_until_reindexed(
