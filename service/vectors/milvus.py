@@ -148,11 +148,15 @@ class Milvus:
                     Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
                 try:
                     client = MilvusClient(uri=self.uri, token=self._settings.milvus_token, timeout=CALL_TIMEOUT_S)
-                    if not self.in_process:
-                        self._learn_server(client.get_server_version(detail=True, timeout=CALL_TIMEOUT_S))
                 except MilvusException as error:
                     log.warning("cannot connect to Milvus", extra={"uri": self.uri, "reason": str(error.message)})
                     raise self._unreachable() from error
+                if not self.in_process:
+                    try:
+                        info = client.get_server_version(detail=True, timeout=CALL_TIMEOUT_S)
+                    except MilvusException:
+                        info = {}  # a server that does not say what it is: not Milvus Lite, whose servers do
+                    self._learn_server(info)
                 self._client = client
             return self._client
 
