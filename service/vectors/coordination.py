@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from service.errors import ServiceUnavailable
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -270,3 +271,12 @@ class RedisCoordination(Coordination):
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def create_coordination(settings: Settings) -> Coordination:
+    """Redis when configured (what replicas share); else this process on its own."""
+    if not settings.redis_url:
+        return Coordination()
+    timeout_s = settings.redis_timeout_ms / 1000
+    redis = Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    return RedisCoordination(redis, settings.redis_prefix, settings.vector_lease_s, settings.redis_retry_after_s)
