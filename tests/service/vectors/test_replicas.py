@@ -1,10 +1,14 @@
 """/v1/collections with two gateway replicas: real processes sharing one Redis key prefix and one Milvus Lite
 server process, as replicas share Redis and Milvus in production. A catalog change acknowledged by one replica
 is what the next request on the other sees; a re-index driven by one replica loses none of the other's writes;
-a collection bound to a version's content is refused by a replica that serves other content under that number.
+a re-index whose replica was killed is finished by another; a collection bound to a version's content is refused by
+a replica that serves other content under that number.
 """
 
+import os
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,7 +19,7 @@ import httpx
 import pytest
 import redis
 
-from loadtests.processes import gateway
+from loadtests.processes import free_port, gateway
 from tests.conftest import SHARED_REDIS_URL, export_tiny
 from tests.replicas import MilvusLiteServer, gateways, milvus_server
 from tests.service.test_bad_input import assert_openai_error
@@ -219,3 +223,62 @@ def test_a_replica_serving_other_content_under_the_same_version_refuses_the_coll
         upsert(c, "bound", [{"id": "c", "text": "embedded by the new export"}])
         # Now A is the replica serving content the collection no longer holds.
         assert_openai_error(a.post("/v1/collections/bound/search", json={"query": "item 3"}), 503, "exported again")
+
+
+def test_a_reindex_whose_replica_was_killed_is_finished_by_another(
+    replicas: tuple[httpx.Client, httpx.Client],
+    model_repository: Path,
+    milvus: MilvusLiteServer,
+    prefix: str,
+    tmp_path: Path,
+) -> None:
+    a, b = replicas
+    ok(a.put("/v1/collections/orphan", json={"model": "tiny@1"}), 201)
+    texts = {f"o{i:04d}": f"an item whose re-index outlives its replica, number {i}" for i in range(2000)}
+    for start in range(0, 2000, 500):
+        upsert(a, "orphan", [{"id": k, "text": texts[k]} for k in sorted(texts)[start : start + 500]])
+    # Replica D starts the re-index and is killed (SIGKILL: no lease given back) while copying.
+    port = free_port()
+    env = {
+        **os.environ,
+        **replica_env(model_repository, milvus, prefix),
+        "EMBEDSERVE_REINDEX_BATCH_SIZE": "8",
+        "EMBEDSERVE_VECTOR_LEASE_S": "2",
+        "EMBEDSERVE_HOST": "127.0.0.1",
+        "EMBEDSERVE_PORT": str(port),
+    }
+    with (tmp_path / "gateway-d.log").open("ab") as log:
+        d = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stdout=log, stderr=log)
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+                deadline = time.monotonic() + 90
+                while not _ready(client):
+                    assert d.poll() is None and time.monotonic() < deadline, "replica D did not start"
+                    time.sleep(0.2)
+                ok(client.post("/v1/collections/orphan/reindex", json={"version": 2}), 202)
+            deadline = time.monotonic() + 120
+            while (ok(a.get("/v1/collections/orphan"))["reindex"] or {}).get("copied", 0) < 80:
+                assert time.monotonic() < deadline, "replica D copied nothing"
+                time.sleep(0.05)
+        finally:
+            d.kill()
+            d.wait()
+    copied_by_d = ok(a.get("/v1/collections/orphan"))["reindex"]["copied"]
+    assert copied_by_d < 2000, "D finished before it was killed: nothing was taken over"
+    deadline = time.monotonic() + 180
+    while (info := ok(b.get("/v1/collections/orphan")))["state"] != "ready":
+        assert info["state"] == "reindexing" and time.monotonic() < deadline, info
+        time.sleep(0.1)
+    assert (info["version"], info["items"]) == (2, 2000)
+    for i, item_id in enumerate(sorted(texts)[::157]):
+        client = (a, b)[i % 2]
+        response = client.post("/v1/collections/orphan/search", json={"query": texts[item_id], "top_k": 3})
+        assert response.headers["x-model-version"] == "2"
+        assert item_id in [hit["id"] for hit in ok(response)["hits"]], item_id
+
+
+def _ready(client: httpx.Client) -> bool:
+    try:
+        return client.get("/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
