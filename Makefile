@@ -25,6 +25,12 @@ run: bootstrap-model
 ensure-redis:
 	@scripts/ensure_redis.sh
 
+.PHONY: milvus
+## Milvus Lite as a server several local gateways share (writes serialised): 127.0.0.1:19530, data in data/milvus-server/.
+## Point each gateway at it: EMBEDSERVE_MILVUS_URI=http://127.0.0.1:19530 (and a shared EMBEDSERVE_REDIS_URL).
+milvus: $(STAMP)
+	$(PY) -m service.vectors.lite_server --data-dir data/milvus-server --host 127.0.0.1 --port 19530
+
 ## Unpack a CPU-only tritonserver (from the nvidia-pytriton wheel) and its numpy<2 venv into .triton/.
 triton-setup:
 	@scripts/setup_triton.sh

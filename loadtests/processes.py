@@ -60,11 +60,16 @@ def gateway(env: dict[str, str], log_path: Path, timeout_s: float = 90.0) -> Ite
         yield url
 
 
-class MilvusLiteServer:
-    """``python -m milvus_lite server`` on a free port: one Milvus that several gateways reach by URI."""
+# What ``make milvus`` runs; ("milvus_lite", "server") is milvus_lite's own server, which does not serialise writes.
+SERIALISED_SERVER = ("service.vectors.lite_server",)
 
-    def __init__(self, data_dir: Path) -> None:
+
+class MilvusLiteServer:
+    """``python -m service.vectors.lite_server`` on a free port: one Milvus that several gateways reach by URI."""
+
+    def __init__(self, data_dir: Path, module: tuple[str, ...] = SERIALISED_SERVER) -> None:
         self.data_dir = data_dir
+        self.module = module
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -74,9 +79,14 @@ class MilvusLiteServer:
 
     def start(self, timeout_s: float = 60.0) -> None:
         log = (self.data_dir.parent / f"{self.data_dir.name}.log").open("ab")
-        address = ["--host", "127.0.0.1", "--port", str(self.port)]
-        command = [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(self.data_dir), *address]
-        self.process = subprocess.Popen(command, stdout=log, stderr=log)
+        self.process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", *self.module),
+                *("--data-dir", str(self.data_dir), "--host", "127.0.0.1", "--port", str(self.port)),
+            ],
+            stdout=log,
+            stderr=log,
+        )
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process.poll() is not None:
@@ -101,8 +111,8 @@ class MilvusLiteServer:
 
 
 @contextmanager
-def milvus_server(data_dir: Path) -> Iterator[MilvusLiteServer]:
-    server = MilvusLiteServer(data_dir)
+def milvus_server(data_dir: Path, module: tuple[str, ...] = SERIALISED_SERVER) -> Iterator[MilvusLiteServer]:
+    server = MilvusLiteServer(data_dir, module)
     server.start()
     try:
         yield server

@@ -217,6 +217,13 @@ class Settings(BaseSettings):
     reindex_grace_s: int = Field(
         300, description="Seconds the previous version's collection is kept after a re-index moves the alias."
     )
+    vector_lease_s: float = Field(
+        10.0,
+        gt=0,
+        description="With Redis: seconds a replica's hold on a collection (a write, a catalog change) and its lease on "
+        "a re-index it drives last without renewal (renewed every third of it); a replica that dies holding one "
+        "holds the others up that long.",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

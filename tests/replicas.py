@@ -1,6 +1,7 @@
 """Several gateway replicas as real processes, sharing what replicas share in production: one Redis (a
-private key prefix on the machine's), one Milvus server process (Milvus Lite run as a gRPC server), and
-optionally one Triton."""
+private key prefix on the machine's), one Milvus server process (``loadtests.processes.milvus_server``:
+Milvus Lite run as a gRPC server that serialises writes, ``python -m service.vectors.lite_server``, what
+``make milvus`` runs), and optionally one Triton."""
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager

@@ -1,10 +1,14 @@
 """The Milvus plumbing under ``VectorStore``: one pymilvus client, blocking calls run in a small thread
-pool, Milvus errors mapped to ``service.errors``, the physical collections' schema and indexes, the
-catalog collection, and Milvus Lite's write rules.
+pool, Milvus errors mapped to ``service.errors``, the physical collections' schema and indexes, and Milvus
+Lite's write rules.
 
-Milvus Lite (a ``.db`` path) runs inside this process. Two of its rules shape this module:
-- writes to one collection must not run concurrently, so every write (and flush) holds that public
-  collection's ``write_lock``;
+Milvus Lite runs inside this process (a ``.db`` path), or as a server that several gateways share
+(``python -m service.vectors.lite_server``, found out from its server info at connection). Two of its rules shape
+this module:
+- writes to one collection must not run concurrently, so this process runs its writes (and flushes) to one
+  collection one at a time (``_serialised``); several processes sharing a Lite server rely on the server to
+  serialise theirs, which ``service.vectors.lite_server`` does and ``python -m milvus_lite server`` does not (a
+  gateway connected to that one logs an error: one gateway is safe on it, several are not);
 - rows not yet flushed sit in a memtable that every search scans row by row (about 70 µs per row at
   384 dimensions), while flushed segments are searched through their HNSW index, which Lite builds in a
   background thread right after the flush, while its BM25 index waits for the first keyword search. So Lite
@@ -15,11 +19,12 @@ acknowledged write visible.
 """
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
 import threading
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +42,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CATALOG = "_embedserve_catalog"
+# Milvus Lite's server info: its build tag, and the deploy mode service.vectors.lite_server reports.
+LITE_BUILD_TAG = "milvus_lite"
+SERIALISED_LITE = "embedded, writes serialised (embedserve)"
 CALL_TIMEOUT_S = 30.0
 LITE_FLUSH_ROWS = 2048
 IDLE_S = 0.5
@@ -52,11 +60,13 @@ class MissingCollection(NotFound):
 
 
 class Milvus:
-    """Async access to one Milvus (a server, or Milvus Lite in this process)."""
+    """Async access to one Milvus (a server, or Milvus Lite in this process or as a server)."""
 
     def __init__(self, settings: Settings) -> None:
         self.uri = settings.milvus_uri
-        self.is_lite = not re.match(r"^(https?|tcp|unix):", self.uri)
+        self.in_process = not re.match(r"^(https?|tcp|unix):", self.uri)
+        # Whether Milvus Lite's rules apply: known for a local file, found out at connection for a server.
+        self.lite = self.in_process
         self._settings = settings
         self._client: MilvusClient | None = None
         self._connecting = threading.Lock()
@@ -67,12 +77,19 @@ class Milvus:
         self._last_write: dict[str, float] = {}
         self._idle: dict[str, asyncio.Task[None]] = {}
 
-    def write_lock(self, key: str) -> asyncio.Lock:
-        """The lock every write to the collections of public collection ``key`` holds."""
-        lock = self._locks.get(key)
+    @contextlib.asynccontextmanager
+    async def _serialised(self, name: str) -> AsyncIterator[None]:
+        """Milvus Lite: this process's writes and flushes of collection ``name`` one at a time."""
+        if self._client is None:  # whether a server is Milvus Lite is known once connected
+            await self._in_thread(self._connect)
+        if not self.lite:
+            yield
+            return
+        lock = self._locks.get(name)
         if lock is None:
-            lock = self._locks[key] = asyncio.Lock()
-        return lock
+            lock = self._locks[name] = asyncio.Lock()
+        async with lock:
+            yield
 
     async def close(self) -> None:
         for task in self._idle.values():
@@ -81,14 +98,14 @@ class Milvus:
         client, self._client = self._client, None
         if client is not None:
             await asyncio.get_running_loop().run_in_executor(self._threads, client.close)
-            if self.is_lite:
+            if self.in_process:
                 await asyncio.get_running_loop().run_in_executor(self._threads, _release_lite, self.uri)
         self._threads.shutdown(wait=False)
 
     # ── calls ───────────────────────────────────────────────────────────────
 
-    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """``client.<method>(*args, **kwargs)`` in a thread, errors mapped."""
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``MilvusClient.<method>(*args, **kwargs)`` in a thread, errors mapped."""
         kwargs.setdefault("timeout", CALL_TIMEOUT_S)
 
         def call() -> Any:
@@ -127,14 +144,32 @@ class Milvus:
     def _connect(self) -> MilvusClient:
         with self._connecting:  # the calls of several threads share one client
             if self._client is None:
-                if self.is_lite:
+                if self.in_process:
                     Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    self._client = MilvusClient(uri=self.uri, token=self._settings.milvus_token, timeout=CALL_TIMEOUT_S)
+                    client = MilvusClient(uri=self.uri, token=self._settings.milvus_token, timeout=CALL_TIMEOUT_S)
                 except MilvusException as error:
                     log.warning("cannot connect to Milvus", extra={"uri": self.uri, "reason": str(error.message)})
                     raise self._unreachable() from error
+                if not self.in_process:
+                    try:
+                        info = client.get_server_version(detail=True, timeout=CALL_TIMEOUT_S)
+                    except MilvusException:
+                        info = {}  # a server that does not say what it is: not Milvus Lite, whose servers do
+                    self._learn_server(info)
+                self._client = client
             return self._client
+
+    def _learn_server(self, info: dict[str, Any]) -> None:
+        """Apply Milvus Lite's rules to a Milvus Lite server; say when several gateways must not share it."""
+        self.lite = info.get("version") == LITE_BUILD_TAG
+        if self.lite and info.get("deploy_mode") != SERIALISED_LITE:
+            log.error(
+                "Milvus Lite server does not serialise writes: safe for one gateway only; for several, run "
+                "python -m service.vectors.lite_server (make milvus) instead of python -m milvus_lite server",
+                extra={"uri": self.uri},
+            )
+        log.info("connected to Milvus", extra={"uri": self.uri, "milvus_lite": self.lite})
 
     def _mapped(self, error: MilvusException, collection: str | None) -> ApiError | None:
         if error.code == _CONNECT_FAILED or error.code in _UNREACHABLE:
@@ -178,7 +213,7 @@ class Milvus:
             params=dict(index_params),
         )
         indexes.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
-        await self._call(
+        await self.call(
             "create_collection",
             name,
             schema=schema,
@@ -188,65 +223,72 @@ class Milvus:
         await self.load(name)
 
     async def load(self, name: str) -> None:
-        await self._call("load_collection", name)
+        await self.call("load_collection", name)
 
     async def warm(self, name: str) -> None:
         """Milvus Lite builds a segment's BM25 index on the first keyword search that reaches the segment:
         make that search now, off the request path (a Milvus server indexes sparse vectors on its own)."""
-        if self.is_lite:
+        if self.lite:
             params = {"metric_type": "BM25"}
-            await self._call(
+            await self.call(
                 "search", name, data=["warm"], anns_field="sparse", limit=1, output_fields=[], search_params=params
             )
 
     async def drop_physical(self, name: str) -> None:
-        if await self._call("has_collection", name):
-            await self._call("drop_collection", name)
-        self._unflushed.pop(name, None)
+        async with self._serialised(name):
+            if await self.call("has_collection", name):
+                await self.call("drop_collection", name)
+            self._unflushed.pop(name, None)
 
     async def point_alias(self, alias: str, physical: str) -> None:
         """Make ``alias`` name ``physical`` (atomically, when it named another collection)."""
         if await self.alias_target(alias) is None:
-            if await self._call("has_collection", alias):
+            if await self.call("has_collection", alias):
                 raise Conflict(
                     f"Milvus already has a collection named '{alias}', not made by embedserve; choose another name."
                 )
-            await self._call("create_alias", physical, alias)
+            await self.call("create_alias", physical, alias)
         else:
-            await self._call("alter_alias", physical, alias)
+            await self.call("alter_alias", physical, alias)
 
     async def alias_target(self, alias: str) -> str | None:
         """The collection ``alias`` names; None when there is no such alias."""
         # Listing first: describing a missing alias is an error that pymilvus logs with a traceback.
-        if alias not in (await self._call("list_aliases")).get("aliases", []):
+        if alias not in (await self.call("list_aliases")).get("aliases", []):
             return None
-        described = await self._call("describe_alias", alias)
+        described = await self.call("describe_alias", alias)
         return str(described["collection_name"])
 
     async def drop_alias(self, alias: str) -> None:
         if await self.alias_target(alias) is not None:
-            await self._call("drop_alias", alias)
+            await self.call("drop_alias", alias)
 
     async def count(self, name: str) -> int:
-        rows = await self._call("query", name, filter="", output_fields=["count(*)"])
+        rows = await self.call("query", name, filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"])
 
     # ── items ───────────────────────────────────────────────────────────────
 
-    async def upsert(self, key: str, name: str, rows: list[dict[str, Any]]) -> None:
-        """Write ``rows`` to ``name`` (hold ``write_lock(key)``)."""
-        assert self.write_lock(key).locked(), "writes to a collection hold its write lock"
-        await self._call("upsert", name, rows)
-        await self._written(name, len(rows))
+    async def upsert(self, name: str, rows: list[dict[str, Any]]) -> None:
+        async with self._serialised(name):
+            await self.call("upsert", name, rows)
+            await self._written(name, len(rows))
 
-    async def delete(self, key: str, name: str, ids: list[str]) -> None:
-        """Delete ``ids`` from ``name`` (hold ``write_lock(key)``)."""
-        assert self.write_lock(key).locked(), "writes to a collection hold its write lock"
-        await self._call("delete", name, filter=_ids_expression(ids))
-        await self._written(name, len(ids))
+    async def delete(self, name: str, ids: list[str], key: str = "id") -> None:
+        """Delete the rows of ``name`` whose primary ``key`` is one of ``ids``."""
+        async with self._serialised(name):
+            await self.call("delete", name, filter=_ids_expression(ids, key))
+            await self._written(name, len(ids))
 
     async def get(self, name: str, ids: list[str]) -> list[dict[str, Any]]:
-        rows = await self._call("query", name, filter=_ids_expression(ids), output_fields=["id", "text", "metadata"])
+        return await self.query(name, _ids_expression(ids), ["id", "text", "metadata"])
+
+    async def query(
+        self, name: str, expression: str, fields: list[str], limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The ``fields`` of the rows of ``name`` that match ``expression``."""
+        limits = {} if limit is None else {"limit": limit}
+        rows = await self._loaded(name, "query", name, filter=expression, output_fields=fields, **limits)
         return [dict(row) for row in rows]
 
     async def iterate(
@@ -254,7 +296,7 @@ class Milvus:
     ) -> AsyncGenerator[list[dict[str, Any]], None]:
         """Every item of ``name`` in id order, from the first id after ``after``, in batches."""
         expression = f"id > {quote(after)}" if after is not None else ""
-        iterator = await self._call(
+        iterator = await self.call(
             "query_iterator", name, batch_size=batch_size, filter=expression, output_fields=["id", "text", "metadata"]
         )
         try:
@@ -306,52 +348,21 @@ class Milvus:
     async def _loaded(self, name: str, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call ``method``; when ``name`` turns out not loaded (Milvus Lite after a restart), load it and retry."""
         try:
-            return await self._call(method, *args, **kwargs)
+            return await self.call(method, *args, **kwargs)
         except MilvusException as error:
             if error.code != _COLLECTION_NOT_LOADED:
                 raise
         await self.load(name)
-        return await self._call(method, *args, **kwargs)
-
-    # ── the catalog ─────────────────────────────────────────────────────────
-
-    async def catalog_rows(self) -> list[tuple[str, str]]:
-        """(name, record JSON) of every public collection; creates the catalog on first use."""
-        if not await self._call("has_collection", CATALOG):
-            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-            schema.add_field("name", DataType.VARCHAR, is_primary=True, max_length=128)
-            schema.add_field("record", DataType.VARCHAR, max_length=65_535)
-            # Milvus wants a vector field (and an index on it to load); this one is never searched.
-            schema.add_field("unused", DataType.FLOAT_VECTOR, dim=2)
-            indexes = MilvusClient.prepare_index_params()
-            indexes.add_index("unused", index_type="FLAT", metric_type="L2")
-            await self._call(
-                "create_collection", CATALOG, schema=schema, index_params=indexes, consistency_level="Strong"
-            )
-        await self.load(CATALOG)
-        rows = await self._call("query", CATALOG, filter='name != ""', output_fields=["name", "record"], limit=16_384)
-        return [(str(row["name"]), str(row["record"])) for row in rows]
-
-    async def save_catalog_row(self, name: str, record: str) -> None:
-        async with self.write_lock(CATALOG):
-            await self._call("upsert", CATALOG, [{"name": name, "record": record, "unused": [0.0, 0.0]}])
-            await self._written(CATALOG, 1)
-        self.after_writes(CATALOG)
-
-    async def delete_catalog_row(self, name: str) -> None:
-        async with self.write_lock(CATALOG):
-            await self._call("delete", CATALOG, filter=f"name == {quote(name)}")
-            await self._written(CATALOG, 1)
-        self.after_writes(CATALOG)
+        return await self.call(method, *args, **kwargs)
 
     # ── Milvus Lite flushing, item counts ───────────────────────────────────
 
     async def _written(self, name: str, rows: int) -> None:
-        if not self.is_lite:
+        if not self.lite:
             return
         pending = self._unflushed.get(name, 0) + rows
         if pending >= LITE_FLUSH_ROWS:
-            await self._call("flush", name)
+            await self.call("flush", name)
             pending = 0
         self._unflushed[name] = pending
 
@@ -370,25 +381,29 @@ class Milvus:
                 await asyncio.sleep(wait)
             started = loop.time()
             try:
-                async with self.write_lock(key):
-                    flushed = [n for n, rows in self._unflushed.items() if rows and _belongs(n, key)]
-                    for name in flushed:
-                        await self._call("flush", name)
+                for name in [n for n, rows in self._unflushed.items() if rows and _belongs(n, key)]:
+                    async with self._serialised(name):
+                        # Dropped meanwhile, here or by another replica (a previous version after a re-index).
+                        if not self._unflushed.get(name) or not await self.call("has_collection", name):
+                            self._unflushed.pop(name, None)
+                            continue
+                        await self.call("flush", name)
                         self._unflushed[name] = 0
-                for name in flushed:
                     if name != CATALOG:
                         await self.warm(name)
                 if on_idle is not None:
                     await on_idle()
+            except MissingCollection:
+                pass  # dropped by another replica since: nothing to flush or count
             except (ApiError, MilvusException) as error:
                 log.warning("idle maintenance failed", extra={"collection": key, "reason": str(error)})
             if self._last_write[key] <= started:
                 return
 
 
-def _ids_expression(ids: list[str]) -> str:
+def _ids_expression(ids: list[str], key: str = "id") -> str:
     """The filter matching exactly ``ids``, each escaped (pymilvus's own ``ids=`` pastes them in raw)."""
-    return f"id in [{', '.join(quote(item_id) for item_id in ids)}]"
+    return f"{key} in [{', '.join(quote(item_id) for item_id in ids)}]"
 
 
 def _belongs(physical: str, key: str) -> bool:

@@ -3,27 +3,26 @@ each collection on one model version (``service.vectors.reindex`` moves it to an
 
 Storage: one physical Milvus collection per (collection, model version), ``<name>__<model>__v<version>``;
 the public name is a Milvus alias on the active one. The rest of what is known about a collection is in
-``service.vectors.catalog``; the Milvus plumbing is ``service.vectors.milvus``.
+``service.vectors.catalog``; the Milvus plumbing is ``service.vectors.milvus``; how replicas sharing Redis agree
+is ``service.vectors.coordination``.
 
 Knows nothing about HTTP; raises ``service.errors`` for anything a client can fix.
 """
 
-import asyncio
+import contextlib
 import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 from opentelemetry.util.types import AttributeValue
-from pymilvus import AnnSearchRequest, RRFRanker
-from pymilvus.exceptions import MilvusException
 
-from service.errors import ApiError, Conflict, InvalidRequest, NotFound, ServiceUnavailable
+from service.errors import Conflict, NotFound, ServiceUnavailable
 from service.models.store import ModelVersion
 from service.settings import Settings
 from service.telemetry.tracing import NO_TRACING
@@ -37,17 +36,17 @@ from service.vectors.catalog import (
     physical_name,
     served_version,
 )
-from service.vectors.checks import MAX_ID_CHARS, check_fields, check_id, check_items, check_query, check_vector
-from service.vectors.filters import FieldType, compile_filter
+from service.vectors.checks import MAX_ID_CHARS, check_fields, check_id, check_items
+from service.vectors.coordination import create_coordination
+from service.vectors.filters import FieldType
 from service.vectors.metrics import VectorMetrics
 from service.vectors.milvus import Milvus, MissingCollection
 from service.vectors.protocol import CollectionInfo, Hit, IndexInfo, Item, ItemIn, ReindexInfo, SearchRequest
-from service.vectors.reindex import RETRY_DELAYS_S, Reindexer
+from service.vectors.reindex import Reindexer
+from service.vectors.search import search_active
+from service.vectors.upkeep import Upkeep
 
 log = logging.getLogger(__name__)
-
-RRF_K = 60
-SEARCH_OUTPUTS = ("text", "metadata")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -84,65 +83,25 @@ class VectorStore:
         self._metrics = metrics
         self._tracer = tracer
         self._milvus = Milvus(settings)
-        self._catalog = Catalog(self._milvus)
-        self._reindexer = Reindexer(settings, self._milvus, self._catalog, encoder, metrics, tracer)
-        self._startup: asyncio.Task[None] | None = None
+        self._coordination = create_coordination(settings)
+        self._catalog = Catalog(self._milvus, self._coordination)
+        self._reindexer = Reindexer(settings, self._milvus, self._catalog, self._coordination, encoder, metrics, tracer)
+        self._upkeep = Upkeep(
+            settings, self._milvus, self._catalog, self._coordination, self._reindexer, encoder, metrics
+        )
 
     # ── lifecycle ──────────────────────────────────────────────────────────
 
     def start(self) -> None:
-        """Connect in the background: load every collection, resume re-indexes, schedule pending drops.
-        The gateway serves embeddings while Milvus is unreachable; collection routes answer 503 meanwhile.
-        A Milvus Lite file that does not exist yet holds nothing to resume: it is created on first use."""
-        if self._milvus.is_lite and not Path(self._milvus.uri).exists():
-            return
-        self._startup = asyncio.create_task(self._start_when_reachable())
+        """Connect in the background: resume every collection (``service.vectors.upkeep``). The gateway serves
+        embeddings while Milvus is unreachable; collection routes answer 503 meanwhile."""
+        self._upkeep.start()
 
     async def close(self) -> None:
-        if self._startup is not None:
-            self._startup.cancel()
-            await asyncio.gather(self._startup, return_exceptions=True)
+        await self._upkeep.close()
         await self._reindexer.close()
+        await self._coordination.close()
         await self._milvus.close()
-
-    async def _start_when_reachable(self) -> None:
-        """Resume every collection once. Milvus unreachable, or one collection failing to load (a timeout
-        included), is retried with backoff; it never stops the other collections from resuming."""
-        resumed: set[str] = set()
-        attempt = 0
-        while True:
-            failed = 0
-            try:
-                records = await self._catalog.records()
-                for record in records.values():
-                    if record.name in resumed:
-                        continue
-                    try:
-                        await self._resume(record)
-                        resumed.add(record.name)
-                    except NotFound as error:  # gone from Milvus: nothing to retry
-                        resumed.add(record.name)
-                        log.error("collection not resumed", extra={"collection": record.name, "reason": error.message})
-                    except (ApiError, MilvusException) as error:
-                        failed += 1
-                        reason = str(error)
-                        log.warning("collection not resumed yet", extra={"collection": record.name, "reason": reason})
-                if not failed:
-                    log.info("vector store ready", extra={"collections": len(records), "uri": self._milvus.uri})
-                    return
-            except ServiceUnavailable as error:
-                log.warning("vector store unreachable", extra={"reason": error.message})
-            delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
-            attempt += 1
-            log.warning("vector store start retrying", extra={"retry_s": delay, "failed_collections": failed})
-            await asyncio.sleep(delay)
-
-    async def _resume(self, record: CollectionRecord) -> None:
-        # Milvus Lite opens collections released: loading (and warming) now keeps that off the first search.
-        await self._milvus.load(record.active.name)
-        await self._milvus.warm(record.active.name)
-        self._metrics.set_items(record.name, record.model, record.active.version, await self._count(record.active))
-        await self._reindexer.resume(record)
 
     # ── collections ────────────────────────────────────────────────────────
 
@@ -154,8 +113,8 @@ class VectorStore:
         check_fields(fields)
         version = self._encoder.resolve(model)
         _tag(version.model, version.version)
-        async with self._milvus.write_lock(name):
-            existing = await self._catalog.find(name)
+        async with self._coordination.holding(name, exclusive=True) as held:
+            existing = await self._catalog.held(name, held)
             if existing is not None:
                 pinned = "@" in model
                 if (
@@ -178,10 +137,11 @@ class VectorStore:
         log.info("collection created", extra={"collection": name, "physical": physical.name})
         return await self._describe(record), True
 
-    async def _create_physical(self, name: str, version: ModelVersion) -> Physical:
+    async def _create_physical(self, name: str, version: ModelVersion, active: Physical | None = None) -> Physical:
         physical = Physical(
-            name=physical_name(name, version),
+            name=physical_name(name, version, active),
             version=version.version,
+            sha256=version.manifest.sha256,
             dimension=version.dimension,
             index_type=self._settings.vector_index,
             index_params=self._settings.vector_index_params,
@@ -196,14 +156,14 @@ class VectorStore:
     @_traced
     async def list_collections(self) -> list[CollectionInfo]:
         records = await self._catalog.records()
-        return [await self._describe(records[name]) for name in sorted(records)]
+        return [await self._describe(record) for record in records.values()]
 
     async def bound_versions(self) -> dict[tuple[str, int], list[str]] | None:
         """(model, version) -> the collections bound to it: each one's active version, and the target of a running
         re-index (written to as well). None until the catalog has been read at start: this never waits on Milvus."""
-        if self._startup is not None and not self._startup.done():
+        if not self._upkeep.started:
             return None
-        if self._startup is None and self._milvus.is_lite and not Path(self._milvus.uri).exists():
+        if self._milvus.in_process and not Path(self._milvus.uri).exists():
             return {}  # no Milvus Lite file yet: no collection either
         bound: dict[tuple[str, int], list[str]] = {}
         for name, record in sorted((await self._catalog.records()).items()):
@@ -215,7 +175,7 @@ class VectorStore:
         """The catalog records, by name, of the collections whose vectors ``model`` makes (a promotion of a new
         version re-indexes each); read from the catalog alone, without counting items in Milvus."""
         records = await self._catalog.records()
-        return [records[name] for name in sorted(records) if records[name].model == model]
+        return [record for record in records.values() if record.model == model]
 
     @_traced
     async def describe(self, name: str) -> CollectionInfo:
@@ -256,9 +216,9 @@ class VectorStore:
     async def drop(self, name: str) -> None:
         record = await self._catalog.get(name)
         _tag(record.model, record.active.version)
-        await self._reindexer.cancel(name)
-        async with self._milvus.write_lock(name):
-            record = await self._catalog.get(name)
+        await self._reindexer.cancel(name)  # here; a replica driving it elsewhere stops at its next batch
+        async with self._coordination.holding(name, exclusive=True) as held:
+            record = await self._catalog.get(name, held)
             await self._milvus.drop_alias(name)
             physicals = [record.active.name, *(r.name for r in record.retired)]
             if record.reindex is not None:
@@ -271,48 +231,66 @@ class VectorStore:
 
     @_traced
     async def reindex(self, name: str, version: int) -> CollectionInfo:
-        """Start moving ``name`` to ``version`` of its model; progress shows in ``describe``."""
+        """Start moving ``name`` to ``version`` of its model (or to other content exported under the version it is
+        on); progress shows in ``describe``."""
         record = await self._catalog.get(name)
         _tag(record.model, record.active.version, target_version=version)
         target_version = self._encoder.resolve(f"{record.model}@{version}")
-        async with self._milvus.write_lock(name):
-            record = await self._catalog.get(name)
-            if record.reindex is not None and record.reindex.state == "running":
+        async with self._coordination.holding(name, exclusive=True) as held:
+            record = await self._catalog.get(name, held)
+            if record.reindexing:
+                assert record.reindex is not None
                 raise Conflict(
                     f"collection '{name}' is already being re-indexed to version {record.reindex.target.version}; "
                     f"watch GET /v1/collections/{name} and retry when it is done."
                 )
-            if record.active.version == version:
+            if record.active.version == version and record.active.sha256 in (None, target_version.manifest.sha256):
                 raise Conflict(f"collection '{name}' is already on {record.model}@{version}.")
-            target = await self._create_physical(name, target_version)
+            target = await self._create_physical(name, target_version, record.active)
             record = await self._reindexer.begin(record, target)
         return await self._describe(record)
 
     # ── items ──────────────────────────────────────────────────────────────
+
+    @contextlib.asynccontextmanager
+    async def _writing(self, name: str) -> AsyncIterator[CollectionRecord]:
+        """Hold ``name`` for a write of items; yields its record as it is now. Shared with other writes while no
+        re-index runs; exclusive while one does, so copied batches and writes to both collections go one at a
+        time (a batch never overwrites a newer write, both collections see writes in the same order)."""
+        async with self._coordination.holding(name, exclusive=False) as held:
+            record = await self._catalog.get(name, held)
+            if not record.reindexing:
+                yield record
+                return
+        async with self._coordination.holding(name, exclusive=True) as held:
+            yield await self._catalog.get(name, held)
 
     @_traced
     async def upsert(self, name: str, items: list[ItemIn]) -> ModelVersion:
         """Embed and store ``items`` (replacing those with the same ids); the active version that embedded them."""
         record = await self._catalog.get(name)
         _tag(record.model, record.active.version, items=len(items))
-        rows = check_items(items, record.fields, self._settings.max_input_chars)
         started = time.perf_counter()
-        texts = [row["text"] for row in rows]
+        vectors: dict[tuple[str, str | None], list[list[float]]] = {}  # by physical collection and content
         for _ in range(3):
-            targets = record.write_targets()
-            vectors = {
-                t.version: await embed(self._encoder, texts, served_version(self._encoder, record, t.version))
-                for t in targets
-            }
-            async with self._milvus.write_lock(name):
-                record = await self._catalog.get(name)
-                if record.write_targets() != targets:
-                    continue  # a re-index started or finished while embedding: embed for the new targets
+            rows = check_items(items, record.fields, self._settings.max_input_chars)
+            texts = [row["text"] for row in rows]
+            for target in record.write_targets():
+                if (target.name, target.sha256) not in vectors:
+                    version = served_version(self._encoder, record, target)
+                    vectors[target.name, target.sha256] = await embed(self._encoder, texts, version)
+            async with self._writing(name) as current:
+                targets = current.write_targets()
+                if current.fields != record.fields or any((t.name, t.sha256) not in vectors for t in targets):
+                    record = current  # a re-index started or finished while embedding: embed for the new targets
+                    continue
                 for target in targets:
-                    batch = [{**row, "vector": v} for row, v in zip(rows, vectors[target.version], strict=True)]
-                    await self._milvus.upsert(name, target.name, batch)
-            version = served_version(self._encoder, record, record.active.version)
-            self._metrics.observe_upsert(name, record.model, version.version, time.perf_counter() - started)
+                    embedded = vectors[target.name, target.sha256]
+                    await self._milvus.upsert(
+                        target.name, [{**row, "vector": v} for row, v in zip(rows, embedded, strict=True)]
+                    )
+            version = served_version(self._encoder, current, current.active)
+            self._metrics.observe_upsert(name, current.model, version.version, time.perf_counter() - started)
             self._after_write(name)
             return version
         raise ServiceUnavailable(f"collection '{name}' kept changing version during the upsert; retry it.")
@@ -322,7 +300,8 @@ class VectorStore:
         check_id(item_id, "the item id in the path", param="id")
         record = await self._catalog.get(name)
         _tag(record.model, record.active.version)
-        rows = await self._milvus.get(record.active.name, [item_id])
+        # Through the alias: the collection active now, even when a cut-over happened since the record was read.
+        rows = await self._milvus.get(name, [item_id])
         if not rows:
             raise NotFound(f"collection '{name}' has no item '{item_id[:MAX_ID_CHARS]}'.")
         row = rows[0]
@@ -333,12 +312,11 @@ class VectorStore:
         check_id(item_id, "the item id in the path", param="id")
         record = await self._catalog.get(name)
         _tag(record.model, record.active.version)
-        async with self._milvus.write_lock(name):
-            record = await self._catalog.get(name)
+        async with self._writing(name) as record:
             if not await self._milvus.get(record.active.name, [item_id]):
                 raise NotFound(f"collection '{name}' has no item '{item_id[:MAX_ID_CHARS]}'.")
             for target in record.write_targets():
-                await self._milvus.delete(name, target.name, [item_id])
+                await self._milvus.delete(target.name, [item_id])
         self._after_write(name)
 
     def _after_write(self, name: str) -> None:
@@ -358,69 +336,11 @@ class VectorStore:
     async def search(self, name: str, request: SearchRequest) -> tuple[list[Hit], ModelVersion]:
         """The ``top_k`` best hits, best first (score: higher is more similar in every mode)."""
         record = await self._catalog.get(name)
-        version = served_version(self._encoder, record, record.active.version)
-        _tag(version.model, version.version, mode=request.mode, top_k=request.top_k)
-        expression = compile_filter(request.filter, record.fields) if request.filter is not None else ""
-        wanted, keys = _outputs(request.output_fields, record.fields)
-        query = check_query(request, self._settings.max_input_chars)
-        vector: list[float] | None = None
-        if request.mode in ("dense", "hybrid"):
-            if request.vector is not None:
-                vector = check_vector(request.vector, record.active.dimension)
-            else:
-                assert query is not None  # check_query requires one of them
-                vector = (await embed(self._encoder, [query], version))[0]
-        started = time.perf_counter()
-        physical = record.active.name
-        ef = max(self._settings.vector_search_ef, request.top_k)
-        dense_params = {"metric_type": "COSINE", "params": {"ef": ef} if record.active.index_type == "HNSW" else {}}
-        keyword_params = {"metric_type": "BM25"}
-        if request.mode == "dense":
-            assert vector is not None
-            hits = await self._milvus.search(
-                physical, [vector], "vector", request.top_k, expression, wanted, dense_params
-            )
-        elif request.mode == "keyword":
-            assert query is not None
-            hits = await self._milvus.search(
-                physical, [query], "sparse", request.top_k, expression, wanted, keyword_params
-            )
-        else:
-            assert query is not None and vector is not None
-            # More candidates per leg than asked for, so the fusion has something to re-rank.
-            leg = max(2 * request.top_k, 20)
-            legs = [
-                AnnSearchRequest(data=[vector], anns_field="vector", param=dense_params, limit=leg, expr=expression),
-                AnnSearchRequest(data=[query], anns_field="sparse", param=keyword_params, limit=leg, expr=expression),
-            ]
-            hits = await self._milvus.hybrid_search(physical, legs, RRFRanker(RRF_K), request.top_k, wanted)
-        self._metrics.observe_search(name, record.model, version.version, request.mode, time.perf_counter() - started)
-        return [_hit(hit, wanted, keys, keyword=request.mode == "keyword") for hit in hits], version
-
-
-def _outputs(requested: list[str] | None, fields: dict[str, FieldType]) -> tuple[list[str], set[str] | None]:
-    """(Milvus output fields, the metadata keys to return or None for all)."""
-    if requested is None:
-        return list(SEARCH_OUTPUTS), None
-    unknown = [f for f in requested if f not in SEARCH_OUTPUTS and f not in fields]
-    if unknown:
-        allowed = ", ".join([*SEARCH_OUTPUTS, *sorted(fields)])
-        raise InvalidRequest(
-            f"output_fields: {unknown[0][:64]!r} is unknown; use any of {allowed}.", param="output_fields"
-        )
-    wanted = [f for f in SEARCH_OUTPUTS if f in requested]
-    keys = {f for f in requested if f in fields}
-    if keys and "metadata" not in wanted:
-        wanted.append("metadata")
-        return wanted, keys
-    return wanted, None
-
-
-def _hit(hit: dict[str, Any], wanted: list[str], keys: set[str] | None, *, keyword: bool) -> Hit:
-    entity = hit.get("entity", {})
-    metadata = entity.get("metadata") if "metadata" in wanted else None
-    if metadata is not None and keys is not None:
-        metadata = {k: v for k, v in metadata.items() if k in keys}
-    # Milvus reports BM25 scores as positive numbers and Milvus Lite as negative distances, both best first.
-    score = abs(hit["distance"]) if keyword else hit["distance"]
-    return Hit(id=hit["id"], score=score, text=entity.get("text") if "text" in wanted else None, metadata=metadata)
+        try:
+            return await search_active(self._milvus, self._encoder, self._settings, self._metrics, record, request)
+        except MissingCollection:
+            # Another replica moved the alias and dropped the collection this record names since it was read.
+            current = await self._catalog.get(name)
+            if current.active.name == record.active.name:
+                raise
+        return await search_active(self._milvus, self._encoder, self._settings, self._metrics, current, request)

@@ -79,7 +79,7 @@ async def open_store(path: Path, encoder: TableEncoder, **settings: Any) -> Asyn
 async def stored_rows(store: VectorStore, physical: str) -> list[dict[str, Any]]:
     """Every row of a physical collection, vectors included (straight from Milvus)."""
     fields = ["id", "text", "metadata", "vector"]
-    rows = await store._milvus._call("query", physical, filter='id != ""', output_fields=fields, limit=16_384)
+    rows = await store._milvus.call("query", physical, filter='id != ""', output_fields=fields, limit=16_384)
     return [dict(row) for row in rows]
 
 
@@ -358,7 +358,7 @@ async def test_reindex_while_writes_continue_loses_nothing(models: ModelStore, t
 
 
 async def _gone(store: VectorStore, physical: str) -> bool:
-    return not await store._milvus._call("has_collection", physical)
+    return not await store._milvus.call("has_collection", physical)
 
 
 async def test_a_reindex_interrupted_by_a_restart_resumes_from_its_cursor(models: ModelStore, tmp_path: Path) -> None:
@@ -415,8 +415,8 @@ async def test_reconcile_repairs_a_target_left_inconsistent_by_a_crash(models: M
             "metadata": {},
             "vector": [1.0] * TINY_DIMENSION,
         }
-        async with store._milvus.write_lock("docs"):
-            await store._milvus.upsert("docs", target.name, [*half, ghost])
+        async with store._coordination.holding("docs", exclusive=True):
+            await store._milvus.upsert(target.name, [*half, ghost])
             await store._reindexer._reconcile(record)
         rows = await stored_rows(store, target.name)
         assert sorted(row["id"] for row in rows) == sorted(f"c{i}" for i in range(50))
@@ -430,7 +430,7 @@ async def test_dropping_a_collection_mid_reindex_removes_everything(models: Mode
         await store.upsert("docs", [ItemIn(id=f"x{i}", text=f"drop {i}") for i in range(200)])
         await store.reindex("docs", 2)
         await store.drop("docs")
-        assert await store._milvus._call("list_collections") == [CATALOG]
+        assert await store._milvus.call("list_collections") == [CATALOG]
         assert await store._milvus.alias_target("docs") is None
         info, created = await store.create("docs", "tiny@2", {})
         assert created and (info.version, info.items) == (2, 0)
@@ -455,6 +455,6 @@ async def test_a_reindex_that_keeps_failing_is_abandoned_and_says_why(models: Mo
         await wait_for(failed, timeout_s=30)
         info = await store.describe("docs")
         assert info.version == 1 and info.reindex is not None and info.reindex.error == "RuntimeError"
-        assert not await store._milvus._call("has_collection", "docs__tiny__v2")
+        assert not await store._milvus.call("has_collection", "docs__tiny__v2")
         await store.upsert("docs", [ItemIn(id="b", text="beta")])  # writes go to the active version only again
         assert (await store.describe("docs")).items == 2
