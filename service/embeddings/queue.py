@@ -26,6 +26,9 @@ LANES: tuple[Lane, ...] = ("interactive", "bulk")
 _SELECTION_WINDOW_FACTOR = 4
 # Weight of the newest batch in the drain-rate estimate (an exponential moving average).
 _DRAIN_SMOOTHING = 0.2
+# The share is kept over recent contended batches (each one's weight fades by this factor per batch): a lane
+# that had little to do for an hour must not then be owed a long run of turns.
+_SHARE_MEMORY = 0.95
 RETRY_AFTER_MAX_S = 30
 
 
@@ -149,6 +152,8 @@ class InputQueue:
         """A batch of ``inputs`` of ``lane`` ran in ``seconds``, with ``in_flight`` batches running at once at
         most; ``contended``: the other lane waited meanwhile."""
         if contended:
+            for each in LANES:
+                self._contended_s[each] *= _SHARE_MEMORY
             self._contended_s[lane] += seconds
         rate = inputs * in_flight / max(seconds, 1e-3)
         previous = self._drain_per_s

@@ -6,7 +6,9 @@ import time
 from collections.abc import Awaitable, Callable
 
 import httpx
+from opentelemetry import context as otel_context
 
+from service.embeddings.queue import InputQueue, LaneLimits, Origin, Pending, QueueLimits
 from service.settings import Settings
 from tests.helpers import metric, read_metrics, running_gateway
 from trainer.data.sample_text import paragraphs, sentences
@@ -74,3 +76,26 @@ async def test_a_retry_after_a_deadline_pays_only_for_the_rest(settings: Setting
         hits = metric(found, "embedserve_cache_lookups_total", model="minilm", layer="memory", result="hit")
         assert hits >= paid - 32  # what the first request computed (a batch cut short by the deadline aside)
         assert metric(found, "embedserve_batch_size_sum", model="minilm") <= len(texts) + 32
+
+
+def test_bulk_owed_turns_stay_bounded_after_a_long_interactive_stretch() -> None:
+    """An hour in which bulk had little to do while interactive kept running must not owe bulk a long run of
+    turns afterwards: the share is kept over recent batches."""
+    limits = QueueLimits(LaneLimits(32, 512, 512), LaneLimits(32, 256, 8192), bulk_share=0.25, max_wait_ms=0.0)
+    queue = InputQueue(limits)
+    for _ in range(3600):  # interactive batches while bulk waited (its batches too few to count)
+        queue.drained("interactive", 4, 0.01, 1, contended=True)
+    loop = asyncio.new_event_loop()
+    try:
+        waiting = [Pending([101, 7, 102], loop.create_future(), Origin(otel_context.get_current())) for _ in range(8)]
+        queue.push(waiting[:4], "interactive")
+        queue.push(waiting[4:], "bulk")
+        turns = []
+        for _ in range(20):
+            lane = queue.next_lane()
+            assert lane is not None
+            turns.append(lane)
+            queue.drained(lane, 1, 0.01 if lane == "interactive" else 0.04, 1, contended=True)
+        assert turns.count("bulk") <= 10 and "interactive" in turns[:5]  # bulk gets its share, not a backlog of it
+    finally:
+        loop.close()
