@@ -10,6 +10,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from loadtests.processes import MilvusLiteServer, milvus_server
 from service.app import create_app
 from service.settings import Settings
 from trainer.data.sample_text import sentences
@@ -65,15 +66,27 @@ def repository_copy(model_repository: Path, tmp_path: Path) -> Path:
     return copy
 
 
-@pytest.fixture
-def shared_redis_prefix() -> Iterator[str]:
-    """A key prefix of this test's own on the machine's Redis; only those keys are deleted afterwards."""
+def own_redis_prefix() -> Iterator[str]:
+    """A key prefix of the caller's own on the machine's Redis; only those keys are deleted afterwards."""
     prefix = f"embedserve-test-{uuid.uuid4().hex}:"
     yield prefix
     client = redis.Redis.from_url(SHARED_REDIS_URL)
     keys = list(client.scan_iter(match=f"{prefix}*"))
     if keys:
         client.delete(*keys)
+
+
+@pytest.fixture
+def shared_redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own on the machine's Redis."""
+    yield from own_redis_prefix()
+
+
+@pytest.fixture(scope="module")
+def shared_milvus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusLiteServer]:
+    """One Milvus server process (Milvus Lite serving writes one at a time) for a module's gateway replicas."""
+    with milvus_server(tmp_path_factory.mktemp("milvus-server") / "data") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """Shared test helpers: an in-process gateway over real ASGI, and reading its Prometheus metrics."""
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -49,3 +51,16 @@ def metric(found: dict[str, list], sample_name: str, **labels: str) -> float:
 
 async def read_metrics(client: httpx.AsyncClient) -> dict[str, list]:
     return parse_metrics((await client.get("/metrics")).text)
+
+
+async def until(condition: Callable[[], Awaitable[bool]], timeout_s: float = 60) -> None:
+    """Poll ``condition`` until it holds; the deadline only keeps a broken gateway from hanging the test."""
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        assert time.monotonic() < deadline, "timed out waiting for the condition"
+        await asyncio.sleep(0.01)
+
+
+async def queued_at_least(client: httpx.AsyncClient, count: int, model: str = "minilm") -> bool:
+    """Whether ``model``'s batchers hold at least ``count`` queued inputs."""
+    return metric(await read_metrics(client), "embedserve_queue_depth", model=model) >= count

@@ -8,6 +8,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from loadtests.processes import gateway
+from tests.conftest import SHARED_REDIS_URL
 
 
 @contextmanager
@@ -18,3 +19,15 @@ def gateways(count: int, env: dict[str, str], folder: Path) -> Iterator[list[str
     with ExitStack() as stack:
         urls = [stack.enter_context(gateway(env, folder / f"gateway-{i}.log")) for i in range(count)]
         yield urls
+
+
+def replica_env(repository: Path, milvus_uri: str, prefix: str, **settings: str) -> dict[str, str]:
+    """The settings replicas share (one repository, Milvus and Redis prefix), plus ``settings``
+    (EMBEDSERVE_* names)."""
+    return {
+        "EMBEDSERVE_MODEL_REPOSITORY": str(repository),
+        "EMBEDSERVE_MILVUS_URI": milvus_uri,
+        "EMBEDSERVE_REDIS_URL": SHARED_REDIS_URL,
+        "EMBEDSERVE_REDIS_PREFIX": prefix,
+        **settings,
+    }

@@ -2,27 +2,13 @@
 deadline keeps the batches it already paid for."""
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
 
-import httpx
 from opentelemetry import context as otel_context
 
 from service.embeddings.queue import InputQueue, LaneLimits, Origin, Pending, QueueLimits
 from service.settings import Settings
-from tests.helpers import metric, read_metrics, running_gateway
+from tests.helpers import metric, queued_at_least, read_metrics, running_gateway, until
 from trainer.data.sample_text import paragraphs, sentences
-
-
-async def until(condition: Callable[[], Awaitable[bool]], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await condition():
-        assert time.monotonic() < deadline, "timed out waiting for the batcher"
-        await asyncio.sleep(0.01)
-
-
-async def queued_at_least(client: httpx.AsyncClient, count: int) -> bool:
-    return metric(await read_metrics(client), "embedserve_queue_depth", model="minilm") >= count
 
 
 async def test_interactive_requests_overtake_a_bulk_backlog(settings: Settings) -> None:

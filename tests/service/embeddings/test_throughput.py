@@ -2,14 +2,12 @@
 
 import asyncio
 import base64
-import time
-from collections.abc import Awaitable, Callable
 
 import httpx
 import numpy as np
 
 from service.settings import Settings
-from tests.helpers import metric, read_metrics, running_gateway
+from tests.helpers import metric, queued_at_least, read_metrics, running_gateway, until
 from trainer.data.sample_text import paragraphs, sentences
 
 
@@ -45,18 +43,6 @@ async def test_batches_group_inputs_by_length_to_limit_padding(settings: Setting
         mean_padding = metric(found, "embedserve_batch_padding_ratio_sum", model="minilm", version="1") / batches
         assert batches == 4
         assert mean_padding < 0.35, f"mean padding {mean_padding:.2f}: short and long inputs were mixed"
-
-
-async def until(condition: Callable[[], Awaitable[bool]], timeout_s: float = 60) -> None:
-    """Poll ``condition`` until it holds; the deadline only keeps a broken gateway from hanging the test."""
-    deadline = time.monotonic() + timeout_s
-    while not await condition():
-        assert time.monotonic() < deadline, "timed out waiting for the batcher"
-        await asyncio.sleep(0.01)
-
-
-async def queued_at_least(client: httpx.AsyncClient, count: int) -> bool:
-    return metric(await read_metrics(client), "embedserve_queue_depth", model="minilm") >= count
 
 
 async def accepted_exactly(client: httpx.AsyncClient, count: int) -> bool:

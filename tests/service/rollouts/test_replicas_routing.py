@@ -5,36 +5,26 @@ identity gets stable, and a rolling deploy that adds a version moves no unpinned
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
-from loadtests.processes import MilvusLiteServer, milvus_server
-from tests.conftest import SHARED_REDIS_URL
+from loadtests.processes import MilvusLiteServer
 from tests.helpers import metric, parse_metrics
-from tests.replicas import gateways
+from tests.replicas import gateways, replica_env
 
 ADMIN_KEY = "replicas-admin-key"
 
 
-@pytest.fixture(scope="module")
-def shared_milvus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusLiteServer]:
-    with milvus_server(tmp_path_factory.mktemp("milvus") / "data") as server:
-        yield server
-
-
-def replica_env(repository: Path, milvus: MilvusLiteServer, prefix: str) -> dict[str, str]:
-    return {
-        "EMBEDSERVE_MODEL_REPOSITORY": str(repository),
-        "EMBEDSERVE_MILVUS_URI": milvus.uri,
-        "EMBEDSERVE_REDIS_URL": SHARED_REDIS_URL,
-        "EMBEDSERVE_REDIS_PREFIX": prefix,
-        "EMBEDSERVE_ADMIN_API_KEY": ADMIN_KEY,
-        "EMBEDSERVE_ROLLOUT_REFRESH_S": "0.2",
-        "EMBEDSERVE_LOG_LEVEL": "WARNING",
-    }
+def routing_env(repository: Path, milvus: MilvusLiteServer, prefix: str) -> dict[str, str]:
+    return replica_env(
+        repository,
+        milvus.uri,
+        prefix,
+        EMBEDSERVE_ADMIN_API_KEY=ADMIN_KEY,
+        EMBEDSERVE_ROLLOUT_REFRESH_S="0.2",
+        EMBEDSERVE_LOG_LEVEL="WARNING",
+    )
 
 
 def identity_headers(kind: str, name: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -50,7 +40,7 @@ def test_a_canary_takes_a_share_of_callers_and_never_mixes_one_callers_versions(
     model_repository: Path, shared_milvus: MilvusLiteServer, shared_redis_prefix: str, tmp_path: Path
 ) -> None:
     env = {
-        **replica_env(model_repository, shared_milvus, shared_redis_prefix),
+        **routing_env(model_repository, shared_milvus, shared_redis_prefix),
         "EMBEDSERVE_STABLE_VERSIONS": '{"tiny": 1}',
     }
     with gateways(2, env, tmp_path) as urls, httpx.Client(timeout=30) as http:
@@ -96,8 +86,8 @@ def test_a_rolling_deploy_that_adds_a_version_moves_no_unpinned_caller(
     old_repository = tmp_path / "old"
     shutil.copytree(model_repository, old_repository)
     shutil.rmtree(old_repository / "tiny" / "2")
-    old_env = replica_env(old_repository, shared_milvus, shared_redis_prefix)
-    new_env = replica_env(model_repository, shared_milvus, shared_redis_prefix)
+    old_env = routing_env(old_repository, shared_milvus, shared_redis_prefix)
+    new_env = routing_env(model_repository, shared_milvus, shared_redis_prefix)
     with httpx.Client(timeout=30) as http, gateways(1, old_env, tmp_path / "old-pod") as (old_pod,):
         first = http.post(f"{old_pod}/v1/embeddings", json={"model": "tiny", "input": "x"})
         assert first.headers["x-model-version"] == "1"
@@ -119,7 +109,7 @@ def test_stable_versions_names_the_version_recorded_first(
     model_repository: Path, shared_milvus: MilvusLiteServer, shared_redis_prefix: str, tmp_path: Path
 ) -> None:
     env = {
-        **replica_env(model_repository, shared_milvus, shared_redis_prefix),
+        **routing_env(model_repository, shared_milvus, shared_redis_prefix),
         "EMBEDSERVE_STABLE_VERSIONS": '{"tiny": 1}',
     }
     with gateways(1, env, tmp_path) as (url,):

@@ -10,50 +10,36 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
 
-from loadtests.processes import MilvusLiteServer, free_port, gateway, milvus_server
-from tests.conftest import SHARED_REDIS_URL, export_tiny
-from tests.replicas import gateways
+from loadtests.processes import MilvusLiteServer, free_port, gateway
+from tests.conftest import export_tiny, own_redis_prefix
+from tests.replicas import gateways, replica_env
 from tests.service.test_bad_input import assert_openai_error
 
 
 @pytest.fixture(scope="module")
 def prefix() -> Iterator[str]:
-    """A key prefix of this module's own on the machine's Redis (its keys are deleted afterwards)."""
-    prefix = f"embedserve-test-{uuid.uuid4().hex}:"
-    yield prefix
-    client = redis.Redis.from_url(SHARED_REDIS_URL)
-    keys = list(client.scan_iter(match=f"{prefix}*"))
-    if keys:
-        client.delete(*keys)
+    """A key prefix of this module's own on the machine's Redis."""
+    yield from own_redis_prefix()
 
 
-@pytest.fixture(scope="module")
-def milvus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusLiteServer]:
-    with milvus_server(tmp_path_factory.mktemp("milvus-server") / "data") as server:
-        yield server
-
-
-def replica_env(repository: Path, milvus: MilvusLiteServer, prefix: str) -> dict[str, str]:
-    return {
-        "EMBEDSERVE_MODEL_REPOSITORY": str(repository),
-        "EMBEDSERVE_MILVUS_URI": milvus.uri,
-        "EMBEDSERVE_REDIS_URL": SHARED_REDIS_URL,
-        "EMBEDSERVE_REDIS_PREFIX": prefix,
+def collections_env(repository: Path, milvus: MilvusLiteServer, prefix: str) -> dict[str, str]:
+    return replica_env(
+        repository,
+        milvus.uri,
+        prefix,
         # The previous version's collection goes as soon as the alias moves: a replica still searching it fails.
-        "EMBEDSERVE_REINDEX_GRACE_S": "0",
-        "EMBEDSERVE_REINDEX_BATCH_SIZE": "32",
+        EMBEDSERVE_REINDEX_GRACE_S="0",
+        EMBEDSERVE_REINDEX_BATCH_SIZE="32",
         # No client keys here: gateways that refuse anonymous collection writes must let these through.
-        "EMBEDSERVE_ALLOW_ANONYMOUS_WRITES": "true",
-    }
+        EMBEDSERVE_ALLOW_ANONYMOUS_WRITES="true",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +50,11 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def replicas(
-    model_repository: Path, milvus: MilvusLiteServer, prefix: str, logs: Path
+    model_repository: Path, shared_milvus: MilvusLiteServer, prefix: str, logs: Path
 ) -> Iterator[tuple[httpx.Client, httpx.Client]]:
     """Replicas A and B on the session repository (tiny@1 and tiny@2), each with its own HTTP client."""
     with (
-        gateways(2, replica_env(model_repository, milvus, prefix), logs) as urls,
+        gateways(2, collections_env(model_repository, shared_milvus, prefix), logs) as urls,
         httpx.Client(base_url=urls[0], timeout=60) as a,
         httpx.Client(base_url=urls[1], timeout=60) as b,
     ):
@@ -189,7 +175,7 @@ def test_a_reindex_driven_by_one_replica_keeps_every_write_of_the_other(
 def test_a_replica_serving_other_content_under_the_same_version_refuses_the_collection_until_reindexed(
     replicas: tuple[httpx.Client, httpx.Client],
     model_repository: Path,
-    milvus: MilvusLiteServer,
+    shared_milvus: MilvusLiteServer,
     prefix: str,
     tmp_path: Path,
 ) -> None:
@@ -203,7 +189,7 @@ def test_a_replica_serving_other_content_under_the_same_version_refuses_the_coll
     shutil.rmtree(repository / "tiny" / "2")
     assert export_tiny(repository, seed=99).name == "2"
     with (
-        gateway(replica_env(repository, milvus, prefix), tmp_path / "gateway-c.log") as url,
+        gateway(collections_env(repository, shared_milvus, prefix), tmp_path / "gateway-c.log") as url,
         httpx.Client(base_url=url, timeout=60) as c,
     ):
         for response in (
@@ -228,7 +214,7 @@ def test_a_replica_serving_other_content_under_the_same_version_refuses_the_coll
 def test_a_reindex_whose_replica_was_killed_is_finished_by_another(
     replicas: tuple[httpx.Client, httpx.Client],
     model_repository: Path,
-    milvus: MilvusLiteServer,
+    shared_milvus: MilvusLiteServer,
     prefix: str,
     tmp_path: Path,
 ) -> None:
@@ -241,7 +227,7 @@ def test_a_reindex_whose_replica_was_killed_is_finished_by_another(
     port = free_port()
     env = {
         **os.environ,
-        **replica_env(model_repository, milvus, prefix),
+        **collections_env(model_repository, shared_milvus, prefix),
         "EMBEDSERVE_REINDEX_BATCH_SIZE": "8",
         "EMBEDSERVE_VECTOR_LEASE_S": "2",
         "EMBEDSERVE_HOST": "127.0.0.1",
