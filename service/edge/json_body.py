@@ -68,9 +68,25 @@ def _parsed(model: type[Body], raw: bytes, request: Request) -> Body:
         ) from None
 
 
-def request_schema(model: type[RequestBody]) -> dict[str, Any]:
-    """The OpenAPI ``requestBody`` of a route that reads ``model`` with ``json_body``."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+def request_schema(model: type[RequestBody], required: bool = True) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of a route that reads ``model`` with ``json_body`` (``optional_json_body``:
+    ``required=False``). Nested models are written out in place: ``#/$defs/...`` would not resolve there."""
+    schema = model.model_json_schema()
+    inlined = _inline(schema, schema.pop("$defs", {}))
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": inlined}}}}
+
+
+def _inline(node: Any, definitions: dict[str, Any]) -> Any:
+    """``node`` with every ``{"$ref": "#/$defs/Name"}`` replaced by that definition (request models nest, never
+    recursively)."""
+    if isinstance(node, dict):
+        reference = node.get("$ref")
+        if isinstance(reference, str) and reference.startswith("#/$defs/"):
+            return _inline(definitions[reference.removeprefix("#/$defs/")], definitions)
+        return {key: _inline(value, definitions) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_inline(value, definitions) for value in node]
+    return node
 
 
 def _declares_json(content_type: str | None) -> bool:

@@ -72,13 +72,6 @@ class Batcher:
         self.last_death: str | None = None  # why the worker last died, while it is down
 
     @property
-    def queued(self) -> int:
-        return len(self._queue)
-
-    def queued_in(self, lane: Lane) -> int:
-        return self._queue.queued(lane)
-
-    @property
     def running(self) -> bool:
         """Whether the worker that forms this version's batches is alive (False while it waits to restart)."""
         return self._worker is not None and not self._worker.done()
@@ -149,7 +142,7 @@ class Batcher:
             self._metrics.rejected.labels(*self._labels, "queue_full").inc()
             raise Overloaded(
                 f"{self.version.name} has {self._queue.queued(lane)} {lane} inputs waiting; retry shortly.",
-                retry_after_s=self._queue.retry_after_s(lane),
+                retry_after_s=self._queue.retry_after_s(),
             )
 
     def submit(self, token_ids: list[list[int]], lane: Lane) -> list[asyncio.Future[np.ndarray]]:
@@ -163,19 +156,6 @@ class Batcher:
         self._metrics.queue_depth.labels(*self._labels).set(len(self._queue))
         self._arrived.set()
         return [item.future for item in inputs]
-
-    async def embed(self, token_ids: list[list[int]], lane: Lane = "interactive") -> np.ndarray:
-        """Vectors for ``token_ids`` (one row each, in order); 429 when ``lane`` can't take them, 503 while the
-        worker restarts."""
-        futures = self.submit(token_ids, lane)
-        try:
-            rows = await asyncio.gather(*futures)
-        except BaseException:
-            # Cancelled (client gone, deadline passed) or failed: queued siblings must not run.
-            for future in futures:
-                future.cancel()
-            raise
-        return np.stack(rows)
 
     async def _run(self) -> None:
         while True:

@@ -85,8 +85,8 @@ class InputQueue:
         waiting = len(self._lanes[lane])
         return not waiting or waiting + count <= self.limits.of(lane).max_queue_inputs
 
-    def retry_after_s(self, lane: Lane) -> int:
-        """Seconds until ``lane``'s queue has drained at the measured rate (1 until one is measured)."""
+    def retry_after_s(self) -> int:
+        """Seconds until the queue (both lanes) has drained at the measured rate (1 until one is measured)."""
         if not self._drain_per_s:
             return 1
         return max(1, min(RETRY_AFTER_MAX_S, math.ceil(len(self) / self._drain_per_s)))

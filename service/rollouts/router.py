@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Request
 
 from service.backends.contract import Backend
 from service.edge.auth import require
-from service.edge.json_body import json_body, optional_json_body
+from service.edge.json_body import json_body, optional_json_body, request_schema
 from service.embeddings.embedder import Embedder
 from service.errors import Conflict, InvalidRequest, ModelNotFound, NotFound
 from service.models.store import ModelStore
@@ -16,6 +16,7 @@ from service.rollouts.state import RolloutState, begin_promotion, pause, resume,
 from service.rollouts.store import RolloutWatcher
 
 # An operator action's body (reason, revision) may be left out.
+OPTIONAL_ACTION_SCHEMA = request_schema(RolloutAction, required=False)
 OptionalAction = Annotated[RolloutAction | None, Depends(optional_json_body(RolloutAction))]
 
 router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"], dependencies=[Depends(require("admin"))])
@@ -61,7 +62,7 @@ async def show_rollout(model: str, request: Request) -> RolloutState:
     return state
 
 
-@router.put("/{model}", response_model=RolloutState)
+@router.put("/{model}", response_model=RolloutState, openapi_extra=request_schema(StartRollout))
 async def start_rollout(
     model: str, body: Annotated[StartRollout, Depends(json_body(StartRollout))], request: Request
 ) -> RolloutState:
@@ -106,29 +107,29 @@ async def _operator_action(
     return await _rollouts(request).update(model, change)
 
 
-@router.post("/{model}/promote", response_model=RolloutState)
+@router.post("/{model}/promote", response_model=RolloutState, openapi_extra=OPTIONAL_ACTION_SCHEMA)
 async def promote_rollout(model: str, request: Request, body: OptionalAction) -> RolloutState:
     """Phase promoting: the model's collections are re-indexed to the canary, then it becomes stable (phase
     promoted); watch GET /v1/rollouts/{model}."""
     return await _operator_action(request, model, body, begin_promotion)
 
 
-@router.post("/{model}/rollback", response_model=RolloutState)
+@router.post("/{model}/rollback", response_model=RolloutState, openapi_extra=OPTIONAL_ACTION_SCHEMA)
 async def rollback_rollout(model: str, request: Request, body: OptionalAction) -> RolloutState:
     return await _operator_action(request, model, body, rollback)
 
 
-@router.post("/{model}/pause", response_model=RolloutState)
+@router.post("/{model}/pause", response_model=RolloutState, openapi_extra=OPTIONAL_ACTION_SCHEMA)
 async def pause_rollout(model: str, request: Request, body: OptionalAction) -> RolloutState:
     return await _operator_action(request, model, body, pause)
 
 
-@router.post("/{model}/resume", response_model=RolloutState)
+@router.post("/{model}/resume", response_model=RolloutState, openapi_extra=OPTIONAL_ACTION_SCHEMA)
 async def resume_rollout(model: str, request: Request, body: OptionalAction) -> RolloutState:
     return await _operator_action(request, model, body, resume)
 
 
-@router.post("/{model}/weight", response_model=RolloutState)
+@router.post("/{model}/weight", response_model=RolloutState, openapi_extra=request_schema(SetWeight))
 async def set_rollout_weight(
     model: str, body: Annotated[SetWeight, Depends(json_body(SetWeight))], request: Request
 ) -> RolloutState:
