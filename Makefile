@@ -72,8 +72,8 @@ bench-search: bootstrap-model
 bench-lanes: bootstrap-model
 	$(PY) -m loadtests.bench_lanes
 
-## Benchmark the gateway against raw ONNX Runtime and a naive server (writes loadtests/results/bench_embeddings.json).
-bench: bootstrap-model
+## The gateway against the compute floor, raw ONNX Runtime (unoptimised, optimised, INT8) and a naive server (loadtests/results/bench_embeddings.json, .png).
+bench: $(STAMP)
 	$(PY) -m loadtests.bench_embeddings
 
 ## Load test a running gateway: make loadtest URL=http://host:8000 [DURATION=60 USERS=16 MODEL=minilm SLO=... OUT=...]

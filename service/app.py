@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 def create_backend(settings: Settings) -> Backend:
     if settings.backend == "triton":
         return TritonBackend(settings.triton_url, timeout_s=settings.triton_timeout_s)
-    return OnnxBackend(threads=settings.inference_threads)
+    return OnnxBackend(threads=settings.inference_threads, device=settings.device, spinning=settings.inference_spinning)
 
 
 def create_cache(settings: Settings, metrics: Metrics, tracer: Tracer) -> EmbeddingCache | None:

@@ -67,6 +67,16 @@ class Settings(BaseSettings):
         description="CPU threads in-process inference may use, shared by every loaded version; 0 = the "
         "container's CPU quota (cgroup), else the CPUs this process may run on.",
     )
+    inference_spinning: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Whether idle ONNX Runtime threads busy-wait for the next batch: auto = with one version loaded "
+        "only; on lowers latency a little at the price of CPU burnt while idle; off gives it back.",
+    )
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu",
+        description="Where in-process inference runs: cpu, or cuda (ONNX Runtime's CUDA execution provider; needs "
+        "the onnxruntime-gpu build).",
+    )
     truncate: bool = Field(
         True,
         description="Truncate inputs longer than the model's token limit; when false they get a 400.",

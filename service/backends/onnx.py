@@ -4,7 +4,10 @@ One thread budget for every version: the CPUs the container may use (its cgroup 
 affinity — ``os.cpu_count()`` is the node's, not the pod's), or ``EMBEDSERVE_INFERENCE_THREADS``. A lone
 version's session may use all of it; with several versions loaded (a canary beside stable) each session
 still may, but its idle threads sleep instead of spinning, so two versions running at once share the
-cores instead of burning them on busy-waits.
+cores instead of burning them on busy-waits (``EMBEDSERVE_INFERENCE_SPINNING`` overrides it either way).
+
+On ``EMBEDSERVE_DEVICE=cuda`` sessions run on ONNX Runtime's CUDA execution provider (the ``onnxruntime-gpu``
+build), with inputs and outputs bound once per batch (IO binding) instead of copied by ``run``.
 """
 
 import asyncio
@@ -14,16 +17,25 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 
 from service.backends.contract import READY, Availability
 from service.errors import ServiceUnavailable
+from service.models.session import cpu_session
 from service.models.store import ModelVersion
 from service.models.tokenization import TokenBatch
 
 log = logging.getLogger(__name__)
+
+Device = Literal["cpu", "cuda"]
+Spinning = Literal["auto", "on", "off"]
+
+
+class DeviceUnavailable(RuntimeError):
+    """The device asked for has no execution provider in this ONNX Runtime build."""
 
 
 @dataclass(frozen=True)
@@ -63,26 +75,36 @@ def _cgroup_quota(root: Path) -> float | None:
 class OnnxBackend:
     name = "onnx"
 
-    def __init__(self, threads: int = 0) -> None:
+    def __init__(self, threads: int = 0, device: Device = "cpu", spinning: Spinning = "auto") -> None:
         self.threads = threads or available_cpus()
+        self.device = device
+        self._spinning = spinning
         self._loaded: dict[tuple[str, int], _Loaded] = {}
+        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise DeviceUnavailable(
+                "EMBEDSERVE_DEVICE=cuda needs ONNX Runtime's CUDA build: replace onnxruntime with onnxruntime-gpu "
+                f"(providers here: {', '.join(ort.get_available_providers())}), or set EMBEDSERVE_DEVICE=cpu."
+            )
 
     async def start(self, versions: list[ModelVersion]) -> None:
-        spinning = len(versions) <= 1
+        spinning = self._spinning == "on" or (self._spinning == "auto" and len(versions) <= 1)
         for version in versions:
             session = await asyncio.to_thread(self._load, version, spinning)
             thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"onnx-{version.name}")
             self._loaded[(version.model, version.version)] = _Loaded(session, thread)
-        log.info("onnx thread budget", extra={"threads": self.threads, "versions": len(versions), "spinning": spinning})
+        log.info(
+            "onnx thread budget",
+            extra={"threads": self.threads, "versions": len(versions), "spinning": spinning, "device": self.device},
+        )
 
     def _load(self, version: ModelVersion, spinning: bool) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        # Spinning threads wait for work by busy-looping: right for one session, CPU burnt against another.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(str(version.onnx_path), options, providers=["CPUExecutionProvider"])
+        if self.device == "cuda":
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads  # the CPU provider's share: ops CUDA does not run
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            session = ort.InferenceSession(str(version.onnx_path), options, providers=providers)
+        else:
+            session = cpu_session(version.onnx_path, self.threads, spinning)
         log.info("onnx session loaded", extra={"model": version.model, "version": version.version})
         return session
 
@@ -95,12 +117,27 @@ class OnnxBackend:
         loaded = self._loaded.get((version.model, version.version))
         if loaded is None:
             raise ServiceUnavailable(f"model version {version.name} is not loaded; check /readyz.")
-        feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        run = _run_bound if self.device == "cuda" else _run
         loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(loaded.thread, loaded.session.run, ["embedding"], feeds)
-        return np.asarray(outputs[0], dtype=np.float32)
+        vectors = await loop.run_in_executor(loaded.thread, run, loaded.session, batch)
+        return np.asarray(vectors, dtype=np.float32)
 
     async def close(self) -> None:
         for loaded in self._loaded.values():
             loaded.thread.shutdown(wait=False, cancel_futures=True)
         self._loaded.clear()
+
+
+def _run(session: ort.InferenceSession, batch: TokenBatch) -> np.ndarray:
+    feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    return np.asarray(session.run(["embedding"], feeds)[0])
+
+
+def _run_bound(session: ort.InferenceSession, batch: TokenBatch) -> np.ndarray:
+    """One batch on the GPU: inputs copied to the device once, the vectors copied back once."""
+    binding = session.io_binding()
+    binding.bind_cpu_input("input_ids", batch.input_ids)
+    binding.bind_cpu_input("attention_mask", batch.attention_mask)
+    binding.bind_output("embedding")
+    session.run_with_iobinding(binding)
+    return np.asarray(binding.copy_outputs_to_cpu()[0])

@@ -4,14 +4,16 @@ import asyncio
 import base64
 import time
 from collections.abc import Coroutine
-from typing import Annotated, Any, Protocol, TypeVar
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
+import numpy as np
+import orjson
 from fastapi import APIRouter, Depends, Header, Request, Response
 
 from service.edge.auth import caller_identity
 from service.edge.json_body import json_body, request_schema
 from service.embeddings.embedder import Embedder, EmbedResult
-from service.embeddings.protocol import Embedding, EmbeddingRequest, EmbeddingResponse, Usage
+from service.embeddings.protocol import EmbeddingRequest, EmbeddingResponse
 from service.errors import ApiError, InvalidRequest
 from service.models.store import ModelVersion
 
@@ -100,21 +102,25 @@ async def create_embeddings(
     shadow: Mirror = request.app.state.shadow
     shadow.after_served(texts, version, pinned)
     request.state.log_fields = {"inputs": len(texts), "tokens": result.prompt_tokens}
-    if body.encoding_format == "base64":
-        little_endian = result.vectors.astype("<f4", copy=False)
-        data = [
-            Embedding(index=i, embedding=base64.b64encode(row.tobytes()).decode("ascii"))
-            for i, row in enumerate(little_endian)
-        ]
-    else:
-        data = [Embedding(index=i, embedding=row) for i, row in enumerate(result.vectors.tolist())]
-    response = EmbeddingResponse(
-        data=data,
-        model=version.name,
-        usage=Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
-    )
     return Response(
-        content=response.model_dump_json(),
+        content=response_json(result.vectors, body.encoding_format, version.name, result.prompt_tokens),
         media_type="application/json",
         headers={"x-model-version": str(version.version)},
     )
+
+
+def response_json(vectors: np.ndarray, encoding_format: Literal["float", "base64"], model: str, tokens: int) -> bytes:
+    """The ``EmbeddingResponse`` body, written straight from the float32 vectors: floats in their shortest
+    repr that reads back as the same float32 (orjson's numpy support), base64 of little-endian float32."""
+    if encoding_format == "base64":
+        little_endian = vectors.astype("<f4", copy=False)
+        embeddings: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in little_endian]
+    else:
+        embeddings = list(vectors.astype(np.float32, copy=False))
+    body = {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(embeddings)],
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)

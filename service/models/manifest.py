@@ -50,6 +50,14 @@ class Evaluation(BaseModel):
     passed_gate: bool | None = None
 
 
+class GraphOptimization(BaseModel):
+    """The fusions applied to the exported graph (ONNX Runtime's transformer optimiser), op -> count."""
+
+    tool: str
+    onnxruntime: str
+    fused: dict[str, int]
+
+
 class Manifest(BaseModel):
     schema_version: int = SCHEMA_VERSION
     model: str
@@ -63,6 +71,9 @@ class Manifest(BaseModel):
     pooling: Literal["mean"] = "mean"
     normalized: bool = True
     precision: Literal["fp32", "int8"] = "fp32"
+    graph_optimization: GraphOptimization | None = Field(
+        None, description="Fused operators of model.onnx; None: the exporter's graph as it came (older versions)."
+    )
     files: dict[str, FileDigest] = Field(description="Relative path -> digest of every file of the version.")
     dataset_fingerprint: str | None = None
     training_config: dict[str, Any] | None = None

@@ -1,29 +1,41 @@
 """Export an encoder as a new immutable, checksummed version of the Triton model repository.
 
-The ONNX graph carries pooling and normalisation; its outputs are checked against torch before the
-version is written; the version folder appears atomically (staged, then renamed) with a manifest
-holding the sha256 of every file, provenance and reference embedding statistics for drift monitoring.
+The ONNX graph carries pooling and normalisation and is traced with eager attention, the pattern ONNX
+Runtime's transformer optimiser fuses (``trainer.release.optimize``); the optimised graph's outputs are
+checked against torch before the version is written; the version folder appears atomically (staged, then
+renamed) with a manifest holding the sha256 of every file, provenance, the fusions applied and reference
+embedding statistics for drift monitoring.
 """
 
+import contextlib
 import logging
 import os
 import shutil
 import subprocess
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
-from service.models.manifest import MANIFEST_FILE, EmbeddingStats, Evaluation, Manifest, digest_files
+from service.models.manifest import (
+    MANIFEST_FILE,
+    EmbeddingStats,
+    Evaluation,
+    GraphOptimization,
+    Manifest,
+    digest_files,
+)
+from service.models.session import cpu_session
 from service.models.store import ONNX_FILE
 from service.models.tokenization import TOKENIZER_FILE, TextTokenizer, pad_batch
 from trainer.encoder import SentenceEncoder
+from trainer.release.optimize import optimize_graph
 from trainer.release.triton_config import (
     GPU_ONNX,
     TritonChanges,
@@ -61,6 +73,8 @@ class ExportRequest:
     training_config: dict[str, Any] | None = None
     evaluation: Evaluation | None = None
     forced: bool = False
+    # Fuse attention, layer norms and GELU with ONNX Runtime's transformer optimiser (off: the traced graph).
+    optimize: bool = True
     notes: dict[str, Any] = field(default_factory=dict)
     # Changes to the model's config.pbtxt (Triton instances, TensorRT); what is not changed is kept.
     triton: TritonChanges = field(default_factory=TritonChanges)
@@ -84,23 +98,37 @@ def export_version(encoder: SentenceEncoder, request: ExportRequest, repository:
     staging.mkdir()
     try:
         encoder = encoder.eval().cpu()
-        _write_onnx(encoder, staging / ONNX_FILE)
+        write_onnx(encoder, staging / ONNX_FILE)
+        optimization = None
+        if request.optimize:
+            config = encoder.transformer.config
+            optimization = optimize_graph(staging / ONNX_FILE, config.num_attention_heads, config.hidden_size)
         for name in TOKENIZER_FILES:
             if (request.tokenizer_dir / name).is_file():
                 shutil.copy2(request.tokenizer_dir / name, staging / name)
         tokenizer = TextTokenizer(staging / TOKENIZER_FILE, encoder.max_seq_length)
         onnx_vectors = check_parity(encoder, staging / ONNX_FILE, tokenizer, request.validation_texts)
-        return publish_staged(staging, request, encoder.dimension, encoder.max_seq_length, onnx_vectors, triton=triton)
+        return publish_staged(
+            staging,
+            request,
+            encoder.dimension,
+            encoder.max_seq_length,
+            onnx_vectors,
+            triton=triton,
+            graph_optimization=optimization,
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_onnx(encoder: SentenceEncoder, path: Path) -> None:
+def write_onnx(encoder: SentenceEncoder, path: Path, attention: str = "eager") -> None:
+    """Trace ``encoder`` to ONNX at ``path``; ``attention``: the transformers attention implementation traced
+    (eager: the pattern the optimiser fuses; sdpa: what transformers runs by default, which it cannot)."""
     example = (torch.ones(2, 8, dtype=torch.int64), torch.ones(2, 8, dtype=torch.int64))
     dynamic = {0: "batch", 1: "sequence"}
     # The TorchScript exporter: stable output names and dynamic axes for BERT-style graphs. Its tracer
     # warnings about Python control flow in transformers are expected and say nothing about this graph.
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _attention(encoder, attention):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             encoder,
@@ -114,8 +142,20 @@ def _write_onnx(encoder: SentenceEncoder, path: Path) -> None:
         )
 
 
+@contextlib.contextmanager
+def _attention(encoder: SentenceEncoder, implementation: str) -> Iterator[None]:
+    """``encoder`` runs with the attention ``implementation`` inside, its own outside (same weights, same maths)."""
+    config = encoder.transformer.config
+    before = config._attn_implementation
+    encoder.transformer.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        encoder.transformer.set_attn_implementation(before)
+
+
 def embed_with_onnx(onnx_path: Path, tokenizer: TextTokenizer, texts: list[str], batch_size: int = 32) -> np.ndarray:
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = cpu_session(onnx_path)  # as the gateway runs it
     rows = []
     for start in range(0, len(texts), batch_size):
         batch = pad_batch(tokenizer.encode(texts[start : start + batch_size], truncate=True), tokenizer.pad_id)
@@ -185,6 +225,7 @@ def publish_staged(
     vectors: np.ndarray,
     precision: Literal["fp32", "int8"] = "fp32",
     triton: TritonOptions | None = None,
+    graph_optimization: GraphOptimization | None = None,
 ) -> Path:
     """Write the manifest of the files in ``staging`` and rename it to the model's next version folder.
 
@@ -204,6 +245,7 @@ def publish_staged(
         embedding_dimension=dimension,
         max_seq_length=max_seq_length,
         precision=precision,
+        graph_optimization=graph_optimization,
         files=digest_files(staging),
         dataset_fingerprint=request.dataset_fingerprint,
         training_config=request.training_config,

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from service.models.manifest import verify_version
@@ -33,7 +34,13 @@ def quantize_version(version_dir: Path, texts: list[str]) -> Path:
     staging.mkdir()
     try:
         quantize_dynamic(
-            str(version_dir / ONNX_FILE), str(staging / ONNX_FILE), per_channel=True, weight_type=QuantType.QInt8
+            str(version_dir / ONNX_FILE),
+            str(staging / ONNX_FILE),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            # Shape inference can't type the outputs of ONNX Runtime's fused operators (Attention, BiasGelu):
+            # they are float32, as everything in an fp32 version.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
         for name in TOKENIZER_FILES:
             if (version_dir / name).is_file():
@@ -69,7 +76,13 @@ def quantize_version(version_dir: Path, texts: list[str]) -> Path:
             },
         )
         return publish_staged(
-            staging, request, manifest.embedding_dimension, manifest.max_seq_length, int8, precision="int8"
+            staging,
+            request,
+            manifest.embedding_dimension,
+            manifest.max_seq_length,
+            int8,
+            precision="int8",
+            graph_optimization=manifest.graph_optimization,  # quantised from the fused graph
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)

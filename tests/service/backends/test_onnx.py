@@ -1,11 +1,13 @@
-"""The in-process backend's thread budget: the container's CPUs, not the node's, shared by every version."""
+"""The in-process backend: its thread budget (the container's CPUs, not the node's, shared by every version),
+spinning and device."""
 
 import os
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
 
-from service.backends.onnx import OnnxBackend, available_cpus
+from service.backends.onnx import DeviceUnavailable, OnnxBackend, available_cpus
 from service.models.store import ModelStore
 
 AFFINITY = len(os.sched_getaffinity(0))
@@ -60,3 +62,20 @@ async def test_one_version_spins_several_share_the_budget_without_spinning(model
     finally:
         await alone.close()
         await shared.close()
+
+
+@pytest.mark.parametrize(("setting", "versions", "expected"), [("on", 2, "1"), ("off", 1, "0"), ("auto", 1, "1")])
+async def test_spinning_can_be_set_either_way(model_repository: Path, setting: str, versions: int, expected: str):
+    backend = OnnxBackend(threads=1, spinning=setting)  # type: ignore[arg-type]
+    try:
+        await backend.start(ModelStore.scan(model_repository).versions_of("tiny")[:versions])
+        assert spinning(backend) == {expected}
+    finally:
+        await backend.close()
+
+
+def test_cuda_without_onnx_runtimes_cuda_build_is_refused_with_how_to_fix() -> None:
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime has CUDA")
+    with pytest.raises(DeviceUnavailable, match=r"onnxruntime-gpu.*EMBEDSERVE_DEVICE=cpu"):
+        OnnxBackend(device="cuda")

@@ -2,8 +2,10 @@
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 from google.protobuf import text_format
@@ -11,11 +13,12 @@ from tritonclient.grpc import model_config_pb2
 
 import trainer.__main__ as trainer_cli
 from service.models.manifest import file_sha256, triton_sha256_key, verify_version
+from service.models.tokenization import TextTokenizer
 from tests.conftest import TINY_DIMENSION, export_tiny
 from trainer.config import TrainConfig
 from trainer.data.sample_text import paragraphs, sentences
 from trainer.encoder import SentenceEncoder, from_scratch, packaged_minilm
-from trainer.release.export import ExportRefused, ExportRequest, export_version
+from trainer.release.export import ExportRefused, ExportRequest, embed_with_onnx, embed_with_torch, export_version
 from trainer.train import train
 
 
@@ -158,6 +161,8 @@ def test_int8_is_a_version_of_its_own_with_its_agreement_recorded(repository_cop
     written = quantize_version(repository_copy / "minilm" / "1", list(sentences()[:64]))
     manifest = verify_version(written)
     assert (written.name, manifest.precision, manifest.parent_version) == ("2", "int8", 1)
+    # Quantised from the fused fp32 graph, and says so.
+    assert manifest.graph_optimization == verify_version(repository_copy / "minilm" / "1").graph_optimization
     agreement = manifest.notes["fp32_agreement"]
     assert agreement["mean_cosine"] >= 0.98, agreement  # per-channel: ~0.99 on MiniLM
     assert 0 <= manifest.notes["batch_composition"]["max_cosine_distance_alone_vs_batch_of_32"] < 0.05
@@ -172,3 +177,34 @@ def test_int8_is_a_version_of_its_own_with_its_agreement_recorded(repository_cop
     assert (
         config.parameters[triton_sha256_key(1)].string_value == verify_version(repository_copy / "minilm" / "1").sha256
     )
+
+
+def test_the_exported_graph_has_fused_attention_and_its_parity_is_checked_on_it(tmp_path: Path) -> None:
+    written = export_tiny(tmp_path)  # 2 layers
+    manifest = verify_version(written)
+    ops = Counter(node.op_type for node in onnx.load(str(written / "model.onnx")).graph.node)
+    assert manifest.graph_optimization is not None
+    assert manifest.graph_optimization.fused == {"EmbedLayerNormalization": 1, "Attention": 2, "BiasGelu": 2}
+    assert (ops["Attention"], ops["EmbedLayerNormalization"], ops["BiasGelu"]) == (2, 1, 2)
+    assert ops["SkipLayerNormalization"] == 0  # slower on ONNX Runtime's CPU kernel: left unfused
+    # What the gateway serves (the fused graph, opened as the gateway opens it) is what torch computes.
+    encoder = from_scratch(vocab_size=30522, hidden_size=TINY_DIMENSION, layers=2, heads=2, max_seq_length=64).eval()
+    tokenizer = TextTokenizer(written / "tokenizer.json", 64)
+    texts = list(paragraphs()[:8])
+    served = embed_with_onnx(written / "model.onnx", tokenizer, texts)
+    assert float((served * embed_with_torch(encoder, tokenizer, texts)).sum(axis=1).min()) >= 0.9999
+
+
+def test_an_export_without_optimisation_keeps_the_traced_graph(tmp_path: Path) -> None:
+    encoder = from_scratch(vocab_size=30522, hidden_size=TINY_DIMENSION, layers=2, heads=2, max_seq_length=64)
+    request = ExportRequest(
+        model="m",
+        source="test",
+        tokenizer_dir=packaged_minilm().path,
+        validation_texts=list(sentences()[:16]),
+        optimize=False,
+    )
+    written = export_version(encoder, request, tmp_path)
+    ops = Counter(node.op_type for node in onnx.load(str(written / "model.onnx")).graph.node)
+    assert verify_version(written).graph_optimization is None
+    assert ops["Attention"] == 0 and ops["Softmax"] == 2  # one unfused attention per layer
