@@ -35,7 +35,7 @@ import numpy as np
 import onnxruntime as ort
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtests.compute_floor import compute_floor
+from loadtests.compute_floor import GemmProbe, floor_of, graph_flops
 from loadtests.http_load import run_load
 from loadtests.processes import gateway, server_process
 from service.backends.onnx import available_cpus
@@ -54,7 +54,6 @@ from matplotlib import pyplot  # after the backend is chosen
 RESULTS = Path(__file__).parent / "results" / "bench_embeddings.json"
 PLOT = Path(__file__).parent / "results" / "bench_embeddings.png"
 CONCURRENCIES = (1, 8, 32, 64)
-RAW_ROUNDS = 3
 
 
 def short_texts(tokenizer: TextTokenizer) -> list[str]:
@@ -89,35 +88,34 @@ def build_graphs(work: Path) -> dict[str, Path]:
 
 
 def raw_ort(
-    graphs: dict[str, Path], tokenizer: TextTokenizer, texts: list[str], seconds: float, threads: int
+    graphs: dict[str, Path], probe: GemmProbe, tokenizer: TextTokenizer, texts: list[str], seconds: float
 ) -> dict[str, dict[str, float]]:
-    """Batch-32 throughput and single-input P50 of each graph; rounds alternate between the graphs so that
-    the machine's drift touches all of them alike. Medians over the rounds."""
-    sessions = {name: cpu_session(path, threads) for name, path in graphs.items()}  # as the gateway opens them
+    """Batch-32 throughput and single-input P50 of each graph, and the compute floor's MatMul passes, measured
+    in turns — one batch of each graph, one pass of the probe, again — so that whatever else the shared machine
+    does touches all of them alike."""
+    sessions = {name: cpu_session(path, probe.threads) for name, path in graphs.items()}  # as the gateway opens them
 
-    def run(session: ort.InferenceSession, batch_texts: list[str]) -> None:
+    def run(session: ort.InferenceSession, batch_texts: list[str]) -> float:
+        started = time.perf_counter()
         batch = pad_batch(tokenizer.encode(batch_texts, truncate=True), tokenizer.pad_id)
         session.run(["embedding"], {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
+        return time.perf_counter() - started
 
-    throughput: dict[str, list[float]] = {name: [] for name in sessions}
+    for session in sessions.values():
+        run(session, texts[:32])
+    batch_s = dict.fromkeys(sessions, 0.0)
     single_ms: dict[str, list[float]] = {name: [] for name in sessions}
-    slice_s = seconds / RAW_ROUNDS
-    for _ in range(RAW_ROUNDS):
+    index, batches, started = 0, 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        batch_texts = [texts[(index + i) % len(texts)] for i in range(32)]
         for name, session in sessions.items():
-            run(session, texts[:32])
-            done, index, started = 0, 0, time.perf_counter()
-            while time.perf_counter() - started < slice_s:
-                run(session, [texts[(index + i) % len(texts)] for i in range(32)])
-                index, done = index + 32, done + 32
-            throughput[name].append(done / (time.perf_counter() - started))
-            started = time.perf_counter()
-            while time.perf_counter() - started < slice_s / 2:
-                t0 = time.perf_counter()
-                run(session, [texts[len(single_ms[name]) % len(texts)]])
-                single_ms[name].append((time.perf_counter() - t0) * 1000)
+            batch_s[name] += run(session, batch_texts)
+            single_ms[name].append(run(session, [texts[(index + 7) % len(texts)]]) * 1000)
+        probe.run()
+        index, batches = index + 32, batches + 1
     return {
         name: {
-            "batch32_per_s": round(float(np.median(throughput[name])), 1),
+            "batch32_per_s": round(32 * batches / batch_s[name], 1),
             "single_p50_ms": round(float(np.median(single_ms[name])), 2),
         }
         for name in sessions
@@ -147,14 +145,15 @@ def bench_text_kind(
     threads = available_cpus()
     tokens = [len(ids) for ids in tokenizer.encode(texts, truncate=True)]
     figures: dict[str, Any] = {"texts": len(texts), "mean_tokens": round(float(np.mean(tokens)), 1)}
-    print(f"[{kind}] compute floor ...", flush=True)
-    floor = compute_floor(graphs["unoptimised"], float(np.mean(tokens)), 32, threads)
+    print(f"[{kind}] compute floor and raw ONNX Runtime (unoptimised, optimised, INT8), in turns ...", flush=True)
+    mean_tokens = float(np.mean(tokens))
+    probe = GemmProbe(graph_flops(graphs["unoptimised"], round(mean_tokens)), round(32 * mean_tokens), threads)
+    raw_graphs = {name: graphs[name] for name in ("unoptimised", "optimised", "int8")}
+    figures["raw_ort"] = raw_ort(raw_graphs, probe, tokenizer, texts, seconds * 3)
+    floor = floor_of(probe, mean_tokens)
     figures["compute_floor_per_s"] = round(floor.inputs_per_s, 1)
     figures["matmul_gflops"] = round(floor.matmul_gflops, 1)
     figures["model_mflops_per_token"] = round(floor.flops_per_token / 1e6, 2)
-    print(f"[{kind}] raw ONNX Runtime: unoptimised, optimised, INT8 ...", flush=True)
-    raw_graphs = {name: graphs[name] for name in ("unoptimised", "optimised", "int8")}
-    figures["raw_ort"] = raw_ort(raw_graphs, tokenizer, texts, seconds * 1.5, threads)
     payloads = bodies(texts)
     env = {"EMBEDSERVE_MODEL_REPOSITORY": str(graphs["repository"]), "EMBEDSERVE_LOG_LEVEL": "WARNING"}
     uncached = {**env, "EMBEDSERVE_CACHE_ENABLED": "false"}

@@ -66,38 +66,67 @@ def graph_flops(onnx_path: Path, tokens: int) -> GraphFlops:
     return GraphFlops(per_token=total / tokens, weight_shapes=dict(weights))
 
 
-def matmul_gflops(k: int, n: int, rows: int, threads: int, seconds: float = 1.0) -> float:
-    """ONNX Runtime's MatMul speed for [rows, k] × [k, n] with ``threads`` intra-op threads."""
-    rng = np.random.default_rng(0)
-    weight = numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "matmul",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, n])],
-        initializer=[weight],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    x = rng.standard_normal((rows, k), dtype=np.float32)
-    for _ in range(3):
-        session.run(None, {"x": x})
-    runs, started = 0, time.perf_counter()
+class GemmProbe:
+    """The model's weight multiplications as ONNX Runtime MatMuls of ``rows`` rows (a batch's tokens), with the
+    gateway's thread count: ``run`` times one pass over them, so that a benchmark can interleave passes with
+    the runs it compares them to (on a shared machine, what is measured apart is measured in other weather)."""
+
+    def __init__(self, flops: GraphFlops, rows: int, threads: int) -> None:
+        self.flops = flops
+        self.threads = threads
+        rng = np.random.default_rng(0)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self._runs: list[tuple[ort.InferenceSession, np.ndarray, int]] = []
+        for k, n in flops.weight_shapes:
+            weight = numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), "w")
+            graph = helper.make_graph(
+                [helper.make_node("MatMul", ["x", "w"], ["y"])],
+                "matmul",
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, n])],
+                initializer=[weight],
+            )
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            self._runs.append((session, rng.standard_normal((rows, k), dtype=np.float32), 2 * rows * k * n))
+        self._seconds_per_flop = 0.0  # summed over the passes
+        self._passes = 0
+        # The model's FLOP mix over the shapes: how much of one token's weight FLOPs each shape is.
+        total = sum(flops.weight_shapes.values())
+        self._share = [flops.weight_shapes[shape] / total for shape in flops.weight_shapes]
+        for _ in range(2):
+            self.run(record=False)
+
+    def run(self, record: bool = True) -> None:
+        """One MatMul of each shape: seconds per FLOP of each, weighted by the shape's share of the model's."""
+        for (session, x, flops), share in zip(self._runs, self._share, strict=True):
+            started = time.perf_counter()
+            session.run(None, {"x": x})
+            if record:
+                self._seconds_per_flop += (time.perf_counter() - started) / flops * share
+        self._passes += record
+
+    @property
+    def gflops(self) -> float:
+        """FLOP/s of the model's weight multiplications in its own mix, over the passes run so far."""
+        return self._passes / self._seconds_per_flop / 1e9
+
+
+def compute_floor(
+    onnx_path: Path, tokens_per_input: float, batch: int, threads: int, seconds: float = 3.0
+) -> ComputeFloor:
+    """The floor for inputs of ``tokens_per_input`` real tokens, GEMM rows of a ``batch``-input batch, measured
+    on its own for ``seconds``."""
+    probe = GemmProbe(graph_flops(onnx_path, max(1, round(tokens_per_input))), round(batch * tokens_per_input), threads)
+    started = time.perf_counter()
     while time.perf_counter() - started < seconds:
-        session.run(None, {"x": x})
-        runs += 1
-    return 2.0 * rows * k * n * runs / (time.perf_counter() - started) / 1e9
+        probe.run()
+    return floor_of(probe, tokens_per_input)
 
 
-def compute_floor(onnx_path: Path, tokens_per_input: float, batch: int, threads: int) -> ComputeFloor:
-    """The floor for inputs of ``tokens_per_input`` real tokens, GEMM rows of a ``batch``-input batch."""
-    flops = graph_flops(onnx_path, max(1, round(tokens_per_input)))
-    rows = max(1, round(batch * tokens_per_input))
-    weight_flops = sum(flops.weight_shapes.values())
-    # Seconds per token if every weight multiplication ran at its own measured speed; the attention products
-    # (a few % of the FLOPs at these lengths) are taken at the weights' average speed.
-    seconds = sum(f / (matmul_gflops(k, n, rows, threads) * 1e9) for (k, n), f in flops.weight_shapes.items())
-    gflops = weight_flops / seconds / 1e9
-    return ComputeFloor(matmul_gflops=gflops, flops_per_token=flops.per_token, tokens_per_input=tokens_per_input)
+def floor_of(probe: GemmProbe, tokens_per_input: float) -> ComputeFloor:
+    """The floor from what ``probe`` measured, for inputs of ``tokens_per_input`` real tokens."""
+    return ComputeFloor(
+        matmul_gflops=probe.gflops, flops_per_token=probe.flops.per_token, tokens_per_input=tokens_per_input
+    )

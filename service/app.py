@@ -3,7 +3,7 @@
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -27,6 +27,7 @@ from service.embeddings.batcher import Batcher
 from service.embeddings.cache import CircuitBreaker, EmbeddingCache
 from service.embeddings.embedder import Embedder
 from service.embeddings.queue import LaneLimits, QueueLimits
+from service.embeddings.versions import VersionLoader
 from service.errors import ApiError
 from service.models import router as models
 from service.models.store import ModelStore, ModelVersion
@@ -80,9 +81,10 @@ def create_rollout_store(settings: Settings) -> RolloutStore:
     return RedisRolloutStore(redis, settings.redis_prefix)
 
 
-def start_batchers(
-    settings: Settings, versions: list[ModelVersion], backend: Backend, metrics: Metrics, tracer: Tracer
-) -> dict[tuple[str, int], Batcher]:
+def batcher_factory(
+    settings: Settings, backend: Backend, metrics: Metrics, tracer: Tracer
+) -> Callable[[ModelVersion], Batcher]:
+    """What makes (and starts) a version's batcher: at start, and for each version hot-loaded later."""
     # In process, one batch at a time per version already uses every core, and bulk batches stay small so an
     # interactive input waits behind one at most; a remote GPU idles through each round trip unless several
     # batches are in flight, and gains from larger ones in both lanes.
@@ -99,10 +101,13 @@ def start_batchers(
         max_wait_ms=settings.max_wait_ms,
     )
     in_flight = settings.triton_batches_in_flight if triton else 1
-    batchers = {(v.model, v.version): Batcher(v, backend, limits, metrics, tracer, in_flight) for v in versions}
-    for batcher in batchers.values():
+
+    def make(version: ModelVersion) -> Batcher:
+        batcher = Batcher(version, backend, limits, metrics, tracer, in_flight)
         batcher.start()
-    return batchers
+        return batcher
+
+    return make
 
 
 def create_app(settings: Settings, span_exporter: SpanExporter | None = None) -> FastAPI:
@@ -119,8 +124,13 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
         await backend.start(store.all())
         app.state.store = store
         app.state.backend = backend
-        batchers = start_batchers(settings, store.all(), backend, metrics, tracing.tracer)
+        make_batcher = batcher_factory(settings, backend, metrics, tracing.tracer)
+        batchers = {(v.model, v.version): make_batcher(v) for v in store.all()}
         app.state.batchers = batchers
+        # New version folders are loaded and served while the gateway runs; gone or changed ones stop serving.
+        versions = VersionLoader(store, backend, batchers, make_batcher, metrics, settings.model_rescan_s)
+        versions.start()
+        app.state.versions = versions
         cache = create_cache(settings, metrics, tracing.tracer)
         rollout_metrics = RolloutMetrics(metrics.registry)
         rollout_watcher = RolloutWatcher(
@@ -184,6 +194,7 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
             yield
         finally:
             await analysis.close()
+            await versions.close()
             await app.state.shadow.close()
             await vector_store.close()
             await drift.close()

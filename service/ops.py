@@ -1,4 +1,4 @@
-"""Operations routes: liveness, readiness and the Prometheus metrics.
+"""Operations routes: liveness, readiness, the Prometheus metrics, and the admin reload of model versions.
 
 A pod is ready when every version it routes traffic to can serve: each model's default (stable) version,
 the canary of an active rollout, and every version a collection is bound to. Serving means loaded in the
@@ -10,13 +10,14 @@ pod out of rotation (requests pinned to it get their 503).
 import asyncio
 from typing import Literal
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import BaseModel, Field
 
 from service.backends.contract import Backend
-from service.edge.auth import may_see_internals
+from service.edge.auth import may_see_internals, require
 from service.embeddings.batcher import Batcher
 from service.embeddings.embedder import Embedder
+from service.embeddings.versions import ReloadReport, VersionLoader
 from service.errors import ApiError
 from service.models.store import ModelStore
 from service.rollouts.store import RolloutWatcher
@@ -149,6 +150,17 @@ async def _uses(
                 "again or re-index the collection."
             )
     return uses
+
+
+@router.post(
+    "/v1/admin/models/reload", response_model=ReloadReport, dependencies=[Depends(require("admin"))], tags=["admin"]
+)
+async def reload_models(request: Request) -> ReloadReport:
+    """Scan the model repository now: load and serve new versions, stop serving gone or changed ones (the same
+    as the periodic rescan, EMBEDSERVE_MODEL_RESCAN_S). This replica only: the others follow at their next
+    rescan, or call it on each."""
+    versions: VersionLoader = request.app.state.versions
+    return await versions.reload()
 
 
 @router.get("/metrics")

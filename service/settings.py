@@ -67,6 +67,12 @@ class Settings(BaseSettings):
         description="CPU threads in-process inference may use, shared by every loaded version; 0 = the "
         "container's CPU quota (cgroup), else the CPUs this process may run on.",
     )
+    model_rescan_s: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds between scans of the model repository for new, removed or changed versions "
+        "(hot-loading; POST /v1/admin/models/reload scans at once); 0 = only at start and on that call.",
+    )
     inference_spinning: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Whether idle ONNX Runtime threads busy-wait for the next batch: auto = with one version loaded "

@@ -38,6 +38,12 @@ class Backend(Protocol):
     async def start(self, versions: list[ModelVersion]) -> None:
         """Load (or connect to) every version the gateway serves."""
 
+    async def load(self, version: ModelVersion) -> None:
+        """Make ``version``, found while the gateway runs, ready to serve (hot-loading)."""
+
+    async def unload(self, version: ModelVersion) -> None:
+        """Release ``version`` (its folder is gone or changed); its batches have finished."""
+
     async def availability(self, version: ModelVersion) -> Availability:
         """Whether ``version`` can take inference requests now, and why not."""
 

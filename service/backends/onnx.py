@@ -87,15 +87,30 @@ class OnnxBackend:
             )
 
     async def start(self, versions: list[ModelVersion]) -> None:
-        spinning = self._spinning == "on" or (self._spinning == "auto" and len(versions) <= 1)
+        spinning = self._spins(len(versions))
         for version in versions:
-            session = await asyncio.to_thread(self._load, version, spinning)
-            thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"onnx-{version.name}")
-            self._loaded[(version.model, version.version)] = _Loaded(session, thread)
+            await self._open(version, spinning)
         log.info(
             "onnx thread budget",
             extra={"threads": self.threads, "versions": len(versions), "spinning": spinning, "device": self.device},
         )
+
+    async def load(self, version: ModelVersion) -> None:
+        # Sessions already open keep how they wait: a version loaded beside others does not spin (auto).
+        await self._open(version, self._spins(len(self._loaded) + 1))
+
+    async def unload(self, version: ModelVersion) -> None:
+        loaded = self._loaded.pop((version.model, version.version), None)
+        if loaded is not None:
+            loaded.thread.shutdown(wait=False)
+
+    def _spins(self, versions: int) -> bool:
+        return self._spinning == "on" or (self._spinning == "auto" and versions <= 1)
+
+    async def _open(self, version: ModelVersion, spinning: bool) -> None:
+        session = await asyncio.to_thread(self._load, version, spinning)
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"onnx-{version.name}")
+        self._loaded[(version.model, version.version)] = _Loaded(session, thread)
 
     def _load(self, version: ModelVersion, spinning: bool) -> ort.InferenceSession:
         if self.device == "cuda":

@@ -69,6 +69,14 @@ class TritonBackend:
         for version in versions:
             await self.availability(version)
 
+    async def load(self, version: ModelVersion) -> None:
+        # Triton loads what its repository holds (poll mode); /readyz says when it serves this version.
+        await self.availability(version)
+
+    async def unload(self, version: ModelVersion) -> None:
+        self._configs.pop((version.model, version.version), None)
+        self._known.pop((version.model, version.version), None)
+
     async def availability(self, version: ModelVersion) -> Availability:
         key = (version.model, version.version)
         try:

@@ -3,10 +3,12 @@
 Each app owns its registry, so several apps (tests, two gateways in one process) never share series.
 """
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import generate_latest
 
-from service.models.store import ModelStore
+from service.models.store import ModelStore, ModelVersion
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -58,7 +60,13 @@ class Metrics:
         )
         self.version_refused = Gauge(
             "embedserve_model_version_refused",
-            "1 for a version refused at start because its files don't match its manifest.",
+            "1 for a version refused because its files don't match its manifest (or changed after it was loaded).",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.model_load_seconds = Gauge(
+            "embedserve_model_load_seconds",
+            "Seconds the backend took to load a version found while the gateway ran (hot-loading).",
             ["model", "version"],
             registry=self.registry,
         )
@@ -152,12 +160,21 @@ class Metrics:
 
     def describe_store(self, store: ModelStore) -> None:
         for version in store.all():
+            with contextlib.suppress(KeyError):  # refused once, served now (its folder was fixed)
+                self.version_refused.remove(version.model, str(version.version))
             parent = version.manifest.parent_version
             self.model_info.labels(
                 version.model, str(version.version), version.manifest.sha256, "" if parent is None else str(parent)
             ).set(1)
         for refused in store.refused:
             self.version_refused.labels(refused.model, str(refused.version)).set(1)
+
+    def version_unloaded(self, version: ModelVersion) -> None:
+        """``version`` is no longer served: its info series goes (its counters stay, as history)."""
+        parent = version.manifest.parent_version
+        labels = (version.model, str(version.version), version.manifest.sha256, "" if parent is None else str(parent))
+        with contextlib.suppress(KeyError):
+            self.model_info.remove(*labels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -35,6 +35,6 @@ def test_flops_per_token_are_the_encoders_multiplications(traced: Path, tokens: 
 
 
 def test_the_floor_is_the_measured_matmul_speed_over_each_inputs_flops(traced: Path) -> None:
-    floor = compute_floor(traced, tokens_per_input=20.0, batch=32, threads=1)
+    floor = compute_floor(traced, tokens_per_input=20.0, batch=32, threads=1, seconds=0.5)
     assert floor.matmul_gflops > 0
     assert floor.inputs_per_s == pytest.approx(floor.matmul_gflops * 1e9 / (floor.flops_per_token * 20.0))
