@@ -115,7 +115,12 @@ class ModelStore:
     def changes(self) -> StoreChanges:
         """Scan the repository again (blocking: run it in a thread); nothing changes until ``apply``."""
         found = StoreChanges()
-        on_disk = _version_folders(self.repository) if self.repository.is_dir() else {}
+        try:
+            on_disk = _version_folders(self.repository)
+        except OSError:
+            # An unreadable or missing volume (a storage hiccup) is not "every version deleted": serve on.
+            log.error("model repository unreadable; versions unchanged", extra={"repository": str(self.repository)})
+            return found
         for key, version in self._versions.items():
             if key not in on_disk:
                 log.warning("model version folder gone", extra={"model": key[0], "version": key[1]})

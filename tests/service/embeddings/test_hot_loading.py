@@ -119,3 +119,13 @@ async def test_replicas_sharing_a_repository_converge_by_their_rescans(
         finally:
             for client in clients:
                 await client.aclose()
+
+
+async def test_a_repository_that_cannot_be_read_unloads_nothing(repository_copy: Path) -> None:
+    """A storage hiccup (the volume gone for a moment) is not every version deleted."""
+    async with running_gateway(admin_settings(repository_copy)) as (_, client):
+        hidden = repository_copy.rename(repository_copy.parent / "unmounted")
+        report = (await client.post("/v1/admin/models/reload", headers=ADMIN)).json()
+        hidden.rename(repository_copy)
+        assert report == {"loaded": [], "unloaded": [], "refused": [], "failed": []}
+        assert (await embed(client, "tiny@1")).status_code == 200
