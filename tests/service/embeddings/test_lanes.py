@@ -47,10 +47,11 @@ async def test_a_full_bulk_lane_refuses_bulk_before_any_work_while_interactive_i
 
 
 async def test_a_retry_after_a_deadline_pays_only_for_the_rest(settings: Settings) -> None:
-    texts = list(paragraphs()[:200])
+    # 400 distinct paragraphs (~110 tokens): several seconds of CPU work, far past the deadline below.
+    texts = [f"{text} ({round_})" for round_ in range(3) for text in paragraphs()][:400]
     own = settings.model_copy()  # changed below: the embedder reads the deadline per request
     async with running_gateway(own) as (_, client):
-        own.request_timeout_s = 1.5
+        own.request_timeout_s = 1.0
         timed_out = await client.post("/v1/embeddings", json={"input": texts, "model": "minilm"})
         assert timed_out.status_code == 504
         paid = metric(await read_metrics(client), "embedserve_batch_size_sum", model="minilm")
