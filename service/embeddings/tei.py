@@ -259,7 +259,8 @@ async def health(request: Request, model: ModelQuery = None) -> Response:
     embedder: Embedder = request.app.state.embedder
     version = embedder.resolve(model)
     backend: Backend = request.app.state.backend
-    batcher: Batcher = request.app.state.batchers[(version.model, version.version)]
-    if not batcher.running or not (await backend.availability(version)).ready:
+    batchers: dict[tuple[str, int], Batcher] = request.app.state.batchers
+    batcher = batchers.get((version.model, version.version))  # None: unloaded since (hot-loading)
+    if batcher is None or not batcher.running or not (await backend.availability(version)).ready:
         raise ServiceUnavailable(f"{version.name} cannot serve now; see /readyz.")
     return Response(status_code=200)
