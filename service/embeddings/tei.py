@@ -252,7 +252,7 @@ async def info(
     )
 
 
-@router.get("/health", responses=_error_examples(503))
+@router.get("/health", responses=_error_examples(422, 503))
 async def health(request: Request, model: ModelQuery = None) -> Response:
     """200 while the default version of the model (default: the default model) takes inference requests; 503
     otherwise. Open to anyone, as a probe."""
