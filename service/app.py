@@ -21,8 +21,10 @@ from service.backends.triton import TritonBackend
 from service.edge.access import AccessMiddleware
 from service.edge.auth import require
 from service.edge.body_limit import BodyLimitMiddleware
-from service.edge.protocol import LONE_SURROGATE, ErrorBody, ErrorDetail
+from service.edge.json_body import invalid_request
+from service.edge.protocol import ErrorBody, ErrorDetail
 from service.embeddings import router as embeddings
+from service.embeddings import tei
 from service.embeddings.batcher import Batcher
 from service.embeddings.cache import CircuitBreaker, EmbeddingCache
 from service.embeddings.embedder import Embedder
@@ -212,6 +214,7 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
     app.state.metrics = metrics
     app.state.tracing = tracing
     app.include_router(embeddings.router, dependencies=[Depends(require("embed"))])
+    app.include_router(tei.router)  # TEI's routes: embed scope, except the /health probe
     app.include_router(ops.router)
     app.include_router(models.router, dependencies=[Depends(require("embed"))])
     app.include_router(collections.router)  # each route names its scope: search, or write
@@ -244,36 +247,7 @@ async def _api_error(request: Request, error: Exception) -> JSONResponse:
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     """Wrong JSON types or malformed JSON: a 400 naming the field, as OpenAI does (not FastAPI's 422)."""
     assert isinstance(error, RequestValidationError)
-    first = error.errors()[0]
-    if first.get("type") == "json_invalid":
-        return _error_response(
-            400,
-            "The request body is not valid JSON; send a JSON object.",
-            "invalid_request_error",
-            None,
-            "invalid_json",
-            {},
-        )
-    if first.get("type") == LONE_SURROGATE:
-        context = first.get("ctx") or {}
-        return _error_response(
-            400, f"{first['msg']}.", "invalid_request_error", context.get("param") or None, "invalid_text", {}
-        )
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    if not location:
-        return _error_response(
-            400,
-            "The request body must be a JSON object; send it with Content-Type: application/json.",
-            "invalid_request_error",
-            None,
-            "invalid_body",
-            {},
-        )
-    param = location[0] if location else None
-    expected = first.get("msg", "is invalid")
-    return _error_response(
-        400, f"'{param}' is invalid: {expected}.", "invalid_request_error", param, "invalid_type", {}
-    )
+    return await _api_error(request, invalid_request(error))
 
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:

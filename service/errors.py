@@ -29,6 +29,14 @@ class InvalidRequest(ApiError):
     code = "invalid_request"
 
 
+class EmptyInput(InvalidRequest):
+    """A request with an empty list of inputs (TEI's routes answer it apart: 400, ``Empty``)."""
+
+
+class TooManyInputs(InvalidRequest):
+    """A request with more inputs than ``EMBEDSERVE_MAX_INPUTS_PER_REQUEST`` (TEI's routes: 413)."""
+
+
 class Unauthorized(ApiError):
     status_code = 401
     error_type = "authentication_error"

@@ -7,13 +7,23 @@ environment at import time. Every field is documented where it is declared and l
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# What a key may do: embed (/v1/embeddings, /v1/models), search (read collections), write (create, upsert,
-# delete, re-index collections), admin (/v1/rollouts, /readyz detail). The admin key holds every scope.
+# What a key may do: embed (/v1/embeddings, /v1/models, TEI's /embed, /tokenize, /info), search (read
+# collections), write (create, upsert, delete, re-index collections), admin (/v1/rollouts, /readyz detail). The
+# admin key holds every scope.
 Scope = Literal["embed", "search", "write", "admin"]
 READ_SCOPES: frozenset[Scope] = frozenset({"embed", "search"})
+# OpenTelemetry's sampler names (OTEL_TRACES_SAMPLER) that the SDK implements itself.
+Sampler = Literal[
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+]
 
 
 class ApiKey(BaseModel):
@@ -24,7 +34,8 @@ class ApiKey(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EMBEDSERVE_", extra="ignore")
+    # validate_by_name: Settings(otlp_endpoint=...) works for the settings that also read OTEL_* variables.
+    model_config = SettingsConfigDict(env_prefix="EMBEDSERVE_", extra="ignore", validate_by_name=True)
 
     host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
     port: int = Field(8000, description="Port the HTTP server listens on.")
@@ -159,18 +170,50 @@ class Settings(BaseSettings):
     redis_retry_after_s: float = Field(5.0, description="How long an open circuit skips Redis before probing it.")
     log_level: str = Field("INFO", description="Log level of the JSON logs.")
 
-    # Tracing (service/telemetry/tracing.py).
+    # Tracing (service/telemetry/tracing.py). Each also reads OpenTelemetry's standard variable, named second;
+    # the EMBEDSERVE_ one wins when both are set.
     otlp_endpoint: str | None = Field(
         None,
-        description="OTLP/gRPC endpoint that receives the traces, e.g. http://otel-collector:4317; unset = no "
-        "exporter (spans are no-ops; an incoming traceparent still reaches the logs).",
+        validation_alias=AliasChoices(
+            "EMBEDSERVE_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"
+        ),
+        description="OTLP/gRPC endpoint that receives the traces, e.g. http://otel-collector:4317 (else "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT); unset = no exporter (spans are "
+        "no-ops; an incoming traceparent still reaches the logs).",
     )
-    otel_service_name: str = Field("embedserve", description="service.name of the exported traces.")
+    otlp_protocol: Literal["grpc"] = Field(
+        "grpc",
+        validation_alias=AliasChoices(
+            "EMBEDSERVE_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"
+        ),
+        description="OTLP transport (else OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, else OTEL_EXPORTER_OTLP_PROTOCOL): "
+        "grpc only; http/protobuf refuses to start rather than send gRPC to an HTTP receiver.",
+    )
+    otel_sdk_disabled: bool = Field(
+        False,
+        validation_alias=AliasChoices("EMBEDSERVE_OTEL_SDK_DISABLED", "OTEL_SDK_DISABLED"),
+        description="true turns tracing off, whatever else is set (else OTEL_SDK_DISABLED).",
+    )
+    otel_service_name: str | None = Field(
+        None,
+        validation_alias=AliasChoices("EMBEDSERVE_OTEL_SERVICE_NAME", "OTEL_SERVICE_NAME"),
+        description="service.name of the exported traces (else OTEL_SERVICE_NAME); unset = service.name in "
+        "OTEL_RESOURCE_ATTRIBUTES, else embedserve.",
+    )
+    otel_traces_sampler: Sampler = Field(
+        "parentbased_traceidratio",
+        validation_alias=AliasChoices("EMBEDSERVE_OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER"),
+        description="Which traces are recorded (else OTEL_TRACES_SAMPLER), OpenTelemetry's names: parentbased_* "
+        "follow a caller's traceparent and decide by the rest only for new traces; traceidratio records "
+        "otel_sample_ratio of them.",
+    )
     otel_sample_ratio: float = Field(
         1.0,
         ge=0.0,
         le=1.0,
-        description="Share of new traces recorded; a request whose traceparent says sampled (or not) follows it.",
+        validation_alias=AliasChoices("EMBEDSERVE_OTEL_SAMPLE_RATIO", "OTEL_TRACES_SAMPLER_ARG"),
+        description="Share of traces the traceidratio samplers record (else OTEL_TRACES_SAMPLER_ARG); with the "
+        "default sampler a request whose traceparent says sampled (or not) follows it.",
     )
 
     # Access and rollouts (service/edge/auth.py, service/rollouts/store.py).

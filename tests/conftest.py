@@ -10,7 +10,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from loadtests.processes import MilvusLiteServer, milvus_server
+from loadtests.processes import MilvusLiteServer, gateway, milvus_server
 from service.app import create_app
 from service.settings import Settings
 from trainer.data.sample_text import sentences
@@ -40,10 +40,11 @@ def export_tiny(repository: Path, model: str = "tiny", seed: int = 0, max_seq_le
 
 @pytest.fixture(scope="session", autouse=True)
 def no_embedserve_environment() -> Iterator[None]:
-    """The developer's EMBEDSERVE_* variables never reach a test: an exported EMBEDSERVE_REDIS_URL would make
-    gateways under test write to that Redis under the default prefix. Tests set what they need explicitly."""
+    """The developer's EMBEDSERVE_* and OTEL_* variables never reach a test: an exported EMBEDSERVE_REDIS_URL
+    would make gateways under test write to that Redis under the default prefix, an OTEL_EXPORTER_OTLP_ENDPOINT
+    send their spans away. Tests set what they need explicitly."""
     with pytest.MonkeyPatch.context() as patch:
-        for name in [name for name in os.environ if name.startswith("EMBEDSERVE_")]:
+        for name in [name for name in os.environ if name.startswith(("EMBEDSERVE_", "OTEL_"))]:
             patch.delenv(name)
         yield
 
@@ -95,6 +96,16 @@ def settings(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -
     milvus_file = tmp_path_factory.mktemp("milvus") / "milvus.db"
     # Tests that are not about keys write to collections as a trusted network's clients would.
     return Settings(model_repository=model_repository, milvus_uri=str(milvus_file), allow_anonymous_writes=True)
+
+
+@pytest.fixture(scope="module")
+def gateway_url(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A gateway process (``python -m service serve``) on the session repository, for a module of tests that
+    drive it with client SDKs over real HTTP."""
+    folder = tmp_path_factory.mktemp("gateway")
+    env = {"EMBEDSERVE_MODEL_REPOSITORY": str(model_repository), "EMBEDSERVE_MILVUS_URI": str(folder / "milvus.db")}
+    with gateway(env, folder / "gateway.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from service.telemetry.tracing import version_attributes
 log = logging.getLogger("embedserve.access")
 
 # Probes and scrapes would drown the access log, the request metrics and the traces.
-_QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}
+_QUIET_PATHS = {"/healthz", "/readyz", "/health", "/metrics"}
 # W3C Trace Context: a caller's traceparent makes each request span a child of the caller's span.
 _PROPAGATOR = TraceContextTextMapPropagator()
 # Its headers, cut to their longest valid size (a longer traceparent is invalid anyway, and would log a warning).

@@ -1,7 +1,8 @@
 """API keys, sent as ``Authorization: Bearer <key>``, and the scope each route needs.
 
-Scopes: ``embed`` (/v1/embeddings, /v1/models), ``search`` (reading collections), ``write`` (creating,
-filling, deleting and re-indexing them), ``admin`` (/v1/rollouts, /readyz detail). Client keys
+Scopes: ``embed`` (/v1/embeddings, /v1/models, TEI's /embed, /tokenize, /info), ``search`` (reading
+collections), ``write`` (creating, filling, deleting and re-indexing them), ``admin`` (/v1/rollouts, /readyz
+detail). Client keys
 (``EMBEDSERVE_API_KEYS``) carry the scopes they were given (embed and search when none are named); the
 admin key (``EMBEDSERVE_ADMIN_API_KEY``) carries all. With client keys set, every data route needs a key:
 401 without one or with an unknown one, 403 with a key that lacks the scope. Without client keys the read

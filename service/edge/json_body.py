@@ -18,7 +18,8 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from service.edge.protocol import SURROGATE_ESCAPES, RequestBody
+from service.edge.protocol import LONE_SURROGATE, SURROGATE_ESCAPES, RequestBody
+from service.errors import InvalidRequest
 from service.settings import Settings
 
 Body = TypeVar("Body", bound=RequestBody)
@@ -66,6 +67,24 @@ def _parsed(model: type[Body], raw: bytes, request: Request) -> Body:
         raise RequestValidationError(
             [{**detail, "loc": ("body", *detail["loc"])} for detail in error.errors()]
         ) from None
+
+
+def invalid_request(error: RequestValidationError) -> InvalidRequest:
+    """What a request whose body (or a parameter) failed validation is told: the first thing wrong, named, with
+    what to send instead."""
+    first = error.errors()[0]
+    if first.get("type") == "json_invalid":
+        return InvalidRequest("The request body is not valid JSON; send a JSON object.", code="invalid_json")
+    if first.get("type") == LONE_SURROGATE:
+        context = first.get("ctx") or {}
+        return InvalidRequest(f"{first['msg']}.", param=context.get("param") or None, code="invalid_text")
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if not location:
+        return InvalidRequest(
+            "The request body must be a JSON object; send it with Content-Type: application/json.", code="invalid_body"
+        )
+    param = location[0]
+    return InvalidRequest(f"'{param}' is invalid: {first.get('msg', 'is invalid')}.", param=param, code="invalid_type")
 
 
 def request_schema(model: type[RequestBody], required: bool = True) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
 from service.backends.contract import Backend
-from service.embeddings.queue import InputQueue, Lane, Origin, Pending, QueueLimits
+from service.embeddings.queue import InputQueue, InputTimes, Lane, Origin, Pending, QueueLimits
 from service.errors import ApiError, InferenceFailed, Overloaded, ServiceUnavailable
 from service.models.store import ModelVersion
 from service.models.tokenization import pad_batch
@@ -160,12 +160,14 @@ class Batcher:
                 retry_after_s=self._queue.retry_after_s(),
             )
 
-    def submit(self, token_ids: list[list[int]], lane: Lane) -> list[asyncio.Future[np.ndarray]]:
-        """Queue ``token_ids`` in ``lane``; each input's future gets its vector (or the error). Cancel a future
-        to drop its input before inference."""
+    def submit(
+        self, token_ids: list[list[int]], lane: Lane, times: InputTimes | None = None
+    ) -> list[asyncio.Future[np.ndarray]]:
+        """Queue ``token_ids`` in ``lane``; each input's future gets its vector (or the error), and ``times`` each
+        input's wait and its batch's inference. Cancel a future to drop its input before inference."""
         self.admit(len(token_ids), lane)
         loop = asyncio.get_running_loop()
-        origin = Origin(otel_context.get_current())
+        origin = Origin(otel_context.get_current(), times)
         inputs = [Pending(ids, loop.create_future(), origin) for ids in token_ids]
         self._queue.push(inputs, lane)
         self._metrics.queue_depth.labels(*self._labels).set(len(self._queue))
@@ -262,6 +264,11 @@ class Batcher:
                 span.end()
         elapsed = time.monotonic() - started
         self._metrics.inference_latency.labels(*self._labels).observe(elapsed)
+        for item in batch:
+            if item.origin.times is not None:
+                item.origin.times.inputs += 1
+                item.origin.times.queue_s += started - item.enqueued_at
+                item.origin.times.inference_s += elapsed
         self._queue.drained(formed.lane, len(batch), elapsed, self._batches_in_flight, formed.contended)
         return vectors
 

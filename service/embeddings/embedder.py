@@ -4,17 +4,19 @@ Knows nothing about HTTP; raises ``service.errors`` for anything a client can fi
 """
 
 import asyncio
-from dataclasses import dataclass
+import functools
+import time
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import numpy as np
 
 from service.embeddings.batcher import Batcher
 from service.embeddings.cache import CachedEmbedding, EmbeddingCache, text_digest
-from service.embeddings.queue import Lane
-from service.errors import DeadlineExceeded, InvalidRequest, ModelNotFound, ServiceUnavailable
+from service.embeddings.queue import InputTimes, Lane
+from service.errors import DeadlineExceeded, EmptyInput, InvalidRequest, ModelNotFound, ServiceUnavailable
 from service.models.store import ModelStore, ModelVersion
-from service.models.tokenization import TooManyTokens
+from service.models.tokenization import Token, TooManyTokens
 from service.settings import Settings
 from service.telemetry.drift import DriftMonitor, TextSample
 from service.telemetry.metrics import Metrics
@@ -27,6 +29,8 @@ MAX_NAME_ECHO = 64
 RequestInput = str | list[str] | list[int] | list[list[int]]
 # Who asked: a client, or the gateway itself (a shadow copy of a request, the rollout analysis, a re-index).
 Purpose = Literal["client", "shadow", "analysis", "reindex"]
+# What happens to an input over the model's token limit: refused (naming the limit), its end cut off, or its start.
+Truncation = Literal["none", "right", "left"]
 
 
 class VersionRouter(Protocol):
@@ -43,11 +47,23 @@ class VersionRouter(Protocol):
 
 
 @dataclass(frozen=True)
+class StageTimes:
+    """Mean seconds per distinct input of a request in each stage: tokenising, waiting in the batcher's queue,
+    and its batch's inference. An input the cache answered counts 0 in each; one that joined a computation
+    another request had started counts that computation's means."""
+
+    tokenization_s: float = 0.0
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class EmbedResult:
     version: ModelVersion
     vectors: np.ndarray  # float32, (inputs, dimension), unit length
     prompt_tokens: int
     computed: int  # distinct inputs that were not in the cache (embedded now, or joined in flight)
+    times: StageTimes = StageTimes()
 
 
 class Embedder:
@@ -70,7 +86,7 @@ class Embedder:
         self._batchers = batchers
         self._cache = cache
         self._metrics = metrics
-        self._in_flight: dict[tuple[str, int, str], _Computation] = {}
+        self._in_flight: dict[tuple[str, int, Truncation, str], _Computation] = {}
 
     def default_version(self, model: str) -> ModelVersion:
         """The version served for ``model`` when a request does not pin one (its rollout's stable version first)."""
@@ -142,41 +158,53 @@ class Embedder:
         served = ", ".join(str(v.version) for v in self._store.versions_of(name))
         raise ModelNotFound(f"model {name} has no version {pinned}; served versions: {served}.", param="model")
 
-    def check_inputs(self, raw: RequestInput) -> list[str]:
-        """The request's inputs as a list of strings, or a 400 that says what to fix (their count was checked
-        before the body was validated: ``EmbeddingRequest.check_size``)."""
+    def check_inputs(self, raw: RequestInput, param: str = "input") -> list[str]:
+        """The request's inputs (its body's ``param``) as a list of strings, or a 400 that says what to fix (their
+        count was checked before the body was validated: ``EmbeddingRequest.check_size``)."""
         texts = [raw] if isinstance(raw, str) else raw
         if not texts:
-            raise InvalidRequest("'input' is an empty list; send at least one string.", param="input")
+            raise EmptyInput(f"'{param}' is an empty list; send at least one string.", param=param)
         if not all(isinstance(text, str) for text in texts):
             raise InvalidRequest(
-                "'input' holds token ids; send text instead: each model uses its own tokenizer. "
+                f"'{param}' holds token ids; send text instead: each model uses its own tokenizer. "
                 "(LangChain: set check_embedding_ctx_length=False.)",
-                param="input",
+                param=param,
             )
         strings: list[str] = texts  # type: ignore[assignment]  # checked just above
         limit = self._settings.max_input_chars
         for index, text in enumerate(strings):
             if not text:
-                raise InvalidRequest(f"input[{index}] is an empty string; remove it.", param="input")
+                raise InvalidRequest(f"{param}[{index}] is an empty string; remove it.", param=param)
             if len(text) > limit:
                 raise InvalidRequest(
-                    f"input[{index}] has {len(text)} characters, over the limit of {limit}; shorten it.",
-                    param="input",
+                    f"{param}[{index}] has {len(text)} characters, over the limit of {limit}; shorten it.",
+                    param=param,
                 )
         return strings
 
-    async def embed(self, texts: list[str], version: ModelVersion, purpose: Purpose = "client") -> EmbedResult:
+    async def tokens(
+        self, texts: list[str], version: ModelVersion, add_special_tokens: bool = True
+    ) -> list[list[Token]]:
+        """Each text's tokens by ``version``'s tokenizer, whole (never truncated), in input order."""
+        if sum(map(len, texts)) > _TOKENIZE_INLINE_MAX_CHARS:
+            return await asyncio.to_thread(version.tokenizer.tokens, texts, add_special_tokens=add_special_tokens)
+        return version.tokenizer.tokens(texts, add_special_tokens=add_special_tokens)
+
+    async def embed(
+        self, texts: list[str], version: ModelVersion, purpose: Purpose = "client", truncation: Truncation | None = None
+    ) -> EmbedResult:
         """Unit vectors of ``texts`` made by ``version``, in input order; 504 past the request deadline.
         ``purpose``: a client's request, or the gateway's own work (shadow copies, the rollout analysis,
-        re-indexing), which is counted apart and kept out of drift and text samples."""
+        re-indexing), which is counted apart and kept out of drift and text samples. ``truncation``: what
+        happens to an input over the token limit (None: ``EMBEDSERVE_TRUNCATE`` decides, cutting its end)."""
+        mode: Truncation = truncation or ("right" if self._settings.truncate else "none")
         lane: Lane = "bulk" if len(texts) > self._settings.bulk_min_inputs else "interactive"
         # Shed load before any work: no hashing, cache lookup or tokenising for inputs the queue can't take.
         self._batchers[(version.model, version.version)].admit(len(texts), lane)
         try:
             async with asyncio.timeout(self._settings.request_timeout_s):
-                digests = [text_digest(text) for text in texts]
-                entries, computed = await self._lookup_or_compute(texts, digests, version, lane)
+                digests = [_digest(text, mode) for text in texts]
+                entries, computed, times = await self._lookup_or_compute(texts, digests, version, lane, mode)
         except TimeoutError:
             self._metrics.rejected.labels(version.model, str(version.version), "timeout").inc()
             raise DeadlineExceeded(
@@ -196,22 +224,27 @@ class Embedder:
             self._metrics.tokens.labels(*labels).inc(prompt_tokens)
         else:  # the gateway's own work: apart, so client traffic and rollout judgements never include it
             self._metrics.internal_inputs.labels(*labels, purpose).inc(len(texts))
-        return EmbedResult(version=version, vectors=vectors, prompt_tokens=prompt_tokens, computed=computed)
+        return EmbedResult(version, vectors, prompt_tokens, computed, times)
 
     async def _lookup_or_compute(
-        self, texts: list[str], digests: list[str], version: ModelVersion, lane: Lane
-    ) -> tuple[dict[str, CachedEmbedding], int]:
+        self, texts: list[str], digests: list[str], version: ModelVersion, lane: Lane, truncation: Truncation
+    ) -> tuple[dict[str, CachedEmbedding], int, StageTimes]:
         """Each distinct text once: from the cache, from a computation already in flight, or computed now;
-        and how many were not in the cache."""
+        how many were not in the cache, and the request's mean times."""
         by_digest = dict(zip(digests, texts, strict=True))
         found = await self._cache.get_many(version, list(by_digest)) if self._cache else {}
+        if truncation == "none":
+            # An entry as long as the limit may hold a truncated input's vector (another request's): checked anew.
+            found = {d: entry for d, entry in found.items() if entry.tokens < version.tokenizer.max_seq_length}
         missing = [digest for digest in by_digest if digest not in found]
         if not missing:
-            return found, 0
-        new = [d for d in missing if not self._joinable((version.model, version.version, d))]
+            return found, 0, StageTimes()
+        keys = {d: (version.model, version.version, truncation, d) for d in missing}
+        new = [d for d in missing if not self._joinable(keys[d])]
         if new:
-            self._start_computation(version, new, [by_digest[d] for d in new], lane)
-        shared = {self._in_flight[(version.model, version.version, d)] for d in missing}
+            self._start_computation(version, new, [by_digest[d] for d in new], lane, truncation)
+        owners = [self._in_flight[keys[d]] for d in missing]
+        shared = set(owners)
         for computation in shared:
             computation.waiters += 1
         try:
@@ -228,31 +261,40 @@ class Embedder:
             for index, digest in enumerate(digests):
                 if digest in computation.too_long:  # named as this request numbers its inputs
                     raise TooManyTokens(index, computation.too_long[digest], limit)
-        return found, len(missing)
+        return found, len(missing), _mean_times(owners, len(by_digest))
 
-    def _joinable(self, key: tuple[str, int, str]) -> bool:
+    def _joinable(self, key: tuple[str, int, Truncation, str]) -> bool:
         computation = self._in_flight.get(key)
         # A computation cancelled by its last waiter can't be joined: the input is computed anew.
         return computation is not None and not computation.task.cancelling() and not computation.task.cancelled()
 
-    def _start_computation(self, version: ModelVersion, digests: list[str], texts: list[str], lane: Lane) -> None:
+    def _start_computation(
+        self, version: ModelVersion, digests: list[str], texts: list[str], lane: Lane, truncation: Truncation
+    ) -> None:
         batcher = self._batchers[(version.model, version.version)]
-        truncate = self._settings.truncate
-
-        too_long: dict[str, int] = {}
+        encode = functools.partial(
+            version.tokenizer.encode,
+            texts,
+            truncate=truncation != "none",
+            direction="left" if truncation == "left" else "right",
+        )
+        computation = _Computation(inputs=len(digests))
+        too_long = computation.too_long
 
         async def compute() -> dict[str, CachedEmbedding]:
+            started = time.perf_counter()
             if sum(map(len, texts)) > _TOKENIZE_INLINE_MAX_CHARS:
-                token_ids = await asyncio.to_thread(version.tokenizer.encode, texts, truncate=truncate)
+                token_ids = await asyncio.to_thread(encode)
             else:
-                token_ids = version.tokenizer.encode(texts, truncate=truncate)
+                token_ids = encode()
+            computation.tokenization_s = time.perf_counter() - started
             # An input over the limit fails the requests that sent it, not the others sharing this computation.
             limit = version.tokenizer.max_seq_length
             too_long.update((d, len(ids)) for d, ids in zip(digests, token_ids, strict=True) if len(ids) > limit)
             fitting = [(d, ids) for d, ids in zip(digests, token_ids, strict=True) if d not in too_long]
             if not fitting:
                 return {}
-            futures = batcher.submit([ids for _, ids in fitting], lane)
+            futures = batcher.submit([ids for _, ids in fitting], lane, computation.times)
             try:
                 vectors = await asyncio.gather(*futures)
             except BaseException:
@@ -268,8 +310,8 @@ class Embedder:
                 for (digest, ids), vector in zip(fitting, vectors, strict=True)
             }
 
-        computation = _Computation(asyncio.create_task(compute()), too_long)
-        keys = [(version.model, version.version, digest) for digest in digests]
+        computation.task = asyncio.create_task(compute())
+        keys = [(version.model, version.version, truncation, digest) for digest in digests]
         for key in keys:
             self._in_flight[key] = computation
 
@@ -287,10 +329,31 @@ def _succeeded(future: "asyncio.Future[np.ndarray]") -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
 
 
+def _digest(text: str, truncation: Truncation) -> str:
+    """What ``text``'s vector is cached and shared under: its sha256; cut at its start, an input over the limit
+    has another vector, kept apart by a prefix no plain digest has."""
+    digest = text_digest(text)
+    return f"left:{digest}" if truncation == "left" else digest
+
+
 @dataclass(eq=False)
 class _Computation:
     """Embedding of a group of distinct inputs, shared by every request that asked for one of them."""
 
-    task: asyncio.Task[dict[str, CachedEmbedding]]
-    too_long: dict[str, int]  # digest -> tokens of the inputs over the model's limit (never embedded)
+    inputs: int
+    task: asyncio.Task[dict[str, CachedEmbedding]] = field(init=False)
+    too_long: dict[str, int] = field(default_factory=dict)  # digest -> tokens of inputs over the limit (not embedded)
+    tokenization_s: float = 0.0
+    times: InputTimes = field(default_factory=InputTimes)  # the batcher's, for the inputs that fit
     waiters: int = 0
+
+
+def _mean_times(owners: list[_Computation], distinct: int) -> StageTimes:
+    """A request's mean times over its ``distinct`` inputs, given the computation of each one not cached."""
+    tokenization = queue = inference = 0.0
+    for computation in owners:
+        tokenization += computation.tokenization_s / computation.inputs
+        if computation.times.inputs:
+            queue += computation.times.queue_s / computation.times.inputs
+            inference += computation.times.inference_s / computation.times.inputs
+    return StageTimes(tokenization / distinct, queue / distinct, inference / distinct)

@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from service.edge.protocol import RequestBody
-from service.errors import InvalidRequest
+from service.errors import TooManyInputs
 from service.settings import Settings
 
 # Token-id inputs are accepted by the schema only so they can be refused with a message that says
@@ -33,13 +33,19 @@ class EmbeddingRequest(RequestBody):
 
     @classmethod
     def check_size(cls, fields: dict[str, Any], settings: Settings) -> None:
-        inputs = fields.get("input")
-        if isinstance(inputs, list) and len(inputs) > settings.max_inputs_per_request:
-            raise InvalidRequest(
-                f"'input' has {len(inputs)} items, over the limit of {settings.max_inputs_per_request}; "
-                "split it into several requests.",
-                param="input",
-            )
+        check_input_count(fields, "input", settings)
+
+
+def check_input_count(fields: dict[str, Any], param: str, settings: Settings) -> None:
+    """Refuse a request body whose list of inputs (``fields[param]``) is longer than a request may carry, before
+    anything walks it."""
+    inputs = fields.get(param)
+    if isinstance(inputs, list) and len(inputs) > settings.max_inputs_per_request:
+        raise TooManyInputs(
+            f"'{param}' has {len(inputs)} items, over the limit of {settings.max_inputs_per_request}; "
+            "split it into several requests.",
+            param=param,
+        )
 
 
 class Embedding(BaseModel):

@@ -50,11 +50,23 @@ class QueueLimits:
         return self.interactive if lane == "interactive" else self.bulk
 
 
+@dataclass
+class InputTimes:
+    """Seconds summed over the inputs of ``submit`` calls once their batches ran: waiting in the queue, and
+    their batches' inference (a request's timing headers)."""
+
+    inputs: int = 0
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+
+
 @dataclass(eq=False)
 class Origin:
-    """The ``submit`` call an input came from: the trace context it was called in, when it queued (ns)."""
+    """The ``submit`` call an input came from: the trace context it was called in, when it queued (ns), and
+    where its inputs' times go."""
 
     context: otel_context.Context
+    times: InputTimes | None = None
     enqueued_ns: int = field(default_factory=time.time_ns)
 
 

@@ -1,14 +1,19 @@
 """Text -> token ids with a version's own tokenizer, and padding into inference batches."""
 
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from service.errors import InvalidRequest
 
 TOKENIZER_FILE = "tokenizer.json"
+
+# Which end of an input over the token limit is cut off.
+Direction = Literal["right", "left"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,9 @@ class TextTokenizer:
         self._truncating = Tokenizer.from_file(str(tokenizer_path))
         self._truncating.no_padding()
         self._truncating.enable_truncation(max_seq_length)
+        self._left_truncating = Tokenizer.from_file(str(tokenizer_path))
+        self._left_truncating.no_padding()
+        self._left_truncating.enable_truncation(max_seq_length, direction="left")
         self.pad_id = self._truncating.token_to_id("[PAD]") or 0
         self.vocab_size = self._truncating.get_vocab_size()
         self.mask_id = self._truncating.token_to_id("[MASK]")
@@ -47,11 +55,47 @@ class TextTokenizer:
             if (token_id := self._truncating.token_to_id(token)) is not None
         ]
 
-    def encode(self, texts: list[str], *, truncate: bool) -> list[list[int]]:
-        """Token ids of each text: cut at ``max_seq_length`` with ``truncate``, else whole (an input longer
-        than the limit is the caller's to refuse, with ``TooManyTokens``)."""
-        encoder = self._truncating if truncate else self._untruncated
+    def encode(self, texts: list[str], *, truncate: bool, direction: Direction = "right") -> list[list[int]]:
+        """Token ids of each text: cut to ``max_seq_length`` with ``truncate`` (its end cut off, or its start
+        with ``direction="left"``), else whole (an input longer than the limit is the caller's to refuse,
+        with ``TooManyTokens``)."""
+        if not truncate:
+            encoder = self._untruncated
+        else:
+            encoder = self._left_truncating if direction == "left" else self._truncating
         return [encoding.ids for encoding in encoder.encode_batch(texts)]
+
+    def tokens(self, texts: list[str], *, add_special_tokens: bool) -> list[list["Token"]]:
+        """Each text's tokens, whole (never truncated): id, the piece of the text it stands for, and where that
+        piece is as UTF-8 byte offsets (None for special tokens, which stand for no text)."""
+        encodings = self._untruncated.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return [_tokens(text, encoding) for text, encoding in zip(texts, encodings, strict=True)]
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    text: str  # the token itself for a special token, else the slice of the input it covers
+    special: bool
+    start: int | None  # UTF-8 byte offsets into the input
+    stop: int | None
+
+
+def _tokens(text: str, encoding: Encoding) -> list[Token]:
+    # The tokenizer counts offsets in characters; byte offsets are what other servers (TEI) return.
+    byte_at = None if text.isascii() else [0, *accumulate(len(char.encode()) for char in text)]
+    tokens: list[Token] = []
+    for token_id, token, (start, stop), special in zip(
+        encoding.ids, encoding.tokens, encoding.offsets, encoding.special_tokens_mask, strict=True
+    ):
+        if special:
+            tokens.append(Token(token_id, token, special=True, start=None, stop=None))
+        else:
+            piece = text[start:stop]
+            if byte_at is not None:
+                start, stop = byte_at[start], byte_at[stop]
+            tokens.append(Token(token_id, piece, special=False, start=start, stop=stop))
+    return tokens
 
 
 class TooManyTokens(InvalidRequest):

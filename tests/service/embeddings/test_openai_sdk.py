@@ -1,26 +1,14 @@
 """The official openai SDK works unchanged against the gateway over real HTTP."""
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 from openai import OpenAI
 
-from loadtests.processes import gateway
 
-
-@pytest.fixture(scope="module")
-def base_url(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    folder = tmp_path_factory.mktemp("gateway")
-    env = {"EMBEDSERVE_MODEL_REPOSITORY": str(model_repository), "EMBEDSERVE_MILVUS_URI": str(folder / "milvus.db")}
-    with gateway(env, folder / "gateway.log") as url:
-        yield url
-
-
-def test_sdk_float_and_base64_give_the_same_vectors(base_url: str) -> None:
-    client = OpenAI(base_url=f"{base_url}/v1", api_key="not-needed")
+def test_sdk_float_and_base64_give_the_same_vectors(gateway_url: str) -> None:
+    client = OpenAI(base_url=f"{gateway_url}/v1", api_key="not-needed")
     texts = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
     as_float = client.embeddings.create(model="minilm", input=texts, encoding_format="float")
     # Without encoding_format the SDK asks for base64 and decodes it itself.
@@ -36,10 +24,10 @@ def test_sdk_float_and_base64_give_the_same_vectors(base_url: str) -> None:
     assert all(isinstance(item["embedding"], str) for item in json.loads(raw.text)["data"])
 
 
-def test_sdk_sees_errors_as_exceptions_with_the_message(base_url: str) -> None:
+def test_sdk_sees_errors_as_exceptions_with_the_message(gateway_url: str) -> None:
     import openai
 
-    client = OpenAI(base_url=f"{base_url}/v1", api_key="not-needed", max_retries=0)
+    client = OpenAI(base_url=f"{gateway_url}/v1", api_key="not-needed", max_retries=0)
     with pytest.raises(openai.NotFoundError, match="no-such-model"):
         client.embeddings.create(model="no-such-model", input="x")
     with pytest.raises(openai.BadRequestError, match="empty string"):

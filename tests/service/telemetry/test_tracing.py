@@ -7,15 +7,12 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from concurrent import futures
 from typing import Any
 
-import grpc
 import httpx
 import pytest
 from fastapi import FastAPI
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
@@ -25,6 +22,7 @@ from service.settings import Settings
 from service.telemetry.logs import JsonFormatter
 from service.telemetry.tracing import NO_TRACING, create_tracing
 from tests.helpers import running_gateway
+from tests.otlp_collector import otlp_collector
 
 Gateway = tuple[FastAPI, httpx.AsyncClient]
 # Long enough that two requests sent together share a batch, so each trace shows its part of it.
@@ -264,40 +262,16 @@ def test_without_an_endpoint_nothing_is_exported(settings: Settings) -> None:
         assert not span.is_recording()
 
 
-class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP/gRPC trace receiver that keeps what it is sent."""
-
-    def __init__(self) -> None:
-        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
-
-    def Export(self, request: Any, context: Any) -> trace_service_pb2.ExportTraceServiceResponse:
-        self.requests.append(request)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-
 async def test_with_an_endpoint_spans_go_to_the_collector_over_otlp(settings: Settings) -> None:
-    collector = _Collector()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with otlp_collector() as collector:
         exporting = settings.model_copy(
-            update={"otlp_endpoint": f"http://127.0.0.1:{port}", "otel_service_name": "embedserve-test"}
+            update={"otlp_endpoint": collector.endpoint, "otel_service_name": "embedserve-test"}
         )
         async with running_gateway(exporting) as (app, client):
             assert isinstance(app.state.tracing.exporter, OTLPSpanExporter)
             await embed(client, [f"exported {uuid.uuid4().hex}"])
         # Leaving the lifespan flushed the batch of spans to the collector.
-    finally:
-        server.stop(grace=None)
-    exported = [
-        (resource.resource, span)
-        for request in collector.requests
-        for resource in request.resource_spans
-        for scope in resource.scope_spans
-        for span in scope.spans
-    ]
+    exported = collector.spans()
     names = sorted(span.name for _, span in exported)
     assert names == ["POST /v1/embeddings", "batch.queue_wait", "cache.lookup", "inference"]
     service_names = {a.value.string_value for r, _ in exported for a in r.attributes if a.key == "service.name"}
