@@ -121,12 +121,7 @@ class Batcher:
         )
 
     async def stop(self) -> None:
-        self._stopping = True
-        if self._restart is not None:
-            self._restart.cancel()
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+        await self._stop_worker()
         for task in self._in_flight:
             task.cancel()
         await asyncio.gather(*self._in_flight, return_exceptions=True)
@@ -136,17 +131,21 @@ class Batcher:
     async def retire(self, why: str) -> None:
         """Stop for good because the version stopped being served (``why``: what the waiting requests are told,
         503): queued inputs fail now, batches already running finish."""
+        await self._stop_worker()
+        for pending in self._queue.clear():
+            if not pending.future.done():
+                pending.future.set_exception(ServiceUnavailable(why))
+        self._metrics.queue_depth.labels(*self._labels).set(0)
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    async def _stop_worker(self) -> None:
+        """No batch forms from here on (and no restart is pending)."""
         self._stopping = True
         if self._restart is not None:
             self._restart.cancel()
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
-        for pending in self._queue.clear():
-            if not pending.future.done():
-                pending.future.set_exception(ServiceUnavailable(why))
-        self._metrics.queue_depth.labels(*self._labels).set(0)
-        await asyncio.gather(*self._in_flight, return_exceptions=True)
 
     def admit(self, count: int, lane: Lane) -> None:
         """Refuse now, before any work is done for them, ``count`` inputs that ``lane`` can't take: 429 with the
