@@ -54,6 +54,7 @@ from matplotlib import pyplot  # after the backend is chosen
 RESULTS = Path(__file__).parent / "results" / "bench_embeddings.json"
 PLOT = Path(__file__).parent / "results" / "bench_embeddings.png"
 CONCURRENCIES = (1, 8, 32, 64)
+TURN_S = 1.0  # how long each graph (and the floor's MatMuls) runs before the next takes its turn
 
 
 def short_texts(tokenizer: TextTokenizer) -> list[str]:
@@ -91,8 +92,9 @@ def raw_ort(
     graphs: dict[str, Path], probe: GemmProbe, tokenizer: TextTokenizer, texts: list[str], seconds: float
 ) -> dict[str, dict[str, float]]:
     """Batch-32 throughput and single-input P50 of each graph, and the compute floor's MatMul passes, measured
-    in turns — one batch of each graph, one pass of the probe, again — so that whatever else the shared machine
-    does touches all of them alike."""
+    in turns of ``TURN_S`` each — every graph, then the probe, again — so that whatever else the shared machine
+    does touches all of them alike. Turns last long enough that the previous session's idle threads, which
+    spin for a moment after its last run (as the gateway's do), cost the next one nothing measurable."""
     sessions = {name: cpu_session(path, probe.threads) for name, path in graphs.items()}  # as the gateway opens them
 
     def run(session: ort.InferenceSession, batch_texts: list[str]) -> float:
@@ -101,21 +103,25 @@ def raw_ort(
         session.run(["embedding"], {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
         return time.perf_counter() - started
 
-    for session in sessions.values():
-        run(session, texts[:32])
     batch_s = dict.fromkeys(sessions, 0.0)
+    batches = dict.fromkeys(sessions, 0)
     single_ms: dict[str, list[float]] = {name: [] for name in sessions}
-    index, batches, started = 0, 0, time.perf_counter()
+    index, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        batch_texts = [texts[(index + i) % len(texts)] for i in range(32)]
         for name, session in sessions.items():
-            batch_s[name] += run(session, batch_texts)
-            single_ms[name].append(run(session, [texts[(index + 7) % len(texts)]]) * 1000)
-        probe.run()
-        index, batches = index + 32, batches + 1
+            run(session, texts[:1])  # wakes its threads: the turn starts warm
+            turn = time.perf_counter()
+            while time.perf_counter() - turn < TURN_S:
+                batch_s[name] += run(session, [texts[(index + i) % len(texts)] for i in range(32)])
+                batches[name] += 1
+                single_ms[name].append(run(session, [texts[(index + 7) % len(texts)]]) * 1000)
+                index += 32
+        turn = time.perf_counter()
+        while time.perf_counter() - turn < TURN_S:
+            probe.run()
     return {
         name: {
-            "batch32_per_s": round(32 * batches / batch_s[name], 1),
+            "batch32_per_s": round(32 * batches[name] / batch_s[name], 1),
             "single_p50_ms": round(float(np.median(single_ms[name])), 2),
         }
         for name in sessions

@@ -18,14 +18,12 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-# Rows below this are attention products (tokens × tokens per head), not weight multiplications.
-_MIN_WEIGHT_ROWS = 128
-
 
 @dataclass(frozen=True)
 class GraphFlops:
     per_token: float  # FLOPs per token at ``tokens`` tokens per input (attention grows with the length)
     weight_shapes: dict[tuple[int, int], float]  # (K, N) of each weight multiplication -> its FLOPs per token
+    weight_sequence: tuple[tuple[int, int], ...]  # (K, N) of every weight multiplication, in graph order
 
 
 @dataclass(frozen=True)
@@ -52,6 +50,7 @@ def graph_flops(onnx_path: Path, tokens: int) -> GraphFlops:
     initializers = {init.name for init in inferred.graph.initializer}
     total = 0.0
     weights: dict[tuple[int, int], float] = {}
+    sequence: list[tuple[int, int]] = []
     for node in inferred.graph.node:
         if node.op_type != "MatMul":
             continue
@@ -61,56 +60,63 @@ def graph_flops(onnx_path: Path, tokens: int) -> GraphFlops:
         if node.input[1] in initializers:
             k, n = shapes[node.input[1]][-2:]
             weights[(k, n)] = weights.get((k, n), 0.0) + flops / tokens
+            sequence.append((k, n))
     if total == 0:
         raise ValueError(f"{onnx_path} has no MatMul to count; count an unfused graph (export --no-optimize)")
-    return GraphFlops(per_token=total / tokens, weight_shapes=dict(weights))
+    return GraphFlops(per_token=total / tokens, weight_shapes=weights, weight_sequence=tuple(sequence))
 
 
 class GemmProbe:
-    """The model's weight multiplications as ONNX Runtime MatMuls of ``rows`` rows (a batch's tokens), with the
-    gateway's thread count: ``run`` times one pass over them, so that a benchmark can interleave passes with
-    the runs it compares them to (on a shared machine, what is measured apart is measured in other weather)."""
+    """The model's weight multiplications, every one of them in graph order, as one chain of ONNX Runtime MatMuls
+    of ``rows`` rows (a batch's tokens) in one session with the gateway's thread count: one pass is the FLOPs of
+    one forward pass's weight products, nothing else. ``run`` times a pass, so that a benchmark can interleave
+    passes with the runs it compares them to (on a shared machine, what is measured apart is measured in other
+    weather). One session, because the idle threads of several would spin against each other."""
 
     def __init__(self, flops: GraphFlops, rows: int, threads: int) -> None:
         self.flops = flops
         self.threads = threads
         rng = np.random.default_rng(0)
+        nodes, weights = [], []
+        current = "x"
+        for index, (k, n) in enumerate(flops.weight_sequence):
+            if index and flops.weight_sequence[index - 1][1] != k:
+                raise ValueError(f"weight products {flops.weight_sequence[index - 1]} then {(k, n)} do not chain")
+            # Scaled so that values stay near 1 through the chain (no overflow, no denormals).
+            weight = (rng.standard_normal((k, n), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
+            weights.append(numpy_helper.from_array(weight, f"w{index}"))
+            nodes.append(helper.make_node("MatMul", [current, f"w{index}"], [f"y{index}"]))
+            current = f"y{index}"
+        first_k, last_n = flops.weight_sequence[0][0], flops.weight_sequence[-1][1]
+        graph = helper.make_graph(
+            nodes,
+            "weight_products",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, first_k])],
+            [helper.make_tensor_value_info(current, TensorProto.FLOAT, [rows, last_n])],
+            initializer=weights,
+        )
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        self._runs: list[tuple[ort.InferenceSession, np.ndarray, int]] = []
-        for k, n in flops.weight_shapes:
-            weight = numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), "w")
-            graph = helper.make_graph(
-                [helper.make_node("MatMul", ["x", "w"], ["y"])],
-                "matmul",
-                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])],
-                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, n])],
-                initializer=[weight],
-            )
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            self._runs.append((session, rng.standard_normal((rows, k), dtype=np.float32), 2 * rows * k * n))
-        self._seconds_per_flop = 0.0  # summed over the passes
+        options.inter_op_num_threads = 1
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        self._session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self._x = rng.standard_normal((rows, first_k), dtype=np.float32)
+        self._pass_flops = sum(2.0 * rows * k * n for k, n in flops.weight_sequence)
+        self._seconds = 0.0
         self._passes = 0
-        # The model's FLOP mix over the shapes: how much of one token's weight FLOPs each shape is.
-        total = sum(flops.weight_shapes.values())
-        self._share = [flops.weight_shapes[shape] / total for shape in flops.weight_shapes]
         for _ in range(2):
-            self.run(record=False)
+            self._session.run(None, {"x": self._x})
 
-    def run(self, record: bool = True) -> None:
-        """One MatMul of each shape: seconds per FLOP of each, weighted by the shape's share of the model's."""
-        for (session, x, flops), share in zip(self._runs, self._share, strict=True):
-            started = time.perf_counter()
-            session.run(None, {"x": x})
-            if record:
-                self._seconds_per_flop += (time.perf_counter() - started) / flops * share
-        self._passes += record
+    def run(self) -> None:
+        started = time.perf_counter()
+        self._session.run(None, {"x": self._x})
+        self._seconds += time.perf_counter() - started
+        self._passes += 1
 
     @property
     def gflops(self) -> float:
-        """FLOP/s of the model's weight multiplications in its own mix, over the passes run so far."""
-        return self._passes / self._seconds_per_flop / 1e9
+        """FLOP/s of the model's weight products, over the passes run so far."""
+        return self._passes * self._pass_flops / self._seconds / 1e9
 
 
 def compute_floor(

@@ -129,3 +129,36 @@ async def test_a_repository_that_cannot_be_read_unloads_nothing(repository_copy:
         hidden.rename(repository_copy)
         assert report == {"loaded": [], "unloaded": [], "refused": [], "failed": []}
         assert (await embed(client, "tiny@1")).status_code == 200
+
+
+async def test_a_version_added_under_load_fails_no_request_and_a_tampered_one_shows_in_models(
+    repository_copy: Path,
+) -> None:
+    async with running_gateway(admin_settings(repository_copy)) as (_, client):
+        statuses: list[int] = []
+        loaded = asyncio.Event()
+
+        async def keep_sending(worker: int) -> None:
+            sent = 0
+            while not loaded.is_set() or sent < 20:  # before, during and after the reload
+                model = ("tiny", "tiny@2", "tiny@1", "minilm")[worker]
+                statuses.append((await embed(client, model, f"under load {worker} {sent}")).status_code)
+                sent += 1
+
+        async def add_versions() -> None:
+            await asyncio.sleep(0.2)
+            export_tiny(repository_copy, seed=13)  # tiny@3
+            tampered = repository_copy / "tiny" / "4"
+            shutil.copytree(repository_copy / "tiny" / "3", tampered)
+            with (tampered / "model.onnx").open("ab") as weights:
+                weights.write(b"\0")
+            report = (await client.post("/v1/admin/models/reload", headers=ADMIN)).json()
+            assert report["loaded"] == ["tiny@3"] and [r["version"] for r in report["refused"]] == ["tiny@4"]
+            loaded.set()
+
+        await asyncio.gather(add_versions(), *(keep_sending(worker) for worker in range(4)))
+        assert len(statuses) >= 80 and set(statuses) == {200}
+        models = (await client.get("/v1/models", headers=ADMIN)).json()["data"]
+        tiny = next(model for model in models if model["id"] == "tiny")
+        states = {v["version"]: v["state"] for v in tiny["versions"]}
+        assert (states[3], states[4]) == ("ready", "refused")
