@@ -46,12 +46,12 @@ test: bootstrap-model ensure-redis triton-setup lint typecheck
 
 ## ruff (lint + format) and the import contracts of pyproject.toml's [tool.importlinter] (imports go one way).
 lint: $(STAMP)
-	$(PY) -m ruff check service trainer loadtests tests
-	$(PY) -m ruff format --check service trainer loadtests tests
+	$(PY) -m ruff check service trainer loadtests tests client
+	$(PY) -m ruff format --check service trainer loadtests tests client
 	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)
-	$(PY) -m mypy service trainer loadtests
+	$(PY) -m mypy service trainer loadtests client
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
