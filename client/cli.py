@@ -80,11 +80,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
 
 
 def _floats(text: str) -> list[float]:
-    return [float(part) for part in text.split(",") if part.strip()]
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

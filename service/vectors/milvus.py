@@ -220,8 +220,10 @@ class Milvus:
             metric_type="COSINE",
             params=dict(index_params),
         )
+        # Nested under "params" (the JSON form Milvus has always taken): Milvus Lite reads index parameters only there.
+        bm25 = bm25_index_params(keyword_analyzer)
         indexes.add_index(
-            "sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25", params=bm25_index_params(keyword_analyzer)
+            "sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25", params={"params": bm25} if bm25 else {}
         )
         await self.call(
             "create_collection",
