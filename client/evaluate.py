@@ -139,11 +139,19 @@ def score_settings(
     queries: list[LabelledQuery], legs: list[Legs], settings: list[Fusion]
 ) -> dict[str, dict[str, float]]:
     """Mean metrics of dense, keyword and each fusion setting (by its label), over ``queries``."""
-    scores: dict[str, Scores] = {}
-    for labelled, query_legs in zip(queries, legs, strict=True):
+    ranked: dict[str, list[Ranking]] = {}
+    for query_legs in legs:
         for label, ranking in rankings(query_legs, settings).items():
-            scores.setdefault(label, Scores()).add([item for item, _ in ranking], labelled.relevant)
-    return {label: score.means() for label, score in scores.items()}
+            ranked.setdefault(label, []).append(ranking)
+    return {label: mean_metrics(queries, rankings_of_label) for label, rankings_of_label in ranked.items()}
+
+
+def mean_metrics(queries: list[LabelledQuery], rankings: list[Ranking]) -> dict[str, float]:
+    """Mean metrics of one ranking per query, rounded to 4 places."""
+    scores = Scores()
+    for labelled, ranking in zip(queries, rankings, strict=True):
+        scores.add([item for item, _ in ranking], labelled.relevant)
+    return scores.means()
 
 
 def best_setting(figures: dict[str, dict[str, float]], settings: list[Fusion]) -> Fusion:
