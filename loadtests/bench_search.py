@@ -213,7 +213,10 @@ def print_latency(report: dict[str, Any]) -> None:
                 f"{row['errors']:>8}"
             )
     ratio = report["hybrid_vs_dense_p95"]
-    print(f"hybrid P95 / dense P95 at concurrency 1: {ratio['ratio']} (target <= {ratio['target']})")
+    print(
+        f"hybrid P95 / dense P95 at concurrency 1: {ratio['ratio']} (target <= {ratio['target']}); hybrid P95 / "
+        f"(dense P95 + keyword P95): {ratio['ratio_to_dense_plus_keyword']}"
+    )
 
 
 def latency(args: argparse.Namespace, work: Path, url: str, milvus_uri: str, report: dict[str, Any]) -> None:
@@ -223,9 +226,14 @@ def latency(args: argparse.Namespace, work: Path, url: str, milvus_uri: str, rep
     report["upsert_real_text"] = upsert_throughput(url, texts, args.batch)
     print("searching ...", flush=True)
     report["search"] = search_latency(url, list(sentences())[:500], args.seconds)
-    ratio = report["search"]["hybrid_c1"]["p95_ms"] / report["search"]["dense_c1"]["p95_ms"]
+    search = report["search"]
+    ratio = search["hybrid_c1"]["p95_ms"] / search["dense_c1"]["p95_ms"]
     report["hybrid_vs_dense_p95"] = {
         "ratio": round(ratio, 2),
+        # Milvus Lite runs each leg in Python under one lock: hybrid costs about both legs, whatever the gateway does.
+        "ratio_to_dense_plus_keyword": round(
+            search["hybrid_c1"]["p95_ms"] / (search["dense_c1"]["p95_ms"] + search["keyword_c1"]["p95_ms"]), 2
+        ),
         "target": MAX_HYBRID_P95_RATIO,
         "hybrid_candidates": DEFAULT_CANDIDATES,
         "hybrid_fusion": DEFAULT_FUSION.label,
@@ -240,7 +248,7 @@ def quality(args: argparse.Namespace, work: Path, url: str, report: dict[str, An
         report["quality"] = {**(previous or {}), "skipped": f"{reason}; the previous run's figures are kept"}
         return
     encoder = SyntheticEncoder(ModelStore.scan(args.repository))
-    report["quality"] = search_quality.quality(url, pages, work, args.repository, encoder)
+    report["quality"] = search_quality.quality(url, pages, args.queries, work, args.repository, encoder)
 
 
 def main() -> None:
@@ -251,6 +259,7 @@ def main() -> None:
     parser.add_argument("--search-items", type=int, default=100_000, help="synthetic items searched")
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per search scenario")
     parser.add_argument("--pages", type=int, default=0, help="man pages in the quality set (0: every one)")
+    parser.add_argument("--queries", type=int, default=2000, help="of them, queries evaluated (0: every page's)")
     parser.add_argument("--only", choices=("latency", "quality"), help="run one part (its results only are written)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()

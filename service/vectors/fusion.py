@@ -67,7 +67,7 @@ class WeightedFusion(BaseModel):
 
 Fusion = Annotated[RrfFusion | WeightedFusion, Field(discriminator="method")]
 
-DEFAULT_FUSION: RrfFusion | WeightedFusion = RrfFusion(method="rrf", k=DEFAULT_RRF_K)
+DEFAULT_FUSION: RrfFusion | WeightedFusion = WeightedFusion(method="weighted", alpha=0.5, normalization="zscore")
 
 
 class HybridSettings(BaseModel):

@@ -9,6 +9,7 @@ from service.errors import InvalidRequest
 from service.settings import Settings
 from service.vectors.filters import FieldType
 from service.vectors.fusion import MAX_CANDIDATES, Fusion, HybridSettings, ResolvedHybrid
+from service.vectors.keywords import KeywordAnalyzer
 
 MAX_ITEMS_PER_REQUEST = 1000
 MAX_TOP_K = 1000
@@ -67,7 +68,9 @@ class CollectionInfo(BaseModel):
     fields: dict[str, FieldType]
     items: int | None = Field(description="Items stored (null when it could not be counted).")
     index: IndexInfo
-    keyword_analyzer: str = Field(description="How the stored text is split into terms for keyword (BM25) search.")
+    keyword_analyzer: KeywordAnalyzer = Field(
+        description="How the stored text is split into terms for keyword (BM25) search: english_stop or standard."
+    )
     hybrid: ResolvedHybrid = Field(
         description="The hybrid-search defaults that apply: the collection's, else the gateway's."
     )
