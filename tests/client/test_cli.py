@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from loadtests.processes import gateway
+from service.vectors.fusion import DEFAULT_FUSION
 from trainer.data.sample_text import sentences
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,7 +112,7 @@ def test_evaluate_equals_an_independent_computation_through_the_search_route(
     assert len({round(figures["ndcg@10"], 4) for figures in mine.values()}) >= 4
     best = max(mine[m]["ndcg@10"] for m in methods[2:])
     assert report["suggested"]["ndcg@10"] == pytest.approx(best, abs=5.1e-5)
-    assert report["collection_default"]["label"] == "rrf k=60"
+    assert report["collection_default"]["label"] == DEFAULT_FUSION.label
 
 
 def test_evaluate_prints_a_table_with_the_suggestion(url: str, pairs: Path) -> None:
