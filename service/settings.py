@@ -272,6 +272,12 @@ class Settings(BaseSettings):
     vector_consistency: Literal["Strong", "Bounded", "Session", "Eventually"] = Field(
         "Strong", description="Milvus consistency level of new collections; Strong = a search sees every prior write."
     )
+    keyword_analyzer: Literal["english_stop", "standard"] = Field(
+        "english_stop",
+        description="How new collections (and the new version of a re-indexed one) analyse text for keyword search: "
+        "english_stop = standard tokenizer, lower case, English stop words, BM25 k1 1.2 b 0.75; standard = Milvus's "
+        "default analyser (what collections created before this setting have). Fixed per collection at creation.",
+    )
     reindex_batch_size: int = Field(256, description="Items re-embedded per batch while a collection is re-indexed.")
     reindex_grace_s: int = Field(
         300, description="Seconds the previous version's collection is kept after a re-index moves the alias."

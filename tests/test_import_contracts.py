@@ -19,7 +19,7 @@ def lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    for package in ("service", "trainer"):
+    for package in ("service", "trainer", "client"):
         shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
     return tmp_path
@@ -60,6 +60,10 @@ def test_the_tree_keeps_every_contract(tree: Path) -> None:
             "from service.edge.auth import require",
             "service.models.manifest is not allowed to import fastapi",
         ),
+        ("client/evaluate.py", "import fastapi", "client is not allowed to import fastapi"),
+        ("client/http.py", "from service.vectors.store import VectorStore", "client is not allowed to import"),
+        ("service/vectors/fusion.py", "import pymilvus", "service.vectors.fusion is not allowed to import pymilvus"),
+        ("service/vectors/fusion.py", "from service.errors import ApiError", "is not allowed to import service.errors"),
     ],
 )
 def test_a_wrong_way_import_fails_lint(tree: Path, module: str, wrong_import: str, verdict: str) -> None:

@@ -32,6 +32,8 @@ from service.errors import InvalidRequest, ModelNotFound, NotFound, ServiceUnava
 from service.models.store import ModelVersion
 from service.vectors.coordination import Coordination
 from service.vectors.filters import FieldType, quote
+from service.vectors.fusion import HybridSettings
+from service.vectors.keywords import LEGACY_ANALYZER, KeywordAnalyzer
 from service.vectors.milvus import CATALOG, Milvus
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ class Physical(BaseModel):
     dimension: int
     index_type: str
     index_params: dict[str, int | float | str]
+    # How its text is analysed for BM25, fixed when it was created (records from before it was kept: Milvus's default).
+    keyword_analyzer: KeywordAnalyzer = LEGACY_ANALYZER
 
 
 class Reindex(BaseModel):
@@ -101,6 +105,8 @@ class CollectionRecord(BaseModel):
     fields: dict[str, FieldType]
     active: Physical
     created_at: float
+    # Hybrid-search defaults set by the collection's owner; records from before they existed hold none.
+    hybrid: HybridSettings = HybridSettings()
     reindex: Reindex | None = None
     retired: list[Retired] = []
 

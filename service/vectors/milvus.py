@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from pymilvus import AnnSearchRequest, DataType, Function, FunctionType, MilvusClient, RRFRanker
+from pymilvus import DataType, Function, FunctionType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
 from service.errors import ApiError, Conflict, NotFound, ServiceUnavailable
 from service.settings import Settings
 from service.vectors.filters import quote
+from service.vectors.keywords import KeywordAnalyzer, analyzer_params, bm25_index_params
 
 log = logging.getLogger(__name__)
 
@@ -190,13 +191,20 @@ class Milvus:
     # ── collections ─────────────────────────────────────────────────────────
 
     async def create_physical(
-        self, name: str, dimension: int, index_type: str, index_params: dict[str, int | float | str]
+        self,
+        name: str,
+        dimension: int,
+        index_type: str,
+        index_params: dict[str, int | float | str],
+        keyword_analyzer: KeywordAnalyzer,
     ) -> None:
-        """A collection of items with ``dimension``-dimensional vectors, indexed and loaded (so searching it
-        never waits for an index build)."""
+        """A collection of items with ``dimension``-dimensional vectors and text analysed by ``keyword_analyzer``,
+        indexed and loaded (so searching it never waits for an index build)."""
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
-        schema.add_field("text", DataType.VARCHAR, max_length=65_535, enable_analyzer=True)
+        analyzer = analyzer_params(keyword_analyzer)
+        analysis = {} if analyzer is None else {"analyzer_params": analyzer}
+        schema.add_field("text", DataType.VARCHAR, max_length=65_535, enable_analyzer=True, **analysis)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dimension)
         schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
         schema.add_field("metadata", DataType.JSON)
@@ -212,7 +220,11 @@ class Milvus:
             metric_type="COSINE",
             params=dict(index_params),
         )
-        indexes.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+        # Nested under "params" (the JSON form Milvus has always taken): Milvus Lite reads index parameters only there.
+        bm25 = bm25_index_params(keyword_analyzer)
+        indexes.add_index(
+            "sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25", params={"params": bm25} if bm25 else {}
+        )
         await self.call(
             "create_collection",
             name,
@@ -280,8 +292,11 @@ class Milvus:
             await self.call("delete", name, filter=_ids_expression(ids, key))
             await self._written(name, len(ids))
 
-    async def get(self, name: str, ids: list[str]) -> list[dict[str, Any]]:
-        return await self.query(name, _ids_expression(ids), ["id", "text", "metadata"])
+    async def get(
+        self, name: str, ids: list[str], fields: tuple[str, ...] = ("text", "metadata")
+    ) -> list[dict[str, Any]]:
+        """The id and ``fields`` of the rows of ``name`` whose id is one of ``ids`` (in no particular order)."""
+        return await self.query(name, _ids_expression(ids), ["id", *fields])
 
     async def query(
         self, name: str, expression: str, fields: list[str], limit: int | None = None
@@ -337,12 +352,6 @@ class Milvus:
             output_fields=outputs,
             search_params=params,
         )
-        return [dict(hit) for hit in results[0]]
-
-    async def hybrid_search(
-        self, name: str, legs: list[AnnSearchRequest], ranker: RRFRanker, limit: int, outputs: list[str]
-    ) -> list[dict[str, Any]]:
-        results = await self._loaded(name, "hybrid_search", name, legs, ranker, limit=limit, output_fields=outputs)
         return [dict(hit) for hit in results[0]]
 
     async def _loaded(self, name: str, method: str, *args: Any, **kwargs: Any) -> Any:

@@ -8,6 +8,8 @@ from service.edge.protocol import RequestBody
 from service.errors import InvalidRequest
 from service.settings import Settings
 from service.vectors.filters import FieldType
+from service.vectors.fusion import MAX_CANDIDATES, Fusion, HybridSettings, ResolvedHybrid
+from service.vectors.keywords import KeywordAnalyzer
 
 MAX_ITEMS_PER_REQUEST = 1000
 MAX_TOP_K = 1000
@@ -25,6 +27,20 @@ class CreateCollection(RequestBody):
         default_factory=dict,
         description="Declared metadata fields and their types (string, int, float, bool, string_list); only "
         "these may be stored and filtered on.",
+    )
+    hybrid: HybridSettings | None = Field(
+        None,
+        description="Hybrid-search defaults of the collection (fusion, candidates); left out: the gateway's. Change "
+        "them later with PATCH /v1/collections/{name}.",
+    )
+
+
+class UpdateCollection(RequestBody):
+    model_config = ConfigDict(extra="forbid")
+
+    hybrid: HybridSettings = Field(
+        description="New hybrid-search defaults: the fields given replace the collection's (null: back to the "
+        "gateway's default), the others stay."
     )
 
 
@@ -52,6 +68,12 @@ class CollectionInfo(BaseModel):
     fields: dict[str, FieldType]
     items: int | None = Field(description="Items stored (null when it could not be counted).")
     index: IndexInfo
+    keyword_analyzer: KeywordAnalyzer = Field(
+        description="How the stored text is split into terms for keyword (BM25) search: english_stop or standard."
+    )
+    hybrid: ResolvedHybrid = Field(
+        description="The hybrid-search defaults that apply: the collection's, else the gateway's."
+    )
     state: Literal["ready", "reindexing", "reindex_failed"]
     reindex: ReindexInfo | None = None
     created_at: float
@@ -117,13 +139,23 @@ class SearchRequest(RequestBody):
         None, description="Any of text, metadata and declared field names; default: text and metadata."
     )
     mode: Literal["dense", "keyword", "hybrid"] = Field(
-        "dense", description="dense: vector similarity; keyword: BM25 on the stored text; hybrid: both, fused by RRF."
+        "dense",
+        description="dense: vector similarity; keyword: BM25 on the stored text; hybrid: both legs, fused (fusion).",
+    )
+    fusion: Fusion | None = Field(
+        None,
+        description='Hybrid only: how the legs are fused, {"method": "rrf", "k": 60} or {"method": "weighted", '
+        '"alpha": 0.5, "normalization": "minmax"|"zscore"}; default: the collection\'s.',
+    )
+    candidates: Annotated[StrictInt, Field(ge=1, le=MAX_CANDIDATES)] | None = Field(
+        None,
+        description="Hybrid only: hits each leg retrieves before fusion (at least top_k); default: the collection's.",
     )
 
 
 class Hit(BaseModel):
     id: str
-    score: float = Field(description="Higher is more similar (cosine, BM25 or RRF score, by mode).")
+    score: float = Field(description="Higher is more similar (cosine, BM25 or the fused score, by mode).")
     text: str | None = None
     metadata: dict[str, Any] | None = None
 

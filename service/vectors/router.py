@@ -15,6 +15,7 @@ from service.vectors.protocol import (
     ReindexRequest,
     SearchRequest,
     SearchResponse,
+    UpdateCollection,
     UpsertItems,
     UpsertResult,
 )
@@ -41,9 +42,19 @@ async def create_collection(
     response: Response,
 ) -> CollectionInfo:
     """Create a collection on a model (201); the same request again changes nothing (200); other settings: 409."""
-    info, created = await _store(request).create(name, body.model, body.fields)
+    info, created = await _store(request).create(name, body.model, body.fields, body.hybrid)
     response.status_code = 201 if created else 200
     return info
+
+
+@router.patch(
+    "/{name}", response_model=CollectionInfo, dependencies=WRITE, openapi_extra=request_schema(UpdateCollection)
+)
+async def update_collection(
+    name: str, body: Annotated[UpdateCollection, Depends(json_body(UpdateCollection))], request: Request
+) -> CollectionInfo:
+    """Change the collection's hybrid-search defaults (the fields given; null = the gateway's default)."""
+    return await _store(request).update_hybrid(name, body.hybrid)
 
 
 @router.get("", response_model=CollectionList, dependencies=READ)
@@ -91,7 +102,7 @@ async def delete_item(name: str, item_id: str, request: Request) -> Deleted:
 async def search(
     name: str, body: Annotated[SearchRequest, Depends(json_body(SearchRequest))], request: Request, response: Response
 ) -> SearchResponse:
-    """The top_k most similar items, best first: dense (vectors), keyword (BM25) or hybrid (both, RRF)."""
+    """The top_k most similar items, best first: dense (vectors), keyword (BM25) or hybrid (both legs, fused)."""
     hits, version = await _store(request).search(name, body)
     request.state.model_version = version
     response.headers["x-model-version"] = str(version.version)

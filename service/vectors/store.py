@@ -39,6 +39,7 @@ from service.vectors.catalog import (
 from service.vectors.checks import MAX_ID_CHARS, check_fields, check_id, check_items
 from service.vectors.coordination import create_coordination
 from service.vectors.filters import FieldType
+from service.vectors.fusion import HybridSettings
 from service.vectors.metrics import VectorMetrics
 from service.vectors.milvus import Milvus, MissingCollection
 from service.vectors.protocol import CollectionInfo, Hit, IndexInfo, Item, ItemIn, ReindexInfo, SearchRequest
@@ -106,9 +107,12 @@ class VectorStore:
     # ── collections ────────────────────────────────────────────────────────
 
     @_traced
-    async def create(self, name: str, model: str, fields: dict[str, FieldType]) -> tuple[CollectionInfo, bool]:
-        """Create ``name`` on ``model`` (name or name@version); (its description, whether it was created).
-        Creating an existing collection with the same model and fields changes nothing."""
+    async def create(
+        self, name: str, model: str, fields: dict[str, FieldType], hybrid: HybridSettings | None = None
+    ) -> tuple[CollectionInfo, bool]:
+        """Create ``name`` on ``model`` (name or name@version) with ``hybrid`` search defaults; (its description,
+        whether it was created). Creating an existing collection with the same model and fields changes nothing
+        (nor does leaving ``hybrid`` out); other hybrid defaults are a conflict (PATCH changes them)."""
         check_collection_name(name)
         check_fields(fields)
         version = self._encoder.resolve(model)
@@ -126,11 +130,23 @@ class VectorStore:
                         f"collection '{name}' exists with model {existing.model}@{existing.active.version} and "
                         f"fields {json.dumps(existing.fields)}; delete it first or choose another name."
                     )
+                if hybrid is not None and hybrid != existing.hybrid:
+                    raise Conflict(
+                        f"collection '{name}' exists with other hybrid defaults "
+                        f"({existing.hybrid.model_dump_json(exclude_none=True)}); change them with PATCH "
+                        f"/v1/collections/{name}.",
+                        param="hybrid",
+                    )
                 return await self._describe(existing), False
             physical = await self._create_physical(name, version)
             await self._milvus.point_alias(name, physical.name)
             record = CollectionRecord(
-                name=name, model=version.model, fields=fields, active=physical, created_at=time.time()
+                name=name,
+                model=version.model,
+                fields=fields,
+                active=physical,
+                created_at=time.time(),
+                hybrid=hybrid or HybridSettings(),
             )
             await self._catalog.save(record)
         self._metrics.set_items(name, record.model, physical.version, 0)
@@ -145,11 +161,12 @@ class VectorStore:
             dimension=version.dimension,
             index_type=self._settings.vector_index,
             index_params=self._settings.vector_index_params,
+            keyword_analyzer=self._settings.keyword_analyzer,
         )
         # That version's collection may linger (a failed re-index, or one retired and not dropped yet).
         await self._milvus.drop_physical(physical.name)
         await self._milvus.create_physical(
-            physical.name, physical.dimension, physical.index_type, physical.index_params
+            physical.name, physical.dimension, physical.index_type, physical.index_params, physical.keyword_analyzer
         )
         return physical
 
@@ -197,6 +214,8 @@ class VectorStore:
             fields=record.fields,
             items=items,
             index=IndexInfo(type=record.active.index_type, metric="COSINE", params=record.active.index_params),
+            keyword_analyzer=record.active.keyword_analyzer,
+            hybrid=record.hybrid.resolved(),
             state="ready" if reindex is None else "reindexing" if reindex.state == "running" else "reindex_failed",
             reindex=None
             if reindex is None
@@ -211,6 +230,20 @@ class VectorStore:
             ),
             created_at=record.created_at,
         )
+
+    @_traced
+    async def update_hybrid(self, name: str, hybrid: HybridSettings) -> CollectionInfo:
+        """Replace the hybrid defaults of ``name`` that ``hybrid`` sets (a field given as null: back to the gateway's
+        default); the others stay. Every replica searches with them from its next request."""
+        record = await self._catalog.get(name)
+        _tag(record.model, record.active.version)
+        async with self._coordination.holding(name, exclusive=True) as held:
+            record = await self._catalog.get(name, held)
+            changes = {field: getattr(hybrid, field) for field in hybrid.model_fields_set}
+            record = record.model_copy(update={"hybrid": record.hybrid.model_copy(update=changes)})
+            await self._catalog.save(record)
+        log.info("collection hybrid defaults changed", extra={"collection": name})
+        return await self._describe(record)
 
     @_traced
     async def drop(self, name: str) -> None:

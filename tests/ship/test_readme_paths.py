@@ -7,7 +7,7 @@ from tests.ship.conftest import ROOT
 README = (ROOT / "README.md").read_text()
 # Folders of the repository whose paths the README quotes (built or user folders, such as
 # model_repository/ or runs/, are not in it).
-TRACKED_TOPS = ("service/", "trainer/", "tests/", "loadtests/", "helm/", "examples/", "scripts/")
+TRACKED_TOPS = ("service/", "trainer/", "client/", "tests/", "loadtests/", "helm/", "examples/", "scripts/")
 FILE_NAME = re.compile(r"(?<![\w/.<>-])[\w-]+\.(?:py|yaml|json|md|txt)\b")
 
 
@@ -51,11 +51,11 @@ def test_the_layout_tree_names_only_paths_that_exist() -> None:
     assert not missing, f"README Layout names paths that do not exist: {missing}"
 
 
-def test_every_file_of_the_gateway_and_trainer_is_in_the_layout_tree() -> None:
+def test_every_file_of_the_gateway_trainer_and_client_is_in_the_layout_tree() -> None:
     named = set(layout_paths())
     sources = [
         p.relative_to(ROOT).as_posix()
-        for top in ("service", "trainer")
+        for top in ("service", "trainer", "client")
         for p in (ROOT / top).rglob("*.py")
         if p.name != "__init__.py" and "__pycache__" not in p.parts
     ]
