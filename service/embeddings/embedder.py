@@ -200,7 +200,7 @@ class Embedder:
         mode: Truncation = truncation or ("right" if self._settings.truncate else "none")
         lane: Lane = "bulk" if len(texts) > self._settings.bulk_min_inputs else "interactive"
         # Shed load before any work: no hashing, cache lookup or tokenising for inputs the queue can't take.
-        self._batchers[(version.model, version.version)].admit(len(texts), lane)
+        self._batcher(version).admit(len(texts), lane)
         try:
             async with asyncio.timeout(self._settings.request_timeout_s):
                 digests = [_digest(text, mode) for text in texts]
@@ -263,6 +263,12 @@ class Embedder:
                     raise TooManyTokens(index, computation.too_long[digest], limit)
         return found, len(missing), _mean_times(owners, len(by_digest))
 
+    def _batcher(self, version: ModelVersion) -> Batcher:
+        batcher = self._batchers.get((version.model, version.version))
+        if batcher is None:  # unloaded (hot-loading) between routing and now
+            raise ServiceUnavailable(f"{version.name} is no longer served; retry (another version answers).")
+        return batcher
+
     def _joinable(self, key: tuple[str, int, Truncation, str]) -> bool:
         computation = self._in_flight.get(key)
         # A computation cancelled by its last waiter can't be joined: the input is computed anew.
@@ -271,7 +277,7 @@ class Embedder:
     def _start_computation(
         self, version: ModelVersion, digests: list[str], texts: list[str], lane: Lane, truncation: Truncation
     ) -> None:
-        batcher = self._batchers[(version.model, version.version)]
+        batcher = self._batcher(version)
         encode = functools.partial(
             version.tokenizer.encode,
             texts,

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from pydantic import SecretStr
 
 from loadtests.processes import MilvusLiteServer
+from service.errors import ServiceUnavailable
 from service.models.tokenization import TextTokenizer
 from service.settings import Settings
 from tests.conftest import export_tiny
@@ -162,3 +164,15 @@ async def test_a_version_added_under_load_fails_no_request_and_a_tampered_one_sh
         tiny = next(model for model in models if model["id"] == "tiny")
         states = {v["version"]: v["state"] for v in tiny["versions"]}
         assert (states[3], states[4]) == ("ready", "refused")
+
+
+async def test_a_version_unloaded_between_routing_and_embedding_answers_503(repository_copy: Path) -> None:
+    async with running_gateway(admin_settings(repository_copy)) as (app, _):
+        embedder = app.state.embedder
+        version, _ = embedder.route("tiny@2")
+        batcher = app.state.batchers.pop(("tiny", 2))  # what a reload does while this request is on its way
+        try:
+            with pytest.raises(ServiceUnavailable, match="no longer served"):
+                await embedder.embed(["raced"], version)
+        finally:
+            await batcher.stop()
