@@ -33,6 +33,9 @@ from service.embeddings.versions import VersionLoader
 from service.errors import ApiError
 from service.models import router as models
 from service.models.store import ModelStore, ModelVersion
+from service.releases import router as releases
+from service.releases.ledger import Budget, MemoryReleaseLedger, RedisReleaseLedger, ReleaseLedger
+from service.releases.signals import ReleaseMetrics, ReleaseSignals
 from service.rollouts import router as rollouts
 from service.rollouts.analysis import RolloutAnalysis
 from service.rollouts.shadow import ShadowMirror
@@ -72,6 +75,21 @@ def create_cache(settings: Settings, metrics: Metrics, tracer: Tracer) -> Embedd
         breaker=breaker,
         tracer=tracer,
     )
+
+
+def create_release_ledger(settings: Settings) -> ReleaseLedger:
+    """The release ledger and budget: in Redis when configured (every replica shares it), else in-process."""
+    budget = Budget(
+        max_releases=settings.release_max_per_window,
+        max_training_hours=settings.release_max_training_hours,
+        window_s=settings.release_window_s,
+        max_duration_s=settings.release_max_duration_s,
+    )
+    if not settings.redis_url:
+        return MemoryReleaseLedger(budget)
+    timeout_s = settings.redis_timeout_ms / 1000
+    redis = Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    return RedisReleaseLedger(redis, settings.redis_prefix, budget)
 
 
 def create_rollout_store(settings: Settings) -> RolloutStore:
@@ -180,6 +198,22 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
         )
         analysis.start()
         app.state.analysis = analysis
+        # Releases: the shared ledger and budget, and the signals (model age, drift streaks) that make one due.
+        app.state.release_ledger = create_release_ledger(settings)
+        release_signals = ReleaseSignals(
+            store,
+            rollout_watcher,
+            drift,
+            app.state.release_ledger,
+            ReleaseMetrics(metrics.registry),
+            max_age_s=settings.release_max_model_age_s,
+            drift_threshold=settings.release_drift_mmd,
+            drift_intervals=settings.release_drift_intervals,
+            interval_s=settings.drift_interval_s,
+        )
+        await release_signals.refresh()
+        release_signals.start()
+        app.state.release_signals = release_signals
         # Everything built so far lives as long as the app: keep it out of the garbage collector's
         # scans, whose full passes otherwise show up as tail latency.
         gc.freeze()
@@ -195,6 +229,8 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
         try:
             yield
         finally:
+            await release_signals.close()
+            await app.state.release_ledger.close()
             await analysis.close()
             await versions.close()
             await app.state.shadow.close()
@@ -219,6 +255,7 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
     app.include_router(models.router, dependencies=[Depends(require("embed"))])
     app.include_router(collections.router)  # each route names its scope: search, or write
     app.include_router(rollouts.router)
+    app.include_router(releases.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(AccessMiddleware, metrics=metrics, tracer=tracing.tracer)
     app.add_exception_handler(ApiError, _api_error)

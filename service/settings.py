@@ -235,6 +235,37 @@ class Settings(BaseSettings):
         1.0, gt=0, description="Seconds between two reads of the rollout states from Redis by each replica."
     )
 
+    # Release triggers and budgets (service/releases): what lets `python -m trainer release` start a release.
+    release_max_per_window: int = Field(
+        1, ge=0, description="Releases that may start within release_window_s, every model together; 0 = none."
+    )
+    release_max_training_hours: float = Field(
+        24.0,
+        ge=0,
+        description="Training hours the releases started within release_window_s may use together; a release "
+        "is refused once they are spent, and one running stops training when it reaches what is left.",
+    )
+    release_window_s: float = Field(
+        7 * 86400.0, gt=0, description="The sliding window of the release budget, in seconds (default a week)."
+    )
+    release_max_duration_s: float = Field(
+        86400.0,
+        gt=0,
+        description="A release that reported no outcome blocks another of its model for at most this long "
+        "(a crashed release that is never resumed).",
+    )
+    release_max_model_age_s: float = Field(
+        30 * 86400.0,
+        gt=0,
+        description="Staleness trigger: a release is due when the stable version was exported longer ago.",
+    )
+    release_drift_mmd: float = Field(
+        0.1, ge=0, description="Drift trigger: the stable version's embedserve_drift_mmd above this ..."
+    )
+    release_drift_intervals: int = Field(
+        4, ge=1, description="... for this many drift recomputations in a row (drift_interval_s apart) on a replica."
+    )
+
     # Drift monitoring (service/telemetry/drift.py).
     drift_interval_s: float = Field(
         15.0, gt=0, description="Seconds between two recomputations of the drift gauges (MMD, mean cosine distance)."

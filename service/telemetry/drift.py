@@ -211,6 +211,8 @@ class DriftMonitor:
         self._references: dict[tuple[str, int, str], _Reference | None] = {}
         self._lock = threading.Lock()
         self._loop = Periodic("drift-gauges", interval_s, self._update_gauges_in_thread)
+        self.latest: dict[tuple[str, int], DriftScores] = {}
+        self.rounds = 0
         versioned = ["model", "version"]
         self.mmd = Gauge(
             "embedserve_drift_mmd",
@@ -292,12 +294,15 @@ class DriftMonitor:
         return None
 
     def update_gauges(self) -> None:
-        """Recompute every version's scores and set its gauges (versions without scores keep no series)."""
+        """Recompute every version's scores and set its gauges (versions without scores keep no series);
+        ``latest`` keeps each version's last scores and ``rounds`` counts the recomputations."""
         for model, version in sorted({(model, version) for model, version, _ in list(self._reservoirs)}):
             scores = self.scores(model, version)
             if scores is not None:
+                self.latest[(model, version)] = scores
                 self.mmd.labels(model, str(version)).set(scores.mmd)
                 self.mean_cosine.labels(model, str(version)).set(scores.mean_cosine_distance)
+        self.rounds += 1
 
     def start(self) -> None:
         self._loop.start()
