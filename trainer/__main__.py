@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +48,25 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         help="add (or, with --no-tensorrt, remove) the TensorRT FP16 accelerator on gpu instances (default: kept)",
     )
+
+    chain = commands.add_parser(
+        "release",
+        help="train, gate against stable, export, have the gateway serve it, canary it to promotion; resumable",
+        description="One release from the corpus to a promoted version (see trainer/release/chain.py). Exit 0: "
+        "promoted (or, with --trigger auto, nothing due); 3: refused by the release budget; 1: anything else. "
+        "Running it again after a crash resumes the unfinished release. The admin key is EMBEDSERVE_ADMIN_API_KEY.",
+    )
+    chain.add_argument("--config", type=Path, required=True)
+    chain.add_argument("--gateway", default=os.environ.get("EMBEDSERVE_URL", "http://127.0.0.1:8000"))
+    chain.add_argument(
+        "--trigger",
+        choices=["manual", "schedule", "drift", "staleness", "auto"],
+        default="manual",
+        help="what starts it (counted by the gateway); auto: only if the gateway says staleness or drift is due",
+    )
+    chain.add_argument("--state-dir", type=Path, default=Path("releases"), help="where releases keep their state")
+    chain.add_argument("--report", type=Path, help="write the JSON report here too (default: the release's folder)")
+    chain.add_argument("--restart", action="store_true", help="abandon the unfinished release and start a new one")
 
     quantize = commands.add_parser("quantize", help="write the INT8 (per-channel) twin of a version as a new version")
     quantize.add_argument("--version-dir", type=Path, required=True, help="e.g. model_repository/minilm/1")
@@ -104,6 +124,8 @@ def run(args: argparse.Namespace) -> None:
         triton = TritonChanges(args.triton_instance_kind, args.triton_instances, tensorrt=args.tensorrt)
         written = publish(args.checkpoint, args.model, args.repository, force=args.force, triton=triton)
         log.info("exported", extra={"version_dir": str(written)})
+    elif args.command == "release":
+        sys.exit(release_command(args))
     elif args.command == "quantize":
         from trainer.data.sample_text import sentences
         from trainer.release.quantize import quantize_version
@@ -120,6 +142,27 @@ def run(args: argparse.Namespace) -> None:
         from trainer.release.triton_config import write_digests
 
         log.info("triton configs written", extra={"models": write_digests(args.repository)})
+
+
+def release_command(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.release.chain import exit_code, release, report
+    from trainer.release.gateway import ReleaseGateway
+
+    config = load_config(args.config)
+    gateway = ReleaseGateway(args.gateway, os.environ.get("EMBEDSERVE_ADMIN_API_KEY"))
+    try:
+        state = release(config, args.config.read_text(), gateway, args.state_dir, args.trigger, args.restart)
+    finally:
+        gateway.close()
+    document = json.dumps(report(state), indent=2) + "\n"
+    if state.release_id != "-":
+        (args.state_dir / state.model / state.release_id / "report.json").write_text(document)
+    if args.report is not None:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(document)
+    print(document, end="")
+    return exit_code(state)
 
 
 def evaluate_command(args: argparse.Namespace) -> dict[str, object]:

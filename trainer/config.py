@@ -140,6 +140,38 @@ class ExportConfig(_Strict):
     )
 
 
+class ReleaseGateConfig(_Strict):
+    min_delta: float = Field(
+        0.0,
+        description="The trained encoder's MRR@10 on export.eval_file must reach the stable version's plus this "
+        "(negative: a loss this large is tolerated); below it the release stops and nothing is exported.",
+    )
+
+
+class CanaryConfig(_Strict):
+    steps: list[int] = Field(
+        default_factory=lambda: [5, 25, 50, 100], description="Canary weights in percent the rollout climbs."
+    )
+    shadow_percent: float = Field(0.0, ge=0, le=100, description="Percent of stable requests mirrored to the canary.")
+    analysis: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The rollout analysis settings (interval_s, passes_to_step, failures_to_rollback, "
+        "max_wait_intervals, thresholds: see PUT /v1/rollouts); analysis is always enabled for a release.",
+    )
+    timeout_s: float = Field(
+        6 * 3600.0, gt=0, description="A canary still undecided after this long is rolled back by the release."
+    )
+
+
+class ReleaseConfig(_Strict):
+    gate: ReleaseGateConfig = Field(default_factory=ReleaseGateConfig, description="The gate against stable.")
+    canary: CanaryConfig = Field(default_factory=CanaryConfig, description="The canary rollout the release starts.")
+    serve_timeout_s: float = Field(
+        600.0, gt=0, description="How long the gateway may take to serve the exported version (hot-loading)."
+    )
+    poll_s: float = Field(5.0, gt=0, description="Seconds between two looks at the gateway while waiting.")
+
+
 class TrainConfig(_Strict):
     run_name: str = Field(description="Name of the run; its files go to output_dir/run_name.")
     output_dir: Path = Field(Path("runs"), description="Where runs keep checkpoints, metrics and plots.")
@@ -164,6 +196,10 @@ class TrainConfig(_Strict):
     )
     export: ExportConfig = Field(
         default_factory=ExportConfig, description="Where `python -m trainer export` writes the version, and its gate."
+    )
+    release: ReleaseConfig = Field(
+        default_factory=ReleaseConfig,
+        description="What `python -m trainer release` does after training: its gate against stable and its canary.",
     )
 
     @property

@@ -47,6 +47,11 @@ from trainer.plots import plot_metrics
 log = logging.getLogger(__name__)
 
 
+class TrainingTimeSpent(Exception):
+    """The run reached its time limit (a release's training budget); the checkpoint of the step it stopped at
+    is written."""
+
+
 class NonFiniteLoss(Exception):
     pass
 
@@ -323,7 +328,9 @@ class Trainer:
             "tokens_per_s": self.tokens_seen * self.topology.world_size / (time.perf_counter() - self.started),
         }
 
-    def run(self) -> TrainResult:
+    def run(self, time_limit_s: float | None = None) -> TrainResult:
+        """Train to max_steps; with ``time_limit_s``, stop at the first checkpoint written past that many seconds
+        (TrainingTimeSpent)."""
         optim = self.config.optim
         main = self.topology.is_main
         if main:
@@ -346,6 +353,13 @@ class Trainer:
                     handle.write(json.dumps(record) + "\n")
             if self.step % self.config.checkpoint.every_steps == 0 or self.step == optim.max_steps:
                 last_checkpoint = self.save()
+                # Collective: every rank stops at the same checkpoint when any of them is past the limit.
+                spent = time_limit_s is not None and time.perf_counter() - self.started > time_limit_s
+                if self.step < optim.max_steps and not all_ranks_agree(not spent, self.topology):
+                    raise TrainingTimeSpent(
+                        f"training stopped at step {self.step} of {optim.max_steps}: its time limit of "
+                        f"{(time_limit_s or 0) / 3600:.3f} h is spent; its checkpoint is kept"
+                    )
         progress.close()
         if main:
             plot_metrics(read_metrics(self.run_dir), self.run_dir / "curves.png")
@@ -398,14 +412,14 @@ def _metrics_step(line: str) -> int | None:
         return None
 
 
-def train(config: TrainConfig, resume: Path | None = None) -> TrainResult:
-    """Run (or resume) the training described by ``config``."""
+def train(config: TrainConfig, resume: Path | None = None, time_limit_s: float | None = None) -> TrainResult:
+    """Run (or resume) the training described by ``config``, for at most about ``time_limit_s`` seconds."""
     topology = init_topology()
     try:
         trainer = Trainer(config, topology)
         if resume is not None:
             trainer.restore(load_checkpoint(resume))
             log.info("resumed", extra={"step": trainer.step, "checkpoint": str(resume)})
-        return trainer.run()
+        return trainer.run(time_limit_s)
     finally:
         shutdown(topology)

@@ -1,0 +1,491 @@
+"""python -m trainer release — one chain from fresh data to a promoted version, resumable stage by stage.
+
+    snapshot → claim → train → gate → export → serve → canary → collections
+
+``snapshot`` fingerprints the corpus (a resumed release refuses a corpus that changed under it); ``claim`` takes
+a place in the gateway's release budget (/v1/admin/releases; refused: exit 3); ``train`` trains within the
+training hours the budget has left; ``gate`` compares the trained encoder's MRR@10 on the labeled
+``export.eval_file`` with the stable version's (a refused gate exports nothing); ``export`` writes the version;
+``serve`` has the gateway load it (hot-loading) and waits until it serves it; ``canary`` starts a rollout with
+analysis and follows it to promoted (the gateway re-indexes the model's collections before it promotes) or
+rolled back; ``collections`` records where the model's collections stand.
+
+Each finished stage is written to ``STATE_DIR/MODEL/RELEASE_ID/state.json`` before the next starts, and
+``STATE_DIR/MODEL/current`` names the unfinished release: running the command again after a crash continues
+from the first unfinished stage, with the same release id (and so the same place in the budget). A final
+outcome (promoted, gate_refused, canary_failed, budget_exhausted, failed, refused) ends the release; the next
+run starts a new one. The report (JSON) holds every stage's outcome, timings and details.
+"""
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from service.models.manifest import ManifestError, read_manifest
+from service.models.tokenization import TextTokenizer
+from trainer.checkpoint import latest_good, load_checkpoint
+from trainer.config import TrainConfig
+from trainer.data.corpus import PreparedCorpus
+from trainer.release.evaluate import EvaluationResult, evaluate, load_pairs
+from trainer.release.export import ExportRefused, embed_with_onnx, model_versions
+from trainer.release.gateway import RETRYABLE, GatewayError, ReleaseGateway
+from trainer.release.publish import EVALUATION_TEXTS, evaluate_encoder, load_trained, publish
+from trainer.train import TrainingTimeSpent, load_corpus, train
+
+log = logging.getLogger(__name__)
+
+STAGES = ("snapshot", "claim", "train", "gate", "export", "serve", "canary", "collections")
+ENDED_PHASES = ("promoted", "rolled_back", "failed")
+EXIT_PROMOTED, EXIT_FAILED, EXIT_REFUSED = 0, 1, 3
+Outcome = Literal["promoted", "gate_refused", "canary_failed", "budget_exhausted", "failed", "refused", "not_due"]
+# Outcomes the gateway's ledger records (a refused or not-due release never had a place in it).
+LEDGER_OUTCOMES = ("promoted", "gate_refused", "canary_failed", "budget_exhausted", "failed")
+
+
+class StageRecord(BaseModel):
+    status: Literal["done", "failed"]
+    started_at: datetime
+    seconds: float
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class ReleaseState(BaseModel):
+    release_id: str
+    model: str
+    trigger: str
+    config_sha256: str
+    started_at: datetime
+    stages: dict[str, StageRecord] = Field(default_factory=dict)
+    outcome: Outcome | None = None
+    failed_checks: list[str] = Field(default_factory=list)
+    error: str | None = None
+    training_seconds: float = 0.0
+    ledger_reported: bool = False
+
+    def detail(self, stage: str) -> dict[str, Any]:
+        return self.stages[stage].detail
+
+
+class ReleaseStopped(Exception):
+    """The release ends here with ``outcome`` (not a crash: running again starts a new release)."""
+
+    def __init__(
+        self, outcome: Outcome, message: str, checks: list[str] | None = None, detail: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.checks = checks or []
+        self.detail = detail or {}
+
+
+@dataclass
+class Release:
+    config: TrainConfig
+    gateway: ReleaseGateway
+    folder: Path  # STATE_DIR/MODEL/RELEASE_ID
+    state: ReleaseState
+    _corpus: PreparedCorpus | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> str:
+        return self.config.export.model
+
+    @property
+    def run_config(self) -> TrainConfig:
+        """The run's config with its files inside the release's folder, under a name unique to the release."""
+        return self.config.model_copy(
+            update={"run_name": f"{self.config.run_name}-{self.state.release_id}", "output_dir": self.folder / "runs"}
+        )
+
+    @property
+    def corpus(self) -> PreparedCorpus:
+        if self._corpus is None:
+            self._corpus = load_corpus(self.config.corpus)
+        return self._corpus
+
+    def save(self) -> None:
+        path = self.folder / "state.json"
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(self.state.model_dump_json(indent=2) + "\n")
+        os.replace(temporary, path)
+
+    # -- the chain -----------------------------------------------------------------------------
+    def run(self) -> ReleaseState:
+        steps: dict[str, Callable[[], dict[str, Any]]] = {
+            "snapshot": self.snapshot,
+            "claim": self.claim,
+            "train": self.train,
+            "gate": self.gate,
+            "export": self.export,
+            "serve": self.serve,
+            "canary": self.canary,
+            "collections": self.collections,
+        }
+        for name in STAGES:
+            done = self.state.stages.get(name)
+            if done is not None and done.status == "done":
+                continue
+            started, clock = datetime.now(UTC), time.perf_counter()
+            log.info("release stage", extra={"release_id": self.state.release_id, "stage": name})
+            try:
+                detail = steps[name]()
+            except ReleaseStopped as stop:
+                self._record(name, "failed", started, clock, {**stop.detail, "error": str(stop)})
+                self._end(stop.outcome, str(stop), stop.checks)
+                return self.state
+            except Exception as error:
+                # A crash, not a verdict: the release stays unfinished and running the command again resumes here.
+                self._record(name, "failed", started, clock, {"error": f"{type(error).__name__}: {error}"})
+                self.state.error = f"{name}: {type(error).__name__}: {error}"
+                self.save()
+                raise
+            self._record(name, "done", started, clock, detail)
+            self._tell_ledger(stage=name, version=detail.get("version"))
+        self._end("promoted", None, [])
+        return self.state
+
+    def _record(
+        self, name: str, status: Literal["done", "failed"], started: datetime, clock: float, detail: dict[str, Any]
+    ) -> None:
+        seconds = round(time.perf_counter() - clock, 3)
+        self.state.stages[name] = StageRecord(status=status, started_at=started, seconds=seconds, detail=detail)
+        self.save()
+
+    def _end(self, outcome: Outcome, error: str | None, checks: list[str]) -> None:
+        self.state.outcome, self.state.error, self.state.failed_checks = outcome, error, checks
+        self.save()
+        if outcome in LEDGER_OUTCOMES and "claim" in self.state.stages and self.state.stages["claim"].status == "done":
+            detail = "; ".join(checks) if checks else error
+            self.state.ledger_reported = self._tell_ledger(
+                stage="report", outcome=outcome, detail=detail[:2000] if detail else None
+            )
+        self.save()
+        log.info("release ended", extra={"release_id": self.state.release_id, "outcome": outcome, "checks": checks})
+
+    def _tell_ledger(self, **fields: Any) -> bool:
+        """Report to the gateway's ledger; the release goes on when the gateway cannot be told (it says so)."""
+        if "claim" not in self.state.stages or self.state.stages["claim"].status != "done":
+            return False
+        hours = round(self.state.training_seconds / 3600, 6)
+        for attempt in range(3):
+            try:
+                self.gateway.report(self.state.release_id, training_hours=hours, **fields)
+                return True
+            except GatewayError as error:
+                if error.status is not None and error.status not in RETRYABLE:
+                    break
+                time.sleep(2**attempt)
+        log.warning("release ledger not told", extra={"release_id": self.state.release_id, **fields})
+        return False
+
+    # -- stages ----------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        if self.config.export.eval_file is None or not self.config.export.eval_file.is_file():
+            raise ReleaseStopped(
+                "failed",
+                f"export.eval_file ({self.config.export.eval_file}) must be a labeled JSONL file "
+                '{"query", "document"}: the release gates the trained encoder against stable on it.',
+            )
+        corpus = self.corpus
+        return {
+            "corpus_fingerprint": corpus.fingerprint,
+            "train_texts": len(corpus.train),
+            "validation_texts": len(corpus.validation),
+        }
+
+    def _check_corpus(self) -> None:
+        recorded = self.state.detail("snapshot")["corpus_fingerprint"]
+        if self.corpus.fingerprint != recorded:
+            raise ReleaseStopped(
+                "failed",
+                f"the corpus changed since release {self.state.release_id} snapshotted it (fingerprint "
+                f"{recorded[:12]}… is now {self.corpus.fingerprint[:12]}…); a release trains and gates on one "
+                "snapshot: run again for a new release on the new corpus.",
+            )
+
+    def claim(self) -> dict[str, Any]:
+        try:
+            claim = self.gateway.claim(self.state.release_id, self.model, self.state.trigger)
+        except GatewayError as error:
+            if error.status in (409, 429):
+                raise ReleaseStopped("refused", str(error), [error.code or "refused"]) from None
+            raise
+        return {"training_hours_left": claim["training_hours_left"], "resumed": claim["resumed"]}
+
+    def train(self) -> dict[str, Any]:
+        self._check_corpus()
+        left_h = float(self.gateway.claim(self.state.release_id, self.model, self.state.trigger)["training_hours_left"])
+        if left_h <= 0:
+            raise ReleaseStopped("budget_exhausted", "no training hours left in the release budget's window")
+        config = self.run_config
+        resume = latest_good(config.run_dir / "checkpoints")
+        began = time.perf_counter()
+        try:
+            result = train(config, resume=resume, time_limit_s=left_h * 3600)
+        except TrainingTimeSpent as spent:
+            raise ReleaseStopped("budget_exhausted", f"{spent} (the release budget's training hours)") from None
+        finally:
+            self.state.training_seconds += time.perf_counter() - began
+            self.save()
+        return {
+            "steps": result.steps,
+            "final_loss": result.final_loss,
+            "checkpoint": str(result.last_checkpoint),
+            "training_hours": round(self.state.training_seconds / 3600, 6),
+            "resumed_from": str(resume) if resume else None,
+        }
+
+    def gate(self) -> dict[str, Any]:
+        checkpoint = Path(self.state.detail("train")["checkpoint"])
+        texts = self.corpus.validation[:EVALUATION_TEXTS]
+        eval_file = self.config.export.eval_file
+        assert eval_file is not None  # snapshot checked it
+        with torch.no_grad():
+            candidate = evaluate_encoder(load_trained(checkpoint), texts, eval_file)
+        stable_version = self.gateway.signals(self.model)["stable_version"]
+        stable = self._evaluate_version(stable_version, texts, eval_file) if stable_version else None
+        detail: dict[str, Any] = {
+            "metric": candidate.primary_metric,
+            "candidate": candidate.metrics,
+            "stable_version": stable_version,
+            "stable": stable.metrics if stable else None,
+            "min_delta": self.config.release.gate.min_delta,
+        }
+        if stable is not None:
+            needed = stable.primary + self.config.release.gate.min_delta
+            if candidate.primary < needed:
+                raise ReleaseStopped(
+                    "gate_refused",
+                    f"gate: {candidate.primary_metric} {candidate.primary:.4f} < {needed:.4f} (stable "
+                    f"{self.model}@{stable_version} {stable.primary:.4f} + min_delta "
+                    f"{self.config.release.gate.min_delta}); nothing was exported",
+                    [
+                        f"{candidate.primary_metric} {candidate.primary:.4f} < stable {stable.primary:.4f} + "
+                        f"{self.config.release.gate.min_delta}"
+                    ],
+                    detail,
+                )
+        return detail
+
+    def _evaluate_version(self, version: int, texts: list[str], eval_file: Path) -> EvaluationResult:
+        folder = self.config.export.repository / self.model / str(version)
+        manifest = read_manifest(folder)
+        tokenizer = TextTokenizer(folder / "tokenizer.json", manifest.max_seq_length)
+        return evaluate(
+            lambda batch: embed_with_onnx(folder / "model.onnx", tokenizer, batch), texts, load_pairs(eval_file)
+        )
+
+    def export(self) -> dict[str, Any]:
+        checkpoint = Path(self.state.detail("train")["checkpoint"])
+        written = self._exported(checkpoint)
+        if written is None:
+            try:
+                written = publish(checkpoint)
+            except ExportRefused as refused:
+                raise ReleaseStopped("gate_refused", str(refused), ["export.gate_threshold"]) from None
+        manifest = read_manifest(written)
+        return {"version": manifest.version, "sha256": manifest.sha256, "path": str(written)}
+
+    def _exported(self, checkpoint: Path) -> Path | None:
+        """The version this checkpoint was exported as by an earlier try of this release (crashed after it)."""
+        repository, source = self.config.export.repository, self._source(checkpoint)
+        for version in model_versions(repository, self.model):
+            try:
+                if read_manifest(repository / self.model / str(version)).source == source:
+                    return repository / self.model / str(version)
+            except ManifestError:
+                continue
+        return None
+
+    def _source(self, checkpoint: Path) -> str:
+        return f"trainer run {load_checkpoint(checkpoint)['config']['run_name']} checkpoint {checkpoint.name}"
+
+    def serve(self) -> dict[str, Any]:
+        version = int(self.state.detail("export")["version"])
+        deadline = time.monotonic() + self.config.release.serve_timeout_s
+        self._retrying(self.gateway.reload_models)
+        while True:
+            card = self._retrying(lambda: self.gateway.version_card(self.model, version))
+            if card is not None and card["state"] == "ready":
+                return {
+                    "version": version,
+                    "seconds_to_serve": round(self.config.release.serve_timeout_s - (deadline - time.monotonic()), 3),
+                }
+            if card is not None and card["state"] == "refused":
+                raise ReleaseStopped(
+                    "failed", f"the gateway refused {self.model}@{version}: {card.get('reason')}", ["version refused"]
+                )
+            if time.monotonic() > deadline:
+                raise ReleaseStopped(
+                    "failed",
+                    f"the gateway did not serve {self.model}@{version} within {self.config.release.serve_timeout_s:g} "
+                    f"s (last seen: {card['state'] if card else 'not listed'}); does it read the repository the "
+                    "release exports to?",
+                )
+            time.sleep(self.config.release.poll_s)
+            self._retrying(self.gateway.reload_models)
+
+    def canary(self) -> dict[str, Any]:
+        version = int(self.state.detail("export")["version"])
+        canary = self.config.release.canary
+        rollout = self._retrying(lambda: self.gateway.rollout(self.model))
+        if rollout is None or rollout.get("canary_version") != version:
+            body = {
+                "canary_version": version,
+                "steps": canary.steps,
+                "shadow_percent": canary.shadow_percent,
+                "analysis": {**canary.analysis, "enabled": True},
+                "reason": f"release {self.state.release_id} ({self.state.trigger})",
+            }
+            rollout = self.gateway.start_rollout(self.model, body)
+        judgements: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + canary.timeout_s
+        while rollout["phase"] not in ENDED_PHASES:
+            if time.monotonic() > deadline:
+                reason = f"release {self.state.release_id}: canary undecided after {canary.timeout_s:g} s"
+                rollout = self.gateway.rollback(self.model, reason)
+                break
+            time.sleep(self.config.release.poll_s)
+            rollout = self._retrying(lambda: self.gateway.rollout(self.model)) or rollout
+            judgement = rollout.get("last_judgement")
+            if judgement:
+                judgements[judgement["at"]] = judgement
+        detail = {
+            "version": version,
+            "phase": rollout["phase"],
+            "weight": rollout["weight"],
+            "decisions": rollout["history"],
+            "judgements": list(judgements.values()),
+        }
+        if rollout["phase"] != "promoted":
+            checks = [d["reason"] for d in rollout["history"][-1:]]
+            last = rollout.get("last_judgement")
+            if last and last["result"] == "fail" and last["reason"] not in checks:
+                checks.insert(0, last["reason"])
+            message = f"the canary was {rollout['phase']}; stable keeps serving"
+            raise ReleaseStopped("canary_failed", message, checks, detail)
+        return detail
+
+    def collections(self) -> dict[str, Any]:
+        version = int(self.state.detail("export")["version"])
+        mine = [c for c in self._retrying(self.gateway.collections) if c["model"] == self.model]
+        return {
+            "version": version,
+            "collections": {c["name"]: {"version": c["version"], "state": c["state"]} for c in mine},
+            "not_moved": [c["name"] for c in mine if c["version"] != version],
+        }
+
+    def _retrying(self, call: Callable[[], Any]) -> Any:
+        """``call``, tried again for a minute while the gateway is unreachable or answers 502-504."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return call()
+            except GatewayError as error:
+                if (error.status is not None and error.status not in RETRYABLE) or time.monotonic() > deadline:
+                    raise
+                time.sleep(self.config.release.poll_s)
+
+
+# -- starting, resuming, reporting -----------------------------------------------------------------
+@contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """One release command per model and state directory at a time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another release command holds {folder / '.lock'}; let it finish first") from None
+        yield
+
+
+def release(
+    config: TrainConfig,
+    config_text: str,
+    gateway: ReleaseGateway,
+    state_dir: Path,
+    trigger: str,
+    restart: bool = False,
+) -> ReleaseState:
+    """Run the model's unfinished release to its end, or start a new one (``trigger`` auto: only when the
+    gateway says staleness or drift makes one due)."""
+    model = config.export.model
+    model_dir = state_dir / model
+    with locked(model_dir):
+        sha = hashlib.sha256(config_text.encode()).hexdigest()
+        current = model_dir / "current"
+        state = None
+        if current.is_file():
+            folder = model_dir / current.read_text().strip()
+            state = ReleaseState.model_validate_json((folder / "state.json").read_text())
+            if restart:
+                Release(config, gateway, folder, state)._end("failed", "abandoned (--restart)", ["abandoned"])
+                state = None
+            elif state.config_sha256 != sha:
+                raise ValueError(
+                    f"the run config changed since release {state.release_id} started; restore it to resume, "
+                    "or run with --restart to abandon that release and start a new one"
+                )
+        if state is None:
+            if trigger == "auto":
+                due = gateway.signals(model)["due"]
+                if not due:
+                    return ReleaseState(
+                        release_id="-",
+                        model=model,
+                        trigger="auto",
+                        config_sha256=sha,
+                        started_at=datetime.now(UTC),
+                        outcome="not_due",
+                    )
+                trigger = due[0]
+            release_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+            folder = model_dir / release_id
+            folder.mkdir(parents=True)
+            state = ReleaseState(
+                release_id=release_id, model=model, trigger=trigger, config_sha256=sha, started_at=datetime.now(UTC)
+            )
+            (folder / "state.json").write_text(state.model_dump_json(indent=2) + "\n")
+            current.write_text(release_id)
+        else:
+            log.info("resuming release", extra={"release_id": state.release_id, "done": list(state.stages)})
+        ended = Release(config, gateway, folder, state).run()
+        if ended.outcome is not None:
+            current.unlink(missing_ok=True)
+        return ended
+
+
+def report(state: ReleaseState) -> dict[str, Any]:
+    """The release's report: its outcome, the failed checks, and every stage's status, timing and details."""
+    return {
+        "release_id": state.release_id,
+        "model": state.model,
+        "trigger": state.trigger,
+        "outcome": state.outcome,
+        "failed_checks": state.failed_checks,
+        "error": state.error,
+        "started_at": state.started_at.isoformat(),
+        "training_hours": round(state.training_seconds / 3600, 6),
+        "ledger_reported": state.ledger_reported,
+        "stages": {name: json.loads(record.model_dump_json()) for name, record in state.stages.items()},
+    }
+
+
+def exit_code(state: ReleaseState) -> int:
+    if state.outcome in ("promoted", "not_due"):
+        return EXIT_PROMOTED
+    return EXIT_REFUSED if state.outcome == "refused" else EXIT_FAILED
