@@ -3,7 +3,8 @@
 # Usage: scripts/run_triton.sh REPO_DIR [HTTP_PORT GRPC_PORT METRICS_PORT [TRITONSERVER_ARGS...]]
 #        (ports default to 8010 8011 8012; extra arguments go to tritonserver as they are)
 # Every version in REPO_DIR is loaded at start; a version that fails to load stops the server
-# (unless --exit-on-error=false is passed).
+# (unless --exit-on-error=false is passed). TRITON_MODEL_CONTROL_MODE=explicit (default none) loads every
+# model at start too, and later only through the repository API (the gateway's EMBEDSERVE_TRITON_MODEL_CONTROL).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DEST=$ROOT/.triton
@@ -25,9 +26,13 @@ LIBPYTHON_DIR=$("$DEST/venv/bin/python" -c 'import sysconfig; print(sysconfig.ge
 export PATH="$DEST/venv/bin:$PATH"
 export LD_LIBRARY_PATH="$DEST/nvidia_pytriton.libs:$LIBPYTHON_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
+MODE=${TRITON_MODEL_CONTROL_MODE:-none}
+LOAD_ALL=()
+[[ $MODE == explicit ]] && LOAD_ALL=(--load-model='*')
+
 exec "$SERVER/bin/tritonserver" \
   --model-repository="$REPO_DIR" \
-  --model-control-mode=none \
+  --model-control-mode="$MODE" "${LOAD_ALL[@]}" \
   --disable-auto-complete-config \
   --strict-readiness=true \
   --backend-directory="$SERVER/backends" \

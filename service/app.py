@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 
 def create_backend(settings: Settings) -> Backend:
     if settings.backend == "triton":
-        return TritonBackend(settings.triton_url, timeout_s=settings.triton_timeout_s)
+        explicit = settings.triton_model_control == "explicit"
+        return TritonBackend(settings.triton_url, timeout_s=settings.triton_timeout_s, explicit_loading=explicit)
     return OnnxBackend(threads=settings.inference_threads, device=settings.device, spinning=settings.inference_spinning)
 
 

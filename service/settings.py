@@ -58,6 +58,13 @@ class Settings(BaseSettings):
     )
     triton_url: str = Field("127.0.0.1:8011", description="host:port of Triton's gRPC endpoint (backend=triton).")
     triton_timeout_s: float = Field(10.0, description="Timeout of one Triton inference call.")
+    triton_model_control: Literal["none", "poll", "explicit"] = Field(
+        "none",
+        description="Triton's --model-control-mode (backend=triton). explicit: when the gateway hot-loads a new "
+        "version, or a version leaves the repository, it asks Triton to load the model again through the repository "
+        "API (Triton re-reads the model's config and versions); none/poll: Triton finds versions itself (poll) or "
+        "at its start (none), and /readyz says until when a new one is not served.",
+    )
     triton_batches_in_flight: int = Field(
         4,
         ge=1,

@@ -24,12 +24,17 @@ class LocalTriton:
     """``extra_args`` go to tritonserver as they are; with ``--exit-on-error=false`` a version that fails to
     load leaves the server running but never ready (strict readiness): pass ``until="live"`` to ``start``."""
 
-    def __init__(self, repository: Path, log_path: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, repository: Path, log_path: Path, extra_args: tuple[str, ...] = (), model_control: str = "none"
+    ) -> None:
         if not list((ROOT / ".triton").glob(".complete-*")):
             raise RuntimeError("the local Triton is not set up: run scripts/setup_triton.sh (make test does)")
         self.repository = repository
         self.log_path = log_path
         self.extra_args = extra_args
+        self.model_control = (
+            model_control  # --model-control-mode: none, poll, or explicit (every model loaded at start)
+        )
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -46,6 +51,7 @@ class LocalTriton:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
+                env={**os.environ, "TRITON_MODEL_CONTROL_MODE": self.model_control},
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -54,8 +54,11 @@ class _TritonVersion:
 class TritonBackend:
     name = "triton"
 
-    def __init__(self, url: str, timeout_s: float, ready_timeout_s: float = 1.0) -> None:
+    def __init__(
+        self, url: str, timeout_s: float, ready_timeout_s: float = 1.0, explicit_loading: bool = False
+    ) -> None:
         self.url = url
+        self._explicit_loading = explicit_loading  # Triton in --model-control-mode=explicit: load through its API
         self._timeout_s = timeout_s
         self._ready_timeout_s = ready_timeout_s
         self._client = triton_grpc.InferenceServerClient(url=url)
@@ -70,12 +73,25 @@ class TritonBackend:
             await self.availability(version)
 
     async def load(self, version: ModelVersion) -> None:
-        # Triton loads what its repository holds (poll mode); /readyz says when it serves this version.
+        """In explicit mode, have Triton load the version's model again (it re-reads the config and the version
+        folders, keeps serving the loaded versions meanwhile); otherwise Triton loads what its repository holds
+        (poll mode) or held at its start. Either way /readyz says when Triton serves the version."""
+        if self._explicit_loading:
+            await self._load_model(version)
         await self.availability(version)
 
     async def unload(self, version: ModelVersion) -> None:
         self._configs.pop((version.model, version.version), None)
         self._known.pop((version.model, version.version), None)
+        if self._explicit_loading:
+            await self._load_model(version)  # Triton drops the versions whose folders are gone
+
+    async def _load_model(self, version: ModelVersion) -> None:
+        try:
+            await self._client.load_model(version.model, client_timeout=self._timeout_s)
+            log.info("triton model loaded", extra={"model": version.model, "version": version.version})
+        except InferenceServerException as error:
+            self._log_error("triton could not load the model", version, error)
 
     async def availability(self, version: ModelVersion) -> Availability:
         key = (version.model, version.version)
