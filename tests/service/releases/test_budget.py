@@ -127,3 +127,41 @@ async def test_signals_say_a_release_is_due_when_the_stable_version_is_older_tha
                 return metric(found, "embedserve_model_age_seconds", model="tiny", version="2", role="stable") > 1
 
             await until(age_exported, timeout_s=30)
+
+
+async def test_drift_above_the_threshold_for_n_intervals_makes_a_release_due_until_one_runs(
+    model_repository: Path, tmp_path: Path, shared_milvus: MilvusLiteServer, shared_redis_prefix: str
+) -> None:
+    env = budget_env(
+        model_repository,
+        shared_milvus,
+        shared_redis_prefix,
+        EMBEDSERVE_RELEASE_DRIFT_MMD="0.0",
+        EMBEDSERVE_RELEASE_DRIFT_INTERVALS="3",
+        EMBEDSERVE_DRIFT_INTERVAL_S="0.3",
+        EMBEDSERVE_DRIFT_MIN_SAMPLES="16",
+    )
+    with gateways(1, env, tmp_path / "logs") as (url,):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            before = (await client.get("/v1/admin/releases/signals/tiny", headers=ADMIN)).json()
+            assert before["due"] == [] and before["drift_streak"] == 0
+            # Inputs nothing like the version's reference texts (English sentences).
+            for number in range(40):
+                text = f"{number * 7919:x} zq {number % 13} xv {'#' * (number % 5)} 0x{number:04x}"
+                answer = await client.post("/v1/embeddings", json={"model": "tiny@2", "input": [text]})
+                assert answer.status_code == 200
+
+            async def drift_due() -> bool:
+                signals = (await client.get("/v1/admin/releases/signals/tiny", headers=ADMIN)).json()
+                return "drift" in signals["due"]
+
+            await until(drift_due, timeout_s=30)
+            signals = (await client.get("/v1/admin/releases/signals/tiny", headers=ADMIN)).json()
+            assert signals["drift_mmd"] > 0 and signals["drift_streak"] >= 3
+
+            # A release starts: the drift it was started for is not a reason to start another.
+            assert (await claim(client, "r-drift", "drift")).status_code == 201
+            signals = (await client.get("/v1/admin/releases/signals/tiny", headers=ADMIN)).json()
+            assert signals["due"] == [] and signals["release_running"] == "r-drift"
+            found = await read_metrics(client)
+            assert metric(found, "embedserve_release_running", model="tiny") == 1

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from loadtests.processes import MilvusLiteServer, gateway
+from loadtests.processes import MilvusLiteServer, gateway, milvus_server
 from tests.conftest import SHARED_REDIS_URL
 from tests.trainer.conftest import tiny_config
 from trainer.data.sample_text import paragraphs, sentences
@@ -126,7 +126,12 @@ def traffic(url: str, per_second: float = 15) -> Iterator[Served]:
 
 
 @contextmanager
-def release_gateway(repository: Path, milvus: MilvusLiteServer, prefix: str, logs: Path) -> Iterator[str]:
+def release_gateway(
+    repository: Path, milvus: MilvusLiteServer, prefix: str, logs: Path, **settings: str
+) -> Iterator[str]:
+    """A gateway on ``repository`` with the collection ``collection_name(prefix)`` of tiny, 60 items."""
+    logs.mkdir(parents=True, exist_ok=True)
+    docs = collection_name(prefix)
     env = {
         "EMBEDSERVE_MODEL_REPOSITORY": str(repository),
         "EMBEDSERVE_MILVUS_URI": milvus.uri,
@@ -138,29 +143,35 @@ def release_gateway(repository: Path, milvus: MilvusLiteServer, prefix: str, log
         "EMBEDSERVE_DRIFT_MIN_SAMPLES": "16",
         "EMBEDSERVE_DRIFT_INTERVAL_S": "1",
         "EMBEDSERVE_ROLLOUT_REFRESH_S": "0.2",
+        **settings,
     }
     with gateway(env, logs / "gateway.log") as url:
         with httpx.Client(base_url=url, timeout=60) as client:
-            created = client.put("/v1/collections/docs", json={"model": "tiny"})
+            created = client.put(f"/v1/collections/{docs}", json={"model": "tiny"})
             assert created.status_code in (200, 201), created.text
             items = [{"id": f"d{i}", "text": text} for i, text in enumerate(sentences()[:60])]
-            assert client.post("/v1/collections/docs/items", json={"items": items}).status_code == 200
+            assert client.post(f"/v1/collections/{docs}/items", json={"items": items}).status_code == 200
         yield url
 
 
 def run_release(
-    config: Path, url: str, state_dir: Path, report: Path, timeout_s: float = 600
+    config: Path, url: str, state_dir: Path, report: Path, timeout_s: float = 600, trigger: str = "manual"
 ) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "trainer", "release", "--config", str(config), "--gateway", url]
-    command += ["--state-dir", str(state_dir), "--report", str(report)]
+    command += ["--state-dir", str(state_dir), "--report", str(report), "--trigger", trigger]
     env = {**os.environ, "EMBEDSERVE_ADMIN_API_KEY": ADMIN_KEY}
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
-def gateway_state(url: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def collection_name(prefix: str) -> str:
+    """A collection of this test's own in the module's Milvus server (its Redis prefix is unique)."""
+    return "docs_" + prefix.rstrip(":").rsplit("-", 1)[-1][:12]
+
+
+def gateway_state(url: str, docs: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     with httpx.Client(base_url=url, timeout=30) as client:
         models = client.get("/v1/models").json()
-        collection = client.get("/v1/collections/docs").json()
+        collection = client.get(f"/v1/collections/{docs}").json()
         ledger = client.get("/v1/admin/releases", headers=ADMIN).json()
     return models, collection, ledger
 
@@ -168,6 +179,13 @@ def gateway_state(url: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, A
 def default_version(models: dict[str, Any]) -> int:
     card = next(m for m in models["data"] if m["id"] == "tiny")
     return int(next(v["version"] for v in card["versions"] if v["is_default"]))
+
+
+@pytest.fixture
+def own_milvus(tmp_path: Path) -> Iterator[MilvusLiteServer]:
+    """A Milvus server of the test's own: its collections follow versions only its repository has."""
+    with milvus_server(tmp_path / "milvus") as server:
+        yield server
 
 
 @pytest.fixture
@@ -182,11 +200,11 @@ def test_a_release_trains_gates_exports_serves_and_promotes_a_version_without_re
     pairs_file: Path,
     repository: Path,
     tmp_path: Path,
-    shared_milvus: MilvusLiteServer,
+    own_milvus: MilvusLiteServer,
     shared_redis_prefix: str,
 ) -> None:
     config = release_config(corpus_file, pairs_file, repository, tmp_path)
-    with release_gateway(repository, shared_milvus, shared_redis_prefix, tmp_path) as url:
+    with release_gateway(repository, own_milvus, shared_redis_prefix, tmp_path) as url:
         with traffic(url) as served:
             done = run_release(config, url, tmp_path / "state", tmp_path / "report.json")
         assert done.returncode == 0, done.stderr[-3000:]
@@ -206,10 +224,13 @@ def test_a_release_trains_gates_exports_serves_and_promotes_a_version_without_re
         assert report["stages"]["gate"]["detail"]["stable_version"] == 1
         assert report["stages"]["canary"]["detail"]["phase"] == "promoted"
         assert report["stages"]["canary"]["detail"]["judgements"], "the rollout's judgements are in the report"
-        assert report["stages"]["collections"]["detail"]["collections"]["docs"]["version"] == 2
+        assert (
+            report["stages"]["collections"]["detail"]["collections"][collection_name(shared_redis_prefix)]["version"]
+            == 2
+        )
         assert set(served.by_version) == {"1", "2"}, served  # the same gateway served both, never restarted
 
-        models, collection, ledger = gateway_state(url)
+        models, collection, ledger = gateway_state(url, collection_name(shared_redis_prefix))
         assert default_version(models) == 2
         assert collection["version"] == 2
         assert [(r["outcome"], r["version"]) for r in ledger["releases"]] == [("promoted", 2)]
@@ -223,11 +244,11 @@ def test_a_refused_gate_exports_nothing_and_exits_non_zero(
     pairs_file: Path,
     repository: Path,
     tmp_path: Path,
-    shared_milvus: MilvusLiteServer,
+    own_milvus: MilvusLiteServer,
     shared_redis_prefix: str,
 ) -> None:
     config = release_config(corpus_file, pairs_file, repository, tmp_path, release__gate={"min_delta": 1.0})
-    with release_gateway(repository, shared_milvus, shared_redis_prefix, tmp_path) as url:
+    with release_gateway(repository, own_milvus, shared_redis_prefix, tmp_path) as url:
         done = run_release(config, url, tmp_path / "state", tmp_path / "report.json")
         assert done.returncode == 1, done.stderr[-3000:]
         report = json.loads((tmp_path / "report.json").read_text())
@@ -235,7 +256,7 @@ def test_a_refused_gate_exports_nothing_and_exits_non_zero(
         assert "mrr@10" in report["failed_checks"][0]
         assert report["stages"]["gate"]["status"] == "failed" and "export" not in report["stages"]
         assert sorted(p.name for p in (repository / "tiny").iterdir() if p.is_dir()) == ["1"]
-        models, _, ledger = gateway_state(url)
+        models, _, ledger = gateway_state(url, collection_name(shared_redis_prefix))
         assert [v["version"] for m in models["data"] if m["id"] == "tiny" for v in m["versions"]] == [1]
         assert [r["outcome"] for r in ledger["releases"]] == ["gate_refused"]
 
@@ -245,7 +266,7 @@ def test_a_canary_that_fails_analysis_leaves_stable_serving_and_names_the_failed
     pairs_file: Path,
     repository: Path,
     tmp_path: Path,
-    shared_milvus: MilvusLiteServer,
+    own_milvus: MilvusLiteServer,
     shared_redis_prefix: str,
 ) -> None:
     # One step from another random initialisation: a version with (nearly) random weights, let through the gate.
@@ -257,7 +278,7 @@ def test_a_canary_that_fails_analysis_leaves_stable_serving_and_names_the_failed
         optim={"max_steps": 1, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 0, "seed": 99},
         release__gate={"min_delta": -1.0},
     )
-    with release_gateway(repository, shared_milvus, shared_redis_prefix, tmp_path) as url:
+    with release_gateway(repository, own_milvus, shared_redis_prefix, tmp_path) as url:
         with traffic(url):
             done = run_release(config, url, tmp_path / "state", tmp_path / "report.json")
         assert done.returncode == 1, done.stderr[-3000:]
@@ -265,7 +286,7 @@ def test_a_canary_that_fails_analysis_leaves_stable_serving_and_names_the_failed
         assert report["outcome"] == "canary_failed", report
         assert any("neighbour agreement" in check for check in report["failed_checks"]), report["failed_checks"]
         assert report["stages"]["canary"]["detail"]["phase"] in ("rolled_back", "failed")
-        models, collection, ledger = gateway_state(url)
+        models, collection, ledger = gateway_state(url, collection_name(shared_redis_prefix))
         assert default_version(models) == 1
         assert collection["version"] == 1
         assert [r["outcome"] for r in ledger["releases"]] == ["canary_failed"]
@@ -276,7 +297,7 @@ def test_a_release_killed_while_training_resumes_from_its_checkpoint_with_the_sa
     pairs_file: Path,
     repository: Path,
     tmp_path: Path,
-    shared_milvus: MilvusLiteServer,
+    own_milvus: MilvusLiteServer,
     shared_redis_prefix: str,
 ) -> None:
     config = release_config(
@@ -289,7 +310,7 @@ def test_a_release_killed_while_training_resumes_from_its_checkpoint_with_the_sa
         release__gate={"min_delta": 1.0},  # the second run ends at the gate: resuming is the point here
     )
     state_dir = tmp_path / "state"
-    with release_gateway(repository, shared_milvus, shared_redis_prefix, tmp_path) as url:
+    with release_gateway(repository, own_milvus, shared_redis_prefix, tmp_path) as url:
         command = [sys.executable, "-m", "trainer", "release", "--config", str(config), "--gateway", url]
         command += ["--state-dir", str(state_dir)]
         env = {**os.environ, "EMBEDSERVE_ADMIN_API_KEY": ADMIN_KEY}
@@ -310,6 +331,32 @@ def test_a_release_killed_while_training_resumes_from_its_checkpoint_with_the_sa
         assert report["stages"]["train"]["detail"]["resumed_from"] is not None
         assert report["stages"]["train"]["detail"]["steps"] == 200
         assert report["outcome"] == "gate_refused" and done.returncode == 1
-        _, _, ledger = gateway_state(url)
+        _, _, ledger = gateway_state(url, collection_name(shared_redis_prefix))
         assert [(r["release_id"], r["outcome"]) for r in ledger["releases"]] == [(release_id, "gate_refused")]
         assert not (state_dir / "tiny" / "current").exists()
+
+
+def test_an_auto_trigger_starts_a_release_only_when_the_gateway_says_one_is_due(
+    corpus_file: Path,
+    pairs_file: Path,
+    repository: Path,
+    tmp_path: Path,
+    own_milvus: MilvusLiteServer,
+    shared_redis_prefix: str,
+) -> None:
+    config = release_config(corpus_file, pairs_file, repository, tmp_path, release__gate={"min_delta": 1.0})
+    state_dir = tmp_path / "state"
+    # Nothing due (the stable version is young, no drift): exit 0, no release, nothing in the ledger.
+    with release_gateway(repository, own_milvus, shared_redis_prefix, tmp_path / "young") as url:
+        done = run_release(config, url, state_dir, tmp_path / "quiet.json", trigger="auto")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads((tmp_path / "quiet.json").read_text())["outcome"] == "not_due"
+        assert gateway_state(url, collection_name(shared_redis_prefix))[2]["releases"] == []
+    # Stale: the release starts, as a staleness release (here it ends at its gate).
+    stale = {"EMBEDSERVE_RELEASE_MAX_MODEL_AGE_S": "1"}
+    with release_gateway(repository, own_milvus, shared_redis_prefix, tmp_path / "stale", **stale) as url:
+        done = run_release(config, url, state_dir, tmp_path / "stale.json", trigger="auto")
+        report = json.loads((tmp_path / "stale.json").read_text())
+        assert (report["trigger"], report["outcome"], done.returncode) == ("staleness", "gate_refused", 1)
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'embedserve_release_triggers_total{decision="started",model="tiny",trigger="staleness"} 1.0' in metrics
