@@ -49,6 +49,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check service trainer loadtests tests client
 	$(PY) -m ruff format --check service trainer loadtests tests client
 	$(VENV)/bin/lint-imports
+	$(PY) scripts/chart_readme.py --check
 
 typecheck: $(STAMP)
 	$(PY) -m mypy service trainer loadtests client

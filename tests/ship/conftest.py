@@ -19,14 +19,15 @@ def scenario_values(scenario: str) -> dict[str, Any]:
     return values
 
 
-def render(values: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every manifest the chart renders with ``values`` (NOTES.txt left out)."""
+def render(values: dict[str, Any], subcharts: bool = False) -> list[dict[str, Any]]:
+    """Every manifest the chart's own templates render with ``values`` (NOTES.txt left out); with
+    ``subcharts``, also those of the dependencies present in charts/ (`helm dependency build`)."""
     with helm.Chart.load(CHART) as chart:
         files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
     return [
         document
         for name, text in sorted(files.items())
-        if name.endswith(".yaml")
+        if name.endswith(".yaml") and (subcharts or name.startswith(f"{CHART.name}/templates/"))
         for document in yaml.safe_load_all(text)
         if document
     ]

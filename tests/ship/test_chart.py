@@ -1,7 +1,6 @@
 """The Helm chart: lint, render every ci/*-values.yaml, validate against Kubernetes schemas, and what it promises."""
 
 import json
-import re
 from typing import Any
 
 import helm_python as helm
@@ -15,8 +14,8 @@ from tests.ship.operator_schemas import CRD_SCHEMAS
 
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest the validator knows.
 KUBE_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
-# The one lint finding allowed: Redis and Milvus are declared but not vendored (no network for
-# `helm dependency build` here); every ci/*-values.yaml and the defaults leave both disabled.
+# The one lint finding allowed here: Redis and Milvus are pinned (Chart.lock) but not vendored, and
+# `helm dependency build` needs the network (test_chart_dependencies.py runs the --strict lint).
 MISSING_DEPENDENCIES = "chart directory is missing these dependencies: redis,milvus"
 LINT_WARNING = 2
 SECRET_SETTINGS = ("EMBEDSERVE_API_KEYS", "EMBEDSERVE_ADMIN_API_KEY", "EMBEDSERVE_MILVUS_TOKEN")
@@ -43,7 +42,7 @@ def env(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def test_there_is_a_values_file_per_install_scenario() -> None:
-    assert SCENARIOS == ["external-services", "gpu-production", "laptop"]
+    assert SCENARIOS == ["bundled-redis", "external-services", "gpu-production", "laptop"]
 
 
 @pytest.mark.parametrize("scenario", ["default", *SCENARIOS])
@@ -137,6 +136,11 @@ def test_production_takes_every_key_from_a_secret(rendered: dict[str, list[dict[
         {"replicas": 3},  # a typo of gateway.replicaCount
         {"triton": {"modelControlMode": "sometimes"}},
         {"modelRepository": {"source": "objectStore"}},  # without a URI
+        {"config": {"triton_url": "triton:8001"}},  # set by triton.enabled or externalTriton.url
+        {"triton": {"enabled": True}, "externalTriton": {"url": "triton.inference:8001"}},  # two Tritons
+        {"externalTriton": {"url": "grpc://triton.inference:8001"}},  # host:port, no scheme
+        {"externalTriton": {"url": "triton.inference"}},  # no port
+        {"externalTriton": {"url": "triton.inference:8001", "tls": True}},  # the gateway has no TLS setting for it
     ],
 )
 def test_schema_refuses_secrets_in_plain_config_and_mistakes(values: dict[str, Any]) -> None:
@@ -172,6 +176,24 @@ def test_triton_is_switched_by_triton_enabled(rendered: dict[str, list[dict[str,
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc"] == 8001
     assert settings(production)["EMBEDSERVE_BACKEND"] == "triton"
     assert settings(production)["EMBEDSERVE_TRITON_URL"] == f"{RELEASE}-triton:8001"
+
+
+def test_external_triton_is_a_url(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    manifests = render({"externalTriton": {"url": "triton.inference.svc.cluster.local:8001", "timeoutSeconds": 2.5}})
+    assert find(manifests, "Deployment", f"{RELEASE}-triton") == []
+    assert find(manifests, "Service", f"{RELEASE}-triton") == []
+    data = settings(manifests)
+    assert data["EMBEDSERVE_BACKEND"] == "triton"
+    assert data["EMBEDSERVE_TRITON_URL"] == "triton.inference.svc.cluster.local:8001"
+    assert data["EMBEDSERVE_TRITON_TIMEOUT_S"] == "2.5"
+    # ...and in its ci scenario, without the extraEnv workaround.
+    external = rendered["external-services"]
+    assert settings(external)["EMBEDSERVE_TRITON_URL"] == "triton.inference.svc.cluster.local:8001"
+    assert settings(external)["EMBEDSERVE_TRITON_TIMEOUT_S"] == "5"
+    assert not {"EMBEDSERVE_BACKEND", "EMBEDSERVE_TRITON_URL"} & set(env(external))
+    # An IPv6 literal is a host too.
+    ipv6 = render({"externalTriton": {"url": "[fd00::12]:8001"}})
+    assert settings(ipv6)["EMBEDSERVE_TRITON_URL"] == "[fd00::12]:8001"
 
 
 def test_poll_mode_sets_the_poll_interval() -> None:
@@ -248,27 +270,6 @@ def test_ingress_and_network_policy_are_optional(rendered: dict[str, list[dict[s
     # Only this release's gateways may call Triton's gRPC port.
     grpc_rule = policies[f"{RELEASE}-triton"]["spec"]["ingress"][0]
     assert grpc_rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
-
-
-def _leaf_paths(node: Any, prefix: str = "") -> list[str]:
-    if isinstance(node, dict) and node:
-        return [path for key, value in node.items() for path in _leaf_paths(value, f"{prefix}{key}.")]
-    return [prefix.rstrip(".")]
-
-
-def test_every_value_is_documented_where_it_is_defined() -> None:
-    text = (CHART / "values.yaml").read_text()
-    documented = set(re.findall(r"^\s*## @param (\S+) \S", text, flags=re.MULTILINE))
-    leaves = _leaf_paths(yaml.safe_load(text))
-
-    def covered(path: str) -> bool:
-        parts = path.split(".")
-        return any(".".join(parts[:i]) in documented for i in range(1, len(parts) + 1))
-
-    assert [path for path in leaves if not covered(path)] == []
-    # ...and no documentation for a value that is gone.
-    defined = {".".join(leaf.split(".")[:i]) for leaf in leaves for i in range(1, leaf.count(".") + 2)}
-    assert documented - defined == set()
 
 
 def test_schema_knows_every_top_level_value() -> None:

@@ -126,3 +126,19 @@ one, comes from a Secret into REDIS_PASSWORD and is spliced in by Kubernetes' $(
     sizeLimit: {{ .Values.modelRepository.objectStore.sizeLimit }}
 {{- end }}
 {{- end -}}
+
+{{/* A release CronJob's name: "<fullname>-<suffix>" within the 52 characters Kubernetes leaves a
+CronJob (its Jobs add 11), the fullname cut rather than the suffix so the two names stay apart. */}}
+{{- define "embedserve.releaseName" -}}
+{{- $room := sub 51 (len .suffix) | int -}}
+{{- printf "%s-%s" (include "embedserve.fullname" .root | trunc $room | trimSuffix "-") .suffix -}}
+{{- end -}}
+
+{{/* The gateway's Service as the release command reaches it from inside the cluster. */}}
+{{- define "embedserve.gatewayUrl" -}}
+{{- printf "http://%s.%s.svc:%v" (include "embedserve.fullname" .) .Release.Namespace .Values.service.port -}}
+{{- end -}}
+
+{{- define "embedserve.releaseImage" -}}
+{{- printf "%s:%s" .Values.release.image.repository (default .Chart.AppVersion .Values.release.image.tag) -}}
+{{- end -}}

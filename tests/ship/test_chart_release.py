@@ -1,0 +1,190 @@
+"""The chart's release CronJobs: `python -m trainer release` on a schedule, and the watch that releases on drift or
+staleness; what they mount, which key they use, and what the schema refuses."""
+
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+
+from tests.ship.conftest import NAMESPACE, RELEASE, SCENARIOS, find, render
+
+STATE_DIR = "/var/lib/embedserve/releases"
+# What a release needs besides release.enabled (values.schema.json refuses it without them).
+NEEDS = {
+    "secrets": {"adminApiKey": {"name": "embedserve-admin"}},
+    "release": {"corpus": {"existingClaim": "corpus"}, "stateClaim": "release-state"},
+}
+
+
+def cronjob(manifests: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    (job,) = find(manifests, "CronJob", name)
+    return job
+
+
+def pod_spec(job: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return spec
+
+
+def container(job: dict[str, Any]) -> dict[str, Any]:
+    (only,) = pod_spec(job)["containers"]
+    return only
+
+
+def with_release(**release: Any) -> dict[str, Any]:
+    return {**NEEDS, "release": {**NEEDS["release"], **release}}
+
+
+@pytest.mark.parametrize("scenario", ["default", *[s for s in SCENARIOS if s != "bundled-redis"]])
+def test_no_release_jobs_unless_enabled(scenario: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
+    assert find(rendered[scenario], "CronJob") == []
+    assert find(rendered[scenario], "ConfigMap", f"{RELEASE}-release") == []
+
+
+def test_the_release_runs_on_its_schedule_one_at_a_time(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    job = cronjob(rendered["bundled-redis"], f"{RELEASE}-release")
+    spec = job["spec"]
+    assert (spec["schedule"], spec["timeZone"]) == ("0 3 * * 0", "Etc/UTC")
+    assert spec["concurrencyPolicy"] == "Forbid"
+    assert spec["successfulJobsHistoryLimit"] == 3 and spec["startingDeadlineSeconds"] == 600
+    job_spec = spec["jobTemplate"]["spec"]
+    assert (job_spec["backoffLimit"], job_spec["activeDeadlineSeconds"]) == (1, 86400)
+    # A failed attempt keeps its pod and logs; the retry is a new pod resuming from the claim.
+    assert pod_spec(job)["restartPolicy"] == "Never"
+    release = container(job)
+    assert release["image"] == "registry.example.com/embedserve/trainer:0.1.0"
+    assert release["command"] + release["args"] == [
+        *("python", "-m", "trainer", "release"),
+        *("--config", "/etc/embedserve/release/run.yaml"),
+        *("--gateway", f"http://{RELEASE}.{NAMESPACE}.svc:80"),
+        *("--trigger", "schedule"),
+        *("--state-dir", STATE_DIR),
+        *("--report", f"{STATE_DIR}/report.json"),
+    ]
+
+
+def test_the_watch_job_runs_the_same_release_with_trigger_auto(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    manifests = rendered["bundled-redis"]
+    release, watch = cronjob(manifests, f"{RELEASE}-release"), cronjob(manifests, f"{RELEASE}-release-watch")
+    assert watch["spec"]["schedule"] == "*/15 * * * *" and watch["spec"]["concurrencyPolicy"] == "Forbid"
+    args = container(watch)["args"]
+    assert args[args.index("--trigger") + 1] == "auto"
+    swap = [("auto" if a == "schedule" else a) for a in container(release)["args"]]
+    assert swap == args
+    assert pod_spec(watch)["volumes"] == pod_spec(release)["volumes"]
+
+
+def test_release_mounts_corpus_repository_and_state(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    manifests = rendered["bundled-redis"]
+    job = cronjob(manifests, f"{RELEASE}-release")
+    mounts = {m["mountPath"]: m for m in container(job)["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(job)["volumes"]}
+
+    def volume(path: str) -> dict[str, Any]:
+        return volumes[mounts[path]["name"]]
+
+    assert mounts["/etc/embedserve/release"]["readOnly"] is True
+    assert volume("/etc/embedserve/release")["configMap"]["name"] == f"{RELEASE}-release"
+    assert mounts["/data/corpus"]["readOnly"] is True
+    assert volume("/data/corpus")["persistentVolumeClaim"] == {"claimName": "embedserve-corpus", "readOnly": True}
+    assert volume(STATE_DIR)["persistentVolumeClaim"] == {"claimName": "embedserve-release-state"}
+    assert {"/tmp", "/dev/shm"} <= set(mounts)
+    # The gateways' repository, at the same path and writable: exported versions land where the gateways hot-load.
+    (gateway,) = find(manifests, "Deployment", RELEASE)
+    gateway_models = next(v for v in gateway["spec"]["template"]["spec"]["volumes"] if v["name"] == "models")
+    claim = gateway_models["persistentVolumeClaim"]["claimName"]
+    assert volume("/models")["persistentVolumeClaim"]["claimName"] == claim
+    assert "readOnly" not in mounts["/models"] and "readOnly" not in volume("/models")["persistentVolumeClaim"]
+
+    (config_map,) = find(manifests, "ConfigMap", f"{RELEASE}-release")
+    run = yaml.safe_load(config_map["data"]["run.yaml"])
+    assert run["export"] == {"model": "minilm", "repository": "/models"}  # the chart sets the repository
+    assert run["corpus"]["path"].startswith("/data/corpus/") and run["output_dir"].startswith(STATE_DIR)
+    assert run["optim"] == {"max_steps": 2000} and run["run_name"] == "weekly"
+
+
+def test_release_gets_a_gpu_and_the_admin_key_unprivileged(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    manifests = rendered["bundled-redis"]
+    job = cronjob(manifests, f"{RELEASE}-release")
+    release = container(job)
+    assert release["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod_spec(job)["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec(job)["tolerations"]
+    # The admin key comes from the Secret the gateway reads it from.
+    (gateway,) = find(manifests, "Deployment", RELEASE)
+    gateway_env = {e["name"]: e for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    release_env = {e["name"]: e for e in release["env"]}
+    assert release_env["EMBEDSERVE_ADMIN_API_KEY"] == gateway_env["EMBEDSERVE_ADMIN_API_KEY"]
+    assert set(release_env["EMBEDSERVE_ADMIN_API_KEY"]) == {"name", "valueFrom"}
+    assert pod_spec(job)["securityContext"]["runAsNonRoot"] is True
+    assert release["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod_spec(job)["automountServiceAccountToken"] is False
+
+
+def test_the_network_policy_lets_release_jobs_reach_the_gateway(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    manifests = rendered["bundled-redis"]
+    (policy,) = find(manifests, "NetworkPolicy", RELEASE)
+    peers = policy["spec"]["ingress"][0]["from"]
+    for name in (f"{RELEASE}-release", f"{RELEASE}-release-watch"):
+        labels = cronjob(manifests, name)["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+        assert {"podSelector": {"matchLabels": labels}} in peers
+
+
+def test_defaults_of_an_enabled_release() -> None:
+    manifests = render(with_release(enabled=True))
+    job = cronjob(manifests, f"{RELEASE}-release")
+    assert find(manifests, "CronJob", f"{RELEASE}-release-watch") == []
+    assert container(job)["image"] == "embedserve/trainer:0.1.0"  # the chart's appVersion
+    assert container(job)["resources"]["requests"]["nvidia.com/gpu"] == 1
+    run = yaml.safe_load(find(manifests, "ConfigMap", f"{RELEASE}-release")[0]["data"]["run.yaml"])
+    assert run == {
+        "run_name": "release",
+        "output_dir": f"{STATE_DIR}/runs",
+        "corpus": {"path": "/data/corpus"},
+        "export": {"repository": "/models"},
+    }
+    # Only the watch: its CronJob alone.
+    watch_only = render(with_release(watch={"enabled": True}))
+    assert [j["metadata"]["name"] for j in find(watch_only, "CronJob")] == [f"{RELEASE}-release-watch"]
+
+
+def test_a_config_change_rolls_into_the_next_run() -> None:
+    def checksum(values: dict[str, Any]) -> str:
+        job = cronjob(render(values), f"{RELEASE}-release")
+        annotations: dict[str, str] = job["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["annotations"]
+        return annotations["checksum/release-config"]
+
+    base = with_release(enabled=True)
+    changed = with_release(enabled=True, config={"optim": {"max_steps": 10}})
+    assert checksum(base) != checksum(changed)
+
+
+def test_long_names_stay_within_the_cronjob_limit() -> None:
+    manifests = render({**with_release(enabled=True, watch={"enabled": True}), "fullnameOverride": "e" * 63})
+    names = [job["metadata"]["name"] for job in find(manifests, "CronJob")]
+    assert len(set(names)) == 2 and all(len(name) <= 52 for name in names), names
+    assert names[0].endswith("e-release") and names[1].endswith("e-release-watch"), names
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"release": {"enabled": True}},  # no claims, no admin key
+        {**NEEDS, "release": {"enabled": True, "stateClaim": "release-state"}},  # no corpus
+        {**NEEDS, "release": {"enabled": True, "corpus": {"existingClaim": "corpus"}}},  # no state claim
+        {"release": {**NEEDS["release"], "enabled": True}},  # no admin key to start canaries with
+        {"release": {"watch": {"enabled": True}}},  # the watch needs the same
+        # An object store cannot be written through a mount.
+        {
+            **with_release(enabled=True),
+            "modelRepository": {"source": "objectStore", "objectStore": {"uri": "s3://models/repo"}},
+        },
+        with_release(enabled=True, config={"export": {"repository": "/elsewhere"}}),  # the chart's to set
+        with_release(enabled=True, concurrencyPolicy="Allow"),  # Forbid is not a choice
+        with_release(enabled=True, schedule=""),
+    ],
+)
+def test_schema_refuses_a_release_that_cannot_work(values: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmError, match="values don't meet the specifications of the schema"):
+        render(values)
