@@ -146,16 +146,22 @@ def run(args: argparse.Namespace) -> None:
 
 def release_command(args: argparse.Namespace) -> int:
     from trainer.config import load_config
-    from trainer.release.chain import exit_code, release, report
+    from trainer.release.chain import ReleaseBusy, exit_code, release, report
     from trainer.release.gateway import ReleaseGateway
 
     config = load_config(args.config)
     gateway = ReleaseGateway(args.gateway, os.environ.get("EMBEDSERVE_ADMIN_API_KEY"))
     try:
         state = release(config, args.config.read_text(), gateway, args.state_dir, args.trigger, args.restart)
+    except ReleaseBusy as busy:
+        print(f"error: {busy}", file=sys.stderr)
+        return 1
     finally:
         gateway.close()
     document = json.dumps(report(state), indent=2) + "\n"
+    if state.outcome == "not_due":  # nothing happened: the last release's report stays where it is
+        print(document, end="")
+        return exit_code(state)
     if state.release_id != "-":
         (args.state_dir / state.model / state.release_id / "report.json").write_text(document)
     if args.report is not None:

@@ -401,6 +401,10 @@ class Release:
 
 
 # -- starting, resuming, reporting -----------------------------------------------------------------
+class ReleaseBusy(Exception):
+    """Another release command of the model runs on the same state directory (the schedule and the watch job)."""
+
+
 @contextmanager
 def locked(folder: Path) -> Iterator[None]:
     """One release command per model and state directory at a time."""
@@ -409,7 +413,7 @@ def locked(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"another release command holds {folder / '.lock'}; let it finish first") from None
+            raise ReleaseBusy(f"another release command holds {folder / '.lock'}; let it finish first") from None
         yield
 
 
