@@ -140,6 +140,18 @@ class ExportConfig(_Strict):
     )
 
 
+class TrackingConfig(_Strict):
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking (and registry) store, e.g. sqlite:///runs/mlflow.db, file:./mlruns or "
+        "http://mlflow:5000 (needs pip install 'embedserve[mlflow]'); null = no tracking.",
+    )
+    experiment: str = Field("embedserve", description="MLflow experiment the run is logged under (made if missing).")
+    registered_model: str | None = Field(
+        None, description="MLflow registered model exported versions are registered as (null = the exported model)."
+    )
+
+
 class TrainConfig(_Strict):
     run_name: str = Field(description="Name of the run; its files go to output_dir/run_name.")
     output_dir: Path = Field(Path("runs"), description="Where runs keep checkpoints, metrics and plots.")
@@ -164,6 +176,10 @@ class TrainConfig(_Strict):
     )
     export: ExportConfig = Field(
         default_factory=ExportConfig, description="Where `python -m trainer export` writes the version, and its gate."
+    )
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="Experiment tracking in MLflow: the run's params, metrics and plots; exported versions registered.",
     )
 
     @property
