@@ -172,6 +172,18 @@ class ReleaseConfig(_Strict):
     poll_s: float = Field(5.0, gt=0, description="Seconds between two looks at the gateway while waiting.")
 
 
+class TrackingConfig(_Strict):
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking (and registry) store, e.g. sqlite:///runs/mlflow.db, file:./mlruns or "
+        "http://mlflow:5000 (needs pip install 'embedserve[mlflow]'); null = no tracking.",
+    )
+    experiment: str = Field("embedserve", description="MLflow experiment the run is logged under (made if missing).")
+    registered_model: str | None = Field(
+        None, description="MLflow registered model exported versions are registered as (null = the exported model)."
+    )
+
+
 class TrainConfig(_Strict):
     run_name: str = Field(description="Name of the run; its files go to output_dir/run_name.")
     output_dir: Path = Field(Path("runs"), description="Where runs keep checkpoints, metrics and plots.")
@@ -200,6 +212,10 @@ class TrainConfig(_Strict):
     release: ReleaseConfig = Field(
         default_factory=ReleaseConfig,
         description="What `python -m trainer release` does after training: its gate against stable and its canary.",
+    )
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="Experiment tracking in MLflow: the run's params, metrics and plots; exported versions registered.",
     )
 
     @property

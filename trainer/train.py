@@ -43,6 +43,7 @@ from trainer.encoder import (
 from trainer.losses import info_nce, masked_lm_loss
 from trainer.monitor import check_collapse
 from trainer.plots import plot_metrics
+from trainer.tracking import RunTracker, start_tracking
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +168,10 @@ def _restore_rng(state: dict[str, Any], views_rng: random.Random) -> None:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, topology: Topology) -> None:
+    def __init__(self, config: TrainConfig, topology: Topology, tracker: RunTracker | None = None) -> None:
         self.config = config
         self.topology = topology
+        self.tracker = tracker or RunTracker()
         torch.manual_seed(config.optim.seed)
         random.seed(config.optim.seed)
         np.random.seed(config.optim.seed)
@@ -231,6 +233,7 @@ class Trainer:
             "dataset_fingerprint": self.corpus.fingerprint,
             "dataset": dataset_summary(self.corpus),
             "tokenizer_dir": str(self.tokenizer_dir),
+            "tracking": self.tracker.reference(),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -337,6 +340,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._keep_metrics_up_to_step()
             self._write_summary()
+            self.tracker.set_tag("dataset_fingerprint", self.corpus.fingerprint)
         progress = tqdm(total=optim.max_steps, initial=self.step, disable=not main, desc=self.config.run_name)
         last_checkpoint = self.run_dir / "checkpoints"
         loss_value = float("nan")
@@ -351,6 +355,7 @@ class Trainer:
             if main:
                 with self.metrics_path.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
+                self.tracker.log_step(record)
             if self.step % self.config.checkpoint.every_steps == 0 or self.step == optim.max_steps:
                 last_checkpoint = self.save()
                 # Collective: every rank stops at the same checkpoint when any of them is past the limit.
@@ -362,8 +367,9 @@ class Trainer:
                     )
         progress.close()
         if main:
-            plot_metrics(read_metrics(self.run_dir), self.run_dir / "curves.png")
+            curves = plot_metrics(read_metrics(self.run_dir), self.run_dir / "curves.png")
             self._write_summary({"steps": self.step, "final_loss": loss_value, "last_checkpoint": str(last_checkpoint)})
+            self.tracker.finish([curves, self.summary_path])
         return TrainResult(self.run_dir, last_checkpoint, self.step, loss_value)
 
     def _keep_metrics_up_to_step(self) -> None:
@@ -413,13 +419,22 @@ def _metrics_step(line: str) -> int | None:
 
 
 def train(config: TrainConfig, resume: Path | None = None, time_limit_s: float | None = None) -> TrainResult:
-    """Run (or resume) the training described by ``config``, for at most about ``time_limit_s`` seconds."""
+    """Run (or resume) the training described by ``config``, for at most about ``time_limit_s`` seconds; tracked in
+    MLflow when ``tracking.mlflow_uri`` is set.
+
+    A resumed run continues the MLflow run its checkpoint names; a run that raises is marked FAILED there."""
     topology = init_topology()
     try:
-        trainer = Trainer(config, topology)
-        if resume is not None:
-            trainer.restore(load_checkpoint(resume))
-            log.info("resumed", extra={"step": trainer.step, "checkpoint": str(resume)})
-        return trainer.run(time_limit_s)
+        state = load_checkpoint(resume) if resume is not None else None
+        tracker = start_tracking(config, topology.is_main, state.get("tracking") if state else None)
+        try:
+            trainer = Trainer(config, topology, tracker)
+            if state is not None:
+                trainer.restore(state)
+                log.info("resumed", extra={"step": trainer.step, "checkpoint": str(resume)})
+            return trainer.run(time_limit_s)
+        except BaseException as error:
+            tracker.fail(error)
+            raise
     finally:
         shutdown(topology)

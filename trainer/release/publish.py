@@ -15,7 +15,9 @@ from trainer.config import TrainConfig
 from trainer.encoder import PACKAGE, SentenceEncoder, from_scratch, load_base
 from trainer.release.evaluate import EvaluationResult, evaluate, load_pairs
 from trainer.release.export import ExportRefused, ExportRequest, embed_with_torch, export_version, model_versions
+from trainer.release.register import REGISTRATIONS_FILE, register_version
 from trainer.release.triton_config import TritonChanges
+from trainer.tracking import mlflow_client
 from trainer.train import dataset_summary, load_corpus, resolve_base
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ class TrainedEncoder:
     config: TrainConfig
     dataset_fingerprint: str
     dataset: dict[str, Any] | None = None  # what preparation did, in counts (checkpoints since it was recorded)
+    tracking: dict[str, str] | None = None  # the MLflow run that trained it (tracked checkpoints)
 
 
 def load_trained(checkpoint: Path) -> TrainedEncoder:
@@ -47,7 +50,9 @@ def load_trained(checkpoint: Path) -> TrainedEncoder:
         vocab_size = TextTokenizer(tokenizer_dir / "tokenizer.json", scratch.max_seq_length).vocab_size
         encoder = from_scratch(vocab_size, scratch.hidden_size, scratch.layers, scratch.heads, scratch.max_seq_length)
     encoder.load_state_dict(state["encoder"])
-    return TrainedEncoder(encoder.eval(), tokenizer_dir, config, state["dataset_fingerprint"], state.get("dataset"))
+    return TrainedEncoder(
+        encoder.eval(), tokenizer_dir, config, state["dataset_fingerprint"], state.get("dataset"), state.get("tracking")
+    )
 
 
 def parent_version(repository: Path, model: str, base_model: str | None) -> int | None:
@@ -91,11 +96,15 @@ def publish(
 
     The gate reads the primary metric against ``export.gate_threshold``; ``force`` exports anyway and the
     manifest records it. Raises ExportRefused with the numbers otherwise. ``triton`` changes the model's
-    config.pbtxt (instances, TensorRT); what it leaves None stays as the config says."""
+    config.pbtxt (instances, TensorRT); what it leaves None stays as the config says. When the run is tracked
+    (``tracking.mlflow_uri``), the version is then registered in MLflow; a failed registration is logged and
+    recorded in the run's folder, and the exported version stands."""
     trained = load_trained(checkpoint)
     config = trained.config
     model = model or config.export.model
     repository = repository or config.export.repository
+    uri = config.tracking.mlflow_uri
+    registry = mlflow_client(uri) if uri is not None else None  # a missing MLflow is refused before any work
     corpus = load_corpus(config.corpus)
     if corpus.fingerprint != trained.dataset_fingerprint:
         log.warning("corpus changed since training; evaluating on its current validation split")
@@ -128,4 +137,14 @@ def publish(
         notes={"dataset": dataset} if dataset else {},
         triton=triton or TritonChanges(),
     )
-    return export_version(trained.encoder, request, repository)
+    version_dir = export_version(trained.encoder, request, repository)
+    if registry is not None:
+        run = trained.tracking
+        register_version(
+            registry,
+            config.tracking.registered_model or model,
+            version_dir,
+            run["run_id"] if run and run.get("mlflow_uri") == uri else None,
+            config.run_dir / REGISTRATIONS_FILE,
+        )
+    return version_dir
