@@ -49,6 +49,14 @@ class ReleaseMetrics:
             ["budget"],
             registry=registry,
         )
+        self.drift_alerts = Counter(
+            "embedserve_drift_alerts",
+            "Times the stable version's drift MMD stayed above EMBEDSERVE_RELEASE_DRIFT_MMD for "
+            "EMBEDSERVE_RELEASE_DRIFT_INTERVALS recomputations in a row (a drift trigger firing; none while a release "
+            "of the model runs); each replica counts what it sees.",
+            ["model"],
+            registry=registry,
+        )
         self.model_age = Gauge(
             "embedserve_model_age_seconds",
             "Seconds since the version was exported, for the stable and the canary version of each model.",
@@ -147,6 +155,8 @@ class ReleaseSignals:
         streak.rounds_seen = self.drift.rounds
         mmd = self._drift_mmd(model)
         streak.above = streak.above + 1 if mmd is not None and mmd > self.drift_threshold else 0
+        if streak.above == self.drift_intervals:
+            self.metrics.drift_alerts.labels(model).inc()
 
     def _drift_mmd(self, model: str) -> float | None:
         stable = self.rollouts.stable_version(model)

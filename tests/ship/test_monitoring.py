@@ -54,6 +54,10 @@ DASHBOARD_VIEWS = {
         "Dependency health",
         "Rollout phase",
         "Rollout weight",
+        "Release outcomes (7d)",
+        "Stable version age",
+        "Model load seconds",
+        "Drift alerts per day / release triggers",
     ],
     "embedserve-debug": [
         "Batch size",

@@ -158,6 +158,7 @@ async def test_drift_above_the_threshold_for_n_intervals_makes_a_release_due_unt
             await until(drift_due, timeout_s=30)
             signals = (await client.get("/v1/admin/releases/signals/tiny", headers=ADMIN)).json()
             assert signals["drift_mmd"] > 0 and signals["drift_streak"] >= 3
+            assert metric(await read_metrics(client), "embedserve_drift_alerts_total", model="tiny") == 1
 
             # A release starts: the drift it was started for is not a reason to start another.
             assert (await claim(client, "r-drift", "drift")).status_code == 201
