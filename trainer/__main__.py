@@ -146,8 +146,9 @@ def run(args: argparse.Namespace) -> None:
 
 def release_command(args: argparse.Namespace) -> int:
     from trainer.config import load_config
-    from trainer.release.chain import ReleaseBusy, exit_code, release, report
     from trainer.release.gateway import ReleaseGateway
+    from trainer.release.release_state import exit_code, report
+    from trainer.release.resume import ReleaseBusy, release
 
     config = load_config(args.config)
     gateway = ReleaseGateway(args.gateway, os.environ.get("EMBEDSERVE_ADMIN_API_KEY"))

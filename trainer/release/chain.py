@@ -17,22 +17,16 @@ outcome (promoted, gate_refused, canary_failed, budget_exhausted, failed, refuse
 run starts a new one. The report (JSON) holds every stage's outcome, timings and details.
 """
 
-import fcntl
-import hashlib
-import json
 import logging
 import os
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field
 
 from service.models.manifest import ManifestError, read_manifest
 from service.models.tokenization import TextTokenizer
@@ -43,52 +37,13 @@ from trainer.release.evaluate import EvaluationResult, evaluate, load_pairs
 from trainer.release.export import ExportRefused, embed_with_onnx, model_versions
 from trainer.release.gateway import RETRYABLE, GatewayError, ReleaseGateway
 from trainer.release.publish import EVALUATION_TEXTS, evaluate_encoder, load_trained, publish
+from trainer.release.release_state import LEDGER_OUTCOMES, Outcome, ReleaseState, ReleaseStopped, StageRecord
 from trainer.train import TrainingTimeSpent, load_corpus, train
 
 log = logging.getLogger(__name__)
 
 STAGES = ("snapshot", "claim", "train", "gate", "export", "serve", "canary", "collections")
 ENDED_PHASES = ("promoted", "rolled_back", "failed")
-EXIT_PROMOTED, EXIT_FAILED, EXIT_REFUSED = 0, 1, 3
-Outcome = Literal["promoted", "gate_refused", "canary_failed", "budget_exhausted", "failed", "refused", "not_due"]
-# Outcomes the gateway's ledger records (a refused or not-due release never had a place in it).
-LEDGER_OUTCOMES = ("promoted", "gate_refused", "canary_failed", "budget_exhausted", "failed")
-
-
-class StageRecord(BaseModel):
-    status: Literal["done", "failed"]
-    started_at: datetime
-    seconds: float
-    detail: dict[str, Any] = Field(default_factory=dict)
-
-
-class ReleaseState(BaseModel):
-    release_id: str
-    model: str
-    trigger: str
-    config_sha256: str
-    started_at: datetime
-    stages: dict[str, StageRecord] = Field(default_factory=dict)
-    outcome: Outcome | None = None
-    failed_checks: list[str] = Field(default_factory=list)
-    error: str | None = None
-    training_seconds: float = 0.0
-    ledger_reported: bool = False
-
-    def detail(self, stage: str) -> dict[str, Any]:
-        return self.stages[stage].detail
-
-
-class ReleaseStopped(Exception):
-    """The release ends here with ``outcome`` (not a crash: running again starts a new release)."""
-
-    def __init__(
-        self, outcome: Outcome, message: str, checks: list[str] | None = None, detail: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.outcome = outcome
-        self.checks = checks or []
-        self.detail = detail or {}
 
 
 @dataclass
@@ -350,7 +305,7 @@ class Release:
                 "analysis": {**canary.analysis, "enabled": True},
                 "reason": f"release {self.state.release_id} ({self.state.trigger})",
             }
-            rollout = self.gateway.start_rollout(self.model, body)
+            rollout = self._start_rollout(body)
         judgements: dict[str, dict[str, Any]] = {}
         deadline = time.monotonic() + canary.timeout_s
         while rollout["phase"] not in ENDED_PHASES:
@@ -379,6 +334,19 @@ class Release:
             raise ReleaseStopped("canary_failed", message, checks, detail)
         return detail
 
+    def _start_rollout(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Start the canary; behind a load balancer the replica that answers may not serve the version yet (it
+        loads it at its next rescan): its 400 is retried, with a reload, until the serve timeout."""
+        deadline = time.monotonic() + self.config.release.serve_timeout_s
+        while True:
+            try:
+                return self.gateway.start_rollout(self.model, body)
+            except GatewayError as error:
+                if error.status != 400 or "cannot" not in str(error) or time.monotonic() > deadline:
+                    raise
+            time.sleep(self.config.release.poll_s)
+            self._retrying(self.gateway.reload_models)
+
     def collections(self) -> dict[str, Any]:
         version = int(self.state.detail("export")["version"])
         mine = [c for c in self._retrying(self.gateway.collections) if c["model"] == self.model]
@@ -398,98 +366,3 @@ class Release:
                 if (error.status is not None and error.status not in RETRYABLE) or time.monotonic() > deadline:
                     raise
                 time.sleep(self.config.release.poll_s)
-
-
-# -- starting, resuming, reporting -----------------------------------------------------------------
-class ReleaseBusy(Exception):
-    """Another release command of the model runs on the same state directory (the schedule and the watch job)."""
-
-
-@contextmanager
-def locked(folder: Path) -> Iterator[None]:
-    """One release command per model and state directory at a time."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / ".lock").open("w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ReleaseBusy(f"another release command holds {folder / '.lock'}; let it finish first") from None
-        yield
-
-
-def release(
-    config: TrainConfig,
-    config_text: str,
-    gateway: ReleaseGateway,
-    state_dir: Path,
-    trigger: str,
-    restart: bool = False,
-) -> ReleaseState:
-    """Run the model's unfinished release to its end, or start a new one (``trigger`` auto: only when the
-    gateway says staleness or drift makes one due)."""
-    model = config.export.model
-    model_dir = state_dir / model
-    with locked(model_dir):
-        sha = hashlib.sha256(config_text.encode()).hexdigest()
-        current = model_dir / "current"
-        state = None
-        if current.is_file():
-            folder = model_dir / current.read_text().strip()
-            state = ReleaseState.model_validate_json((folder / "state.json").read_text())
-            if restart:
-                Release(config, gateway, folder, state)._end("failed", "abandoned (--restart)", ["abandoned"])
-                state = None
-            elif state.config_sha256 != sha:
-                raise ValueError(
-                    f"the run config changed since release {state.release_id} started; restore it to resume, "
-                    "or run with --restart to abandon that release and start a new one"
-                )
-        if state is None:
-            if trigger == "auto":
-                due = gateway.signals(model)["due"]
-                if not due:
-                    return ReleaseState(
-                        release_id="-",
-                        model=model,
-                        trigger="auto",
-                        config_sha256=sha,
-                        started_at=datetime.now(UTC),
-                        outcome="not_due",
-                    )
-                trigger = due[0]
-            release_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-            folder = model_dir / release_id
-            folder.mkdir(parents=True)
-            state = ReleaseState(
-                release_id=release_id, model=model, trigger=trigger, config_sha256=sha, started_at=datetime.now(UTC)
-            )
-            (folder / "state.json").write_text(state.model_dump_json(indent=2) + "\n")
-            current.write_text(release_id)
-        else:
-            log.info("resuming release", extra={"release_id": state.release_id, "done": list(state.stages)})
-        ended = Release(config, gateway, folder, state).run()
-        if ended.outcome is not None:
-            current.unlink(missing_ok=True)
-        return ended
-
-
-def report(state: ReleaseState) -> dict[str, Any]:
-    """The release's report: its outcome, the failed checks, and every stage's status, timing and details."""
-    return {
-        "release_id": state.release_id,
-        "model": state.model,
-        "trigger": state.trigger,
-        "outcome": state.outcome,
-        "failed_checks": state.failed_checks,
-        "error": state.error,
-        "started_at": state.started_at.isoformat(),
-        "training_hours": round(state.training_seconds / 3600, 6),
-        "ledger_reported": state.ledger_reported,
-        "stages": {name: json.loads(record.model_dump_json()) for name, record in state.stages.items()},
-    }
-
-
-def exit_code(state: ReleaseState) -> int:
-    if state.outcome in ("promoted", "not_due"):
-        return EXIT_PROMOTED
-    return EXIT_REFUSED if state.outcome == "refused" else EXIT_FAILED

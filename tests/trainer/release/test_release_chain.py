@@ -350,7 +350,8 @@ def test_an_auto_trigger_starts_a_release_only_when_the_gateway_says_one_is_due(
     with release_gateway(repository, own_milvus, shared_redis_prefix, tmp_path / "young") as url:
         done = run_release(config, url, state_dir, tmp_path / "quiet.json", trigger="auto")
         assert done.returncode == 0, done.stderr[-3000:]
-        assert json.loads((tmp_path / "quiet.json").read_text())["outcome"] == "not_due"
+        assert json.loads(done.stdout)["outcome"] == "not_due"
+        assert not (tmp_path / "quiet.json").exists()  # the last release's report is left as it was
         assert gateway_state(url, collection_name(shared_redis_prefix))[2]["releases"] == []
     # Stale: the release starts, as a staleness release (here it ends at its gate).
     stale = {"EMBEDSERVE_RELEASE_MAX_MODEL_AGE_S": "1"}
