@@ -24,6 +24,7 @@ DEFAULT_STEPS = (5, 10, 25, 50, 100)
 MAX_RETRY_WAIT_S = 30.0
 
 ItemLike = Item | Mapping[str, Any]
+FusionLike = RrfFusion | WeightedFusion | Mapping[str, Any]
 JsonBody = dict[str, Any]
 
 
@@ -76,6 +77,10 @@ class Call(Generic[T]):
     @property
     def name(self) -> str:
         return f"{self.method} {self.path}"
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def segment(value: str) -> str:
@@ -206,7 +211,7 @@ def search(
     top_k: int,
     filter: Mapping[str, Any] | None,
     output_fields: Sequence[str] | None,
-    fusion: RrfFusion | WeightedFusion | Mapping[str, Any] | None,
+    fusion: FusionLike | None,
     candidates: int | None,
 ) -> Call[SearchResult]:
     body: JsonBody = {"query": query, "mode": mode, "top_k": top_k}

@@ -19,10 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from client.async_gateway import AsyncGateway
 from client.calls import MAX_ITEMS_PER_REQUEST
 from client.cli_common import Target, UsageError, Verbs, add_progress_flag, print_json, progress_bar
 from client.evaluate import ALPHAS, RRF_KS, evaluate, fusion_grid, read_pairs, table
-from client.gateway import AsyncGateway, Gateway
+from client.gateway import Gateway
 from client.protocol import Collection, SearchResult
 from service.vectors.fusion import MAX_CANDIDATES
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.gateway import AsyncGateway
+from client.async_gateway import AsyncGateway
 from client.protocol import SearchMode
 from service.vectors.fusion import RrfFusion, WeightedFusion, fuse
 

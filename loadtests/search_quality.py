@@ -27,6 +27,7 @@ from typing import Any
 import snowballstemmer
 from prometheus_client import CollectorRegistry
 
+from client.async_gateway import AsyncGateway
 from client.evaluate import (
     METRICS,
     PRIMARY,
@@ -38,7 +39,7 @@ from client.evaluate import (
     mean_metrics,
     score_settings,
 )
-from client.gateway import AsyncGateway, Gateway
+from client.gateway import Gateway
 from loadtests.bm25 import Bm25, word_tokens
 from loadtests.manpages import ManPage
 from service.settings import Settings

@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from client.async_gateway import AsyncGateway
 from client.cli import main
-from client.gateway import AsyncGateway, Gateway
+from client.gateway import Gateway
 from loadtests.processes import free_port
 from tests.client.conftest import ADMIN_KEY, READER_KEY, WRITER_KEY, RunningGateway
 from trainer.data.sample_text import sentences

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from client.gateway import AsyncGateway, Gateway, GatewayError
+from client.async_gateway import AsyncGateway
+from client.gateway import Gateway, GatewayError
 from client.protocol import Item
 from tests.client.conftest import ADMIN_KEY, READER_KEY, WRITER_KEY, RunningGateway
 

@@ -1,6 +1,7 @@
 """The client's view of the wire agrees with the gateway's models, and its transport behaviour without a gateway:
 an error body read into GatewayError, a 429 sent again after Retry-After, upserts cut at the route's limit."""
 
+import inspect
 import json
 from datetime import UTC, datetime
 from typing import Any, get_args
@@ -10,7 +11,8 @@ import pytest
 from pydantic import BaseModel
 
 from client import calls, protocol
-from client.gateway import AsyncGateway, Gateway, GatewayError
+from client.async_gateway import AsyncGateway
+from client.gateway import Gateway, GatewayError
 from service.embeddings import versions
 from service.models import protocol as models_protocol
 from service.rollouts import state as rollout_state
@@ -49,6 +51,19 @@ def test_phases_and_limits_are_the_gateways() -> None:
     assert set(rollout_state.PHASES) - rollout_state.ACTIVE_PHASES == protocol.ENDED_PHASES
     assert calls.MAX_ITEMS_PER_REQUEST == vectors_protocol.MAX_ITEMS_PER_REQUEST
     assert list(calls.DEFAULT_STEPS) == StartRollout(canary_version=2).steps
+
+
+def test_both_clients_offer_the_same_methods_with_the_same_parameters() -> None:
+    def methods(cls: type) -> dict[str, list[tuple[str, object, object]]]:
+        return {
+            name: [(p.name, p.kind, p.default) for p in inspect.signature(member).parameters.values()]
+            for name, member in inspect.getmembers(cls, inspect.isfunction)
+            if not name.startswith("_") and name not in {"close", "aclose"}
+        }
+
+    synchronous, asynchronous = methods(Gateway), methods(AsyncGateway)
+    assert synchronous == asynchronous and len(synchronous) == 21
+    assert all(inspect.iscoroutinefunction(getattr(AsyncGateway, name)) for name in asynchronous)
 
 
 def test_a_rollout_and_a_model_list_read_as_the_gateway_writes_them() -> None:
