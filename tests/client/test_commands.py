@@ -40,14 +40,14 @@ def embedserve(url: str, *args: str, key: str | None = WRITER_KEY) -> subprocess
     )
 
 
-def code(text: int) -> str:
-    return f"code{text:05d}"  # one keyword term that only item ``text`` has
+def term(index: int) -> str:
+    return f"code{index:05d}"  # a keyword term that only item ``index`` has
 
 
 def write_items(path: Path, count: int) -> list[dict[str, object]]:
     pool = sentences()
     items: list[dict[str, object]] = [
-        {"id": f"item-{i}", "text": f"{' '.join(pool[i % len(pool)].split()[:12])} {code(i)}", "metadata": {"n": i}}
+        {"id": f"item-{i}", "text": f"{' '.join(pool[i % len(pool)].split()[:12])} {term(i)}", "metadata": {"n": i}}
         for i in range(count)
     ]
     path.write_text("".join(json.dumps(item) + "\n" for item in items))
@@ -84,15 +84,15 @@ def test_upsert_of_5000_items_shows_progress_and_every_item_is_then_found(
     assert asyncio.run(stored()) == items
     with Gateway(url, READER_KEY) as gateway:
         for i in range(0, BULK, 97):
-            hits = gateway.search("bulk", code(i), mode="keyword", top_k=1, output_fields=[]).hits
+            hits = gateway.search("bulk", term(i), mode="keyword", top_k=1, output_fields=[]).hits
             assert [hit.id for hit in hits] == [f"item-{i}"]
         assert gateway.collection("bulk").items == BULK
     # Without --progress, and not on a terminal: no bar.
     again = embedserve(url, "collections", "upsert", "bulk", str(tmp_path / "items.jsonl"), "--batch-size", "500")
     assert again.returncode == 0 and "upsert bulk" not in again.stderr, again.stderr
-    found = embedserve(url, "collections", "search", "bulk", code(42), "--mode", "keyword", "--top-k", "3", key=None)
+    found = embedserve(url, "collections", "search", "bulk", term(42), "--mode", "keyword", "--top-k", "3", key=None)
     assert found.returncode == 1 and "401 missing API key" in found.stderr and "EMBEDSERVE_API_KEY" in found.stderr
-    found = embedserve(url, "collections", "search", "bulk", code(42), "--mode", "keyword", "--top-k", "3")
+    found = embedserve(url, "collections", "search", "bulk", term(42), "--mode", "keyword", "--top-k", "3")
     assert found.returncode == 0, found.stderr
     # Only item 42 holds the term.
     assert found.stdout.splitlines()[0] == "1 hit from tiny@1, best first:"
