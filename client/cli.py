@@ -1,103 +1,137 @@
-"""embedserve — the gateway from the command line, over HTTP.
+"""embedserve — the gateway from the command line.
 
-    embedserve collections evaluate NAME --pairs FILE.jsonl [--candidates N] [--output REPORT.json] [--json]
+    embedserve serve [--host H] [--port P]                 run the gateway (python -m service serve)
+    embedserve collections list|status|create|upsert|search|reindex|delete|evaluate ...
+    embedserve rollout list|status|show|start|promote|rollback|pause|resume|weight ...
+    embedserve models [list|reload]
 
-The gateway is ``--url`` (default ``$EMBEDSERVE_URL``, else http://127.0.0.1:8000); the API key (the ``search``
-scope is enough) is ``$EMBEDSERVE_API_KEY``. Each command is a subcommand of its noun, so more can be added beside.
+Every command but ``serve`` talks HTTP to the gateway at ``--url`` (default ``$EMBEDSERVE_URL``, else
+http://127.0.0.1:8000) through ``client.gateway.Gateway``. Keys: ``$EMBEDSERVE_API_KEY`` for collections and models;
+``$EMBEDSERVE_ADMIN_API_KEY`` (else ``$EMBEDSERVE_API_KEY``) for rollouts and model reloads. Exit codes: 0 done,
+1 the gateway refused or could not be reached (its message on standard error), 2 a mistake on the command line.
 """
 
 import argparse
-import asyncio
-import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from client.evaluate import ALPHAS, RRF_KS, evaluate, fusion_grid, read_pairs, table
-from client.http import CollectionsClient, GatewayError
-from service.vectors.fusion import MAX_CANDIDATES
+from client import cli_collections, cli_rollouts
+from client.cli_common import DEFAULT_URL, Target, UsageError, Verbs, print_json
+from client.gateway import GatewayError
+from client.protocol import Model
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+# What a refused key means for the one who runs the command (the gateway's message speaks to its operator).
+KEY_HINTS = {
+    "collections": "embedserve sends $EMBEDSERVE_API_KEY: set it to a key with the search scope (write to change).",
+    "models": "embedserve sends $EMBEDSERVE_API_KEY (reload: $EMBEDSERVE_ADMIN_API_KEY): check it.",
+    "rollout": "embedserve sends $EMBEDSERVE_ADMIN_API_KEY (else $EMBEDSERVE_API_KEY): set it to the admin key.",
+}
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="embedserve", description="The embedserve gateway from the command line.")
-    root.add_argument("--url", default=os.environ.get("EMBEDSERVE_URL", DEFAULT_URL), help="the gateway's base URL")
-    nouns = root.add_subparsers(dest="noun", required=True)
-    collections = nouns.add_parser("collections", help="vector collections").add_subparsers(dest="verb", required=True)
-    add_evaluate(collections)
+    root = argparse.ArgumentParser(
+        prog="embedserve",
+        description="The embedserve gateway from the command line.",
+        epilog="Keys: EMBEDSERVE_API_KEY (collections), EMBEDSERVE_ADMIN_API_KEY (rollouts, model reloads).",
+    )
+    root.add_argument(
+        "--url", default=os.environ.get("EMBEDSERVE_URL", DEFAULT_URL), help="the gateway's base URL (EMBEDSERVE_URL)"
+    )
+    root.add_argument("--timeout-s", type=float, default=60.0, help="seconds to wait for each answer")
+    nouns = root.add_subparsers(dest="noun", required=True, metavar="COMMAND")
+    add_serve(nouns)
+    cli_collections.add_parser(nouns)
+    cli_rollouts.add_parser(nouns)
+    add_models(nouns)
     return root
 
 
-def add_evaluate(verbs: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    command = verbs.add_parser(
-        "evaluate",
-        help="recall@1/10, MRR@10, nDCG@10 of dense, keyword and every fusion setting on labelled pairs",
-        description="Searches each query's dense and keyword legs once and fuses them locally for every setting "
-        "(the same fusion as the hybrid search route); prints a table (or JSON) and suggests the best setting.",
+def add_serve(nouns: Verbs) -> None:
+    serve = nouns.add_parser(
+        "serve",
+        help="run the gateway (python -m service serve)",
+        description="Runs the gateway in this process, configured by its EMBEDSERVE_* settings (README, Settings).",
     )
-    command.add_argument("name", help="the collection")
-    command.add_argument(
-        "--pairs", type=Path, required=True, help='JSON lines {"query": ..., "relevant_id": ...} (item ids)'
-    )
-    command.add_argument(
-        "--candidates", type=int, help="depth of each leg (default: the collection's hybrid candidates)"
-    )
-    command.add_argument("--rrf-k", type=_ints, default=list(RRF_KS), help="RRF k values, comma-separated")
-    command.add_argument(
-        "--alphas", type=_floats, default=list(ALPHAS), help="weighted-fusion dense weights, comma-separated"
-    )
-    command.add_argument("--concurrency", type=int, default=4, help="searches in flight at once")
-    command.add_argument("--output", type=Path, help="also write the JSON report to this file")
-    command.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    serve.add_argument("--host", help="address to bind (EMBEDSERVE_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (EMBEDSERVE_PORT, default 8000)")
+    serve.set_defaults(run=run_serve)
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    if args.candidates is not None and not 1 <= args.candidates <= MAX_CANDIDATES:
-        print(f"--candidates must be between 1 and {MAX_CANDIDATES}.", file=sys.stderr)
-        return 2
-    try:
-        grid = fusion_grid(args.rrf_k, args.alphas)
-        queries = read_pairs(args.pairs)
-    except (ValueError, OSError) as error:  # PairsError and pydantic's bounds on k and alpha among them
-        print(f"{error}", file=sys.stderr)
-        return 2
+def run_serve(args: argparse.Namespace, target: Target) -> int:
+    """Become ``python -m service serve``. The client talks HTTP and never imports the gateway (the import contract
+    in pyproject.toml), so the gateway replaces this process: same process id, its own signal handling (the drain on
+    SIGTERM), its exit code."""
+    environ = dict(os.environ)
+    if args.host is not None:
+        environ["EMBEDSERVE_HOST"] = args.host
+    if args.port is not None:
+        environ["EMBEDSERVE_PORT"] = str(args.port)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "service", "serve"], environ)
 
-    async def report() -> dict[str, object]:
-        async with CollectionsClient(args.url, os.environ.get("EMBEDSERVE_API_KEY")) as client:
-            return await evaluate(client, args.name, queries, args.candidates, grid, max(1, args.concurrency))
 
-    try:
-        result = asyncio.run(report())
-    except GatewayError as error:
-        print(f"{error}", file=sys.stderr)
-        return 1
-    if args.output is not None:
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2) if args.json else table(result))
+def add_models(nouns: Verbs) -> None:
+    verbs = nouns.add_parser("models", help="the models and versions the gateway serves or refuses").add_subparsers(
+        dest="verb", metavar="VERB"
+    )
+    listing = verbs.add_parser("list", help="every model's versions: served, refused (and why), default")
+    listing.add_argument("--json", action="store_true", help="print the gateway's answer as JSON")
+    verbs.add_parser("reload", help="scan the model repository now (admin key)").add_argument(
+        "--json", action="store_true", help="print the gateway's answer as JSON"
+    )
+
+
+def run_models(args: argparse.Namespace, target: Target) -> int:
+    if args.verb == "reload":
+        with target.admin_gateway() as gateway:
+            report = gateway.reload_models()
+        if args.json:
+            print_json(report)
+        else:
+            print(f"loaded: {', '.join(report.loaded) or 'none'}; unloaded: {', '.join(report.unloaded) or 'none'}")
+            for failure in [*report.refused, *report.failed]:
+                print(f"not served: {failure.version}: {failure.reason}")
+        return 0
+    with target.gateway() as gateway:
+        models = gateway.models()
+    if getattr(args, "json", False):
+        print_json(models)
+    else:
+        print("\n".join(model_lines(model) for model in models))
     return 0
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+def model_lines(model: Model) -> str:
+    lines = [f"{model.id}: default version {model.default_version}"]
+    for version in model.versions:
+        default = ", default" if version.is_default else ""
+        detail = f": {version.reason}" if version.reason else f", {version.dimension} dims, {version.precision}"
+        lines.append(f"  {version.version}  {version.state}{default}{detail}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.noun == "collections" and args.verb == "evaluate":
-        return run_evaluate(args)
-    raise AssertionError(f"unhandled command {args.noun} {args.verb}")
+    target = Target.of(args)
+    run = getattr(args, "run", run_models)  # `embedserve models` alone lists them
+    try:
+        code: int = run(args, target)
+    except UsageError as error:
+        print(f"{error}", file=sys.stderr)
+        return 2
+    except GatewayError as error:
+        print(f"{error}", file=sys.stderr)
+        if error.status in (401, 403):
+            print(KEY_HINTS[args.noun], file=sys.stderr)
+        return 1
+    except TimeoutError as error:
+        print(f"{error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.http import CollectionsClient, SearchMode
+from client.async_gateway import AsyncGateway
+from client.protocol import SearchMode
 from service.vectors.fusion import RrfFusion, WeightedFusion, fuse
 
 PRIMARY = "ndcg@10"
@@ -111,14 +112,15 @@ def fusion_grid(rrf_ks: Iterable[int] = RRF_KS, alphas: Iterable[float] = ALPHAS
 
 
 async def fetch_legs(
-    client: CollectionsClient, name: str, queries: list[LabelledQuery], depth: int, concurrency: int = 4
+    client: AsyncGateway, name: str, queries: list[LabelledQuery], depth: int, concurrency: int = 4
 ) -> list[Legs]:
     """Each query's dense and keyword legs, ``depth`` deep, ``concurrency`` searches at a time."""
     gate = asyncio.Semaphore(concurrency)
 
     async def leg(query: str, mode: SearchMode) -> Ranking:
         async with gate:
-            return await client.search(name, query, mode, depth)
+            result = await client.search(name, query, mode, depth, output_fields=[])
+            return [(hit.id, hit.score) for hit in result.hits]
 
     async def legs(query: str) -> Legs:
         dense, keyword = await asyncio.gather(leg(query, "dense"), leg(query, "keyword"))
@@ -163,7 +165,7 @@ def best_setting(figures: dict[str, dict[str, float]], settings: list[Fusion]) -
 
 
 async def evaluate(
-    client: CollectionsClient,
+    client: AsyncGateway,
     name: str,
     queries: list[LabelledQuery],
     candidates: int | None = None,
@@ -183,7 +185,7 @@ async def evaluate(
     default = collection.hybrid.fusion
     return {
         "collection": name,
-        "model": collection.model,
+        "model": collection.model_version,
         "items": collection.items,
         "queries": len(queries),
         "pairs": sum(len(q.relevant) for q in queries),

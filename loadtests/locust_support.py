@@ -1,13 +1,13 @@
-"""What loadtests/locustfile.py needs besides Locust: generated texts, the dimensions a correct answer has,
-a few plain HTTP calls made outside the measured requests, and the samples file the runner reads."""
+"""What loadtests/locustfile.py needs besides Locust: generated texts, the dimensions a correct answer has (read
+through embedserve's client, outside the measured requests), and the samples file the runner reads."""
 
 import json
 import random
 import string
 import time
-import urllib.error
-import urllib.request
 from typing import Any
+
+from client.gateway import Gateway, GatewayError
 
 VOCABULARY = (
     "model vector search index query cache latency batch token version canary stable rollout gateway "
@@ -36,48 +36,30 @@ class Expectations:
     def __init__(self) -> None:
         self.dimensions: dict[tuple[str, str], int] = {}
         self.host = ""
-        self.headers: dict[str, str] = {}
+        self.api_key: str | None = None
         self.loaded_at = 0.0
 
-    def load(self, host: str, headers: dict[str, str]) -> None:
-        self.host, self.headers, self.loaded_at = host, headers, time.monotonic()
+    def load(self, host: str, api_key: str | None) -> None:
+        self.host, self.api_key, self.loaded_at = host, api_key, time.monotonic()
         try:
-            listing = get_json(f"{host}/v1/models", headers)
-        except (OSError, ValueError) as error:  # URLError and HTTPError are OSErrors
+            with Gateway(host, api_key, timeout_s=10) as gateway:
+                models = gateway.models()
+        except GatewayError as error:
             print(f"loadtest: cannot read {host}/v1/models ({error}); embedding checks will fail")
             return
-        for model in listing.get("data", []):
-            for version in model.get("versions", []):
-                if version.get("dimension"):
-                    self.dimensions[(model["id"], str(version["version"]))] = int(version["dimension"])
+        for model in models:
+            for version in model.versions:
+                if version.dimension:
+                    self.dimensions[(model.id, str(version.version))] = version.dimension
 
     def dimension(self, model: str, version: str) -> int | None:
         stale = time.monotonic() - self.loaded_at > self.REFRESH_S
         if (model, version) not in self.dimensions and self.host and stale:
-            self.load(self.host, self.headers)  # a version that appeared during the test
+            self.load(self.host, self.api_key)  # a version that appeared during the test
         return self.dimensions.get((model, version))
 
 
 EXPECTED = Expectations()
-
-
-def get_json(url: str, headers: dict[str, str]) -> dict[str, Any]:
-    request = urllib.request.Request(url, headers=headers)
-    with urllib.request.urlopen(request, timeout=10) as response:
-        body: dict[str, Any] = json.load(response)
-        return body
-
-
-def send_json(method: str, url: str, headers: dict[str, str], body: dict[str, Any]) -> int:
-    data = json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={**headers, "content-type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return int(error.code)
 
 
 class SampleWriter:

@@ -24,7 +24,8 @@ from locust import FastHttpUser, LoadTestShape, between, events, task
 from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
 
-from loadtests.locust_support import EXPECTED, SAMPLES, WORDS, send_json, sentence, unique
+from client.gateway import Gateway, GatewayError
+from loadtests.locust_support import EXPECTED, SAMPLES, WORDS, sentence, unique
 
 GROUP_SHORT = "embeddings short"
 GROUP_LONG = "embeddings long"
@@ -67,35 +68,34 @@ def _auth_headers(environment: Environment) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"} if key else {}
 
 
-def _seed_collection(environment: Environment, host: str, headers: dict[str, str]) -> None:
+def _seed_collection(environment: Environment, host: str) -> None:
     """Create the collection if missing and put some items in it, waiting for Milvus to come up."""
     options = _options(environment)
     rng = random.Random(options.seed)
-    url = f"{host}/v1/collections/{options.collection}"
-    deadline = time.monotonic() + 30
-    status = 0
-    while time.monotonic() < deadline:
-        status = send_json("PUT", url, headers, {"model": options.model, "fields": {"topic": "string"}})
-        if status != 503:
-            break
-        time.sleep(1)  # the gateway connects to Milvus in the background
-    if status not in (200, 201):
-        print(f"loadtest: creating collection {options.collection} answered {status}; searches will fail")
-        return
     items = [
         {"id": f"seed-{i}", "text": sentence(rng, 12), "metadata": {"topic": rng.choice(WORDS)}}
         for i in range(SEED_ITEMS)
     ]
-    send_json("POST", f"{url}/items", headers, {"items": items})
+    deadline = time.monotonic() + 30
+    with Gateway(host, options.api_key or None) as gateway:
+        while True:
+            try:
+                gateway.create_collection(options.collection, options.model, fields={"topic": "string"})
+                gateway.upsert(options.collection, items)
+                return
+            except GatewayError as error:
+                if error.status != 503 or time.monotonic() > deadline:
+                    print(f"loadtest: seeding collection {options.collection} failed ({error}); searches will fail")
+                    return
+            time.sleep(1)  # the gateway connects to Milvus in the background
 
 
 @events.test_start.add_listener
 def _on_test_start(environment: Environment, **_: Any) -> None:
     host = (environment.host or "").rstrip("/")
-    headers = _auth_headers(environment)
-    EXPECTED.load(host, headers)
+    EXPECTED.load(host, _options(environment).api_key or None)
     if any(user_class.__name__ == "CollectionUser" for user_class in environment.user_classes):
-        _seed_collection(environment, host, headers)
+        _seed_collection(environment, host)
 
 
 @events.init.add_listener

@@ -19,14 +19,15 @@ analyser; Lite has none).
 
 import asyncio
 import hashlib
+import itertools
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import snowballstemmer
 from prometheus_client import CollectorRegistry
 
+from client.async_gateway import AsyncGateway
 from client.evaluate import (
     METRICS,
     PRIMARY,
@@ -38,7 +39,7 @@ from client.evaluate import (
     mean_metrics,
     score_settings,
 )
-from client.http import CollectionsClient
+from client.gateway import Gateway
 from loadtests.bm25 import Bm25, word_tokens
 from loadtests.manpages import ManPage
 from service.settings import Settings
@@ -75,24 +76,26 @@ def halves(pages: list[ManPage], queries: int) -> tuple[list[int], list[int]]:
 
 
 def upsert_pages(url: str, pages: list[ManPage], batch: int = 100) -> float:
-    """Create the collection and upsert every page through the gateway; items/s."""
-    with httpx.Client(base_url=url, timeout=600) as client:
-        client.put(f"/v1/collections/{COLLECTION}", json={"model": "minilm@1"}).raise_for_status()
+    """Create the collection and upsert every page through the gateway, ``batch`` a request; items/s."""
+    items = ({"id": item_id(i), "text": page.body[:TEXT_CHARS]} for i, page in enumerate(pages))
+    batches, upserted = itertools.count(), 0
+
+    def show(count: int) -> None:
+        nonlocal upserted
+        upserted += count
+        if next(batches) % 20 == 0:
+            print(f"  {upserted} pages upserted", flush=True)
+
+    with Gateway(url, timeout_s=600) as gateway:
+        gateway.create_collection(COLLECTION, "minilm@1")
         started = time.perf_counter()
-        for start in range(0, len(pages), batch):
-            items = [
-                {"id": item_id(i), "text": pages[i].body[:TEXT_CHARS]}
-                for i in range(start, min(len(pages), start + batch))
-            ]
-            client.post(f"/v1/collections/{COLLECTION}/items", json={"items": items}).raise_for_status()
-            if (start // batch) % 20 == 0:
-                print(f"  {start + len(items)} pages upserted", flush=True)
+        gateway.upsert(COLLECTION, items, batch_size=batch, progress=show)
         return len(pages) / (time.perf_counter() - started)
 
 
 async def fetch_all_legs(url: str, queries: list[LabelledQuery], depth: int) -> list[Legs]:
-    async with CollectionsClient(url, timeout_s=600) as client:
-        return await fetch_legs(client, COLLECTION, queries, depth, concurrency=4)
+    async with AsyncGateway(url, timeout_s=600) as gateway:
+        return await fetch_legs(gateway, COLLECTION, queries, depth, concurrency=4)
 
 
 def at_depth(legs: list[Legs], depth: int) -> list[Legs]:
@@ -112,14 +115,13 @@ def check_route(url: str, queries: list[LabelledQuery], legs: list[Legs]) -> dic
     many gave the same ids in the same order, the largest score difference (a query embedded in a batch with others
     can differ from itself alone in the 8th digit)."""
     same, largest = 0, 0.0
-    with httpx.Client(base_url=url, timeout=60) as client:
+    with Gateway(url) as gateway:
         for labelled, query_legs in list(zip(queries, legs, strict=True))[:ROUTE_CHECKS]:
-            body = {"query": labelled.query, "mode": "hybrid", "top_k": 10, "output_fields": []}
-            hits = client.post(f"/v1/collections/{COLLECTION}/search", json=body).json()["hits"]
+            hits = gateway.search(COLLECTION, labelled.query, "hybrid", 10, output_fields=[]).hits
             depth_legs = at_depth([query_legs], DEFAULT_CANDIDATES)[0]
             expected = fuse(depth_legs.dense, depth_legs.keyword, DEFAULT_FUSION)[:10]
-            same += [hit["id"] for hit in hits] == [item for item, _ in expected]
-            largest = max([largest, *(abs(h["score"] - e) for h, (_, e) in zip(hits, expected, strict=False))])
+            same += [hit.id for hit in hits] == [item for item, _ in expected]
+            largest = max([largest, *(abs(h.score - e) for h, (_, e) in zip(hits, expected, strict=False))])
     return {"queries": min(ROUTE_CHECKS, len(queries)), "same_ids": same, "largest_score_difference": largest}
 
 

@@ -1,4 +1,5 @@
-"""python -m service serve | rollout ... — run the gateway, or drive its rollout admin API."""
+"""python -m service serve — run the gateway (``embedserve serve`` does the same; ``embedserve rollout ...`` drives
+its rollout admin API over HTTP, see client/cli.py)."""
 
 import argparse
 import logging
@@ -10,7 +11,6 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.app import create_app
-from service.rollouts import cli as rollout_cli
 from service.settings import load_settings
 from service.telemetry.logs import configure_logging
 
@@ -21,10 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m service", description="embedserve gateway")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="serve the HTTP API on EMBEDSERVE_HOST:EMBEDSERVE_PORT")
-    rollout_cli.add_parser(commands)
     args = parser.parse_args()
-    if args.command == "rollout":
-        raise SystemExit(rollout_cli.run(args))
     if args.command == "serve":
         settings = load_settings()
         configure_logging(settings.log_level)

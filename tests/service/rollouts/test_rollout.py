@@ -1,6 +1,5 @@
 """Canary rollouts: sticky routing, compare-and-set stores, replicas that agree through Redis, the admin API."""
 
-import argparse
 import asyncio
 import json
 import random
@@ -13,10 +12,10 @@ import redis
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
+from client.cli import main as embedserve
 from loadtests.processes import gateway
 from service.errors import Conflict, InvalidRequest
 from service.models.store import ModelStore
-from service.rollouts import cli as rollout_cli
 from service.rollouts.state import (
     AnalysisSettings,
     RolloutState,
@@ -244,10 +243,8 @@ async def wait_for_phase(client: httpx.AsyncClient, model: str, phase: str, time
     return state
 
 
-def rollout_command(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    rollout_cli.add_parser(parser.add_subparsers(dest="command"))
-    return rollout_cli.run(parser.parse_args(["rollout", *argv]))
+def rollout_command(url: str, *argv: str) -> int:
+    return embedserve(["--url", url, "rollout", *argv])
 
 
 def test_two_gateway_processes_agree_within_2_s(
@@ -266,7 +263,7 @@ def test_two_gateway_processes_agree_within_2_s(
         gateway({**env, "EMBEDSERVE_MILVUS_URI": str(tmp_path / "b.db")}, tmp_path / "b.log") as second,
     ):
         monkeypatch.setenv("EMBEDSERVE_ADMIN_API_KEY", ADMIN_KEY)
-        assert rollout_command("--url", first, "start", "tiny", "2", "--steps", "30,60", "--reason", "cli") == 0
+        assert rollout_command(first, "start", "tiny", "2", "--steps", "30,60", "--reason", "cli") == 0
         started = httpx.get(f"{first}/v1/rollouts/tiny", headers=admin())
         assert started.json()["history"][-1]["reason"] == "cli"
         changed = time.monotonic()
@@ -289,17 +286,17 @@ def test_two_gateway_processes_agree_within_2_s(
                 }
             assert len(versions) == 1
         capsys.readouterr()
-        assert rollout_command("--url", second, "weight", "tiny", "60") == 0
-        assert rollout_command("--url", second, "pause", "tiny") == 0
+        assert rollout_command(second, "weight", "tiny", "60") == 0
+        assert rollout_command(second, "pause", "tiny") == 0
         capsys.readouterr()
-        assert rollout_command("--url", first, "show", "tiny") == 0
+        assert rollout_command(first, "show", "tiny", "--json") == 0
         shown = json.loads(capsys.readouterr().out)
         assert (shown["phase"], shown["weight"], shown["history"][-1]["action"]) == ("paused", 60, "pause")
-        assert rollout_command("--url", first, "resume", "tiny") == 0
-        assert rollout_command("--url", first, "rollback", "tiny", "--reason", "enough") == 0
-        assert rollout_command("--url", first, "promote", "tiny") == 1  # nothing left to promote: 409
+        assert rollout_command(first, "resume", "tiny") == 0
+        assert rollout_command(first, "rollback", "tiny", "--reason", "enough") == 0
+        assert rollout_command(first, "promote", "tiny") == 1  # nothing left to promote: 409
         monkeypatch.setenv("EMBEDSERVE_ADMIN_API_KEY", "wrong")
-        assert rollout_command("--url", first, "list") == 1
+        assert rollout_command(first, "list") == 1
 
 
 async def test_shadow_traffic_mirrors_to_the_canary_without_serving_from_it(settings: Settings) -> None:
