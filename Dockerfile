@@ -14,10 +14,11 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY service ./service
-# No extras: torch, transformers and the trainer stay out of the gateway image.
-RUN pip install --no-cache-dir . \
+COPY client ./client
+# Only the triton extra: torch, transformers and the trainer stay out of the gateway image.
+RUN pip install --no-cache-dir "/src[triton]" \
     && python -c "import sys, service.app; assert 'torch' not in sys.modules"
 
 # ---- trainer: torch with CUDA (PyPI's Linux x86_64 torch wheels bundle the CUDA runtime; the node's
@@ -34,10 +35,11 @@ RUN groupadd --system --gid 10001 embedserve \
     && python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY service ./service
 COPY trainer ./trainer
-RUN pip install --no-cache-dir "/src[train]" \
+COPY client ./client
+RUN pip install --no-cache-dir "/src[train,triton]" \
     && python -c "import torch, trainer.train; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

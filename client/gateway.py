@@ -35,6 +35,10 @@ from client.protocol import (
     Item,
     Model,
     Phase,
+    Release,
+    ReleaseClaim,
+    ReleaseLedger,
+    ReleaseSignals,
     ReloadReport,
     Rollout,
     SearchMode,
@@ -168,6 +172,25 @@ class Gateway:
                 return state
             deadline.check()
             time.sleep(poll_s)
+
+    # ── releases (admin) ────────────────────────────────────────────────────
+
+    def claim_release(self, model: str, trigger: str, release_id: str) -> ReleaseClaim:
+        """Take a place in the release budget under ``release_id`` (claiming it again resumes that place); a 409
+        (a release of the model runs) or 429 (budget spent; never retried by the gateway) is a GatewayError."""
+        return self._send(calls.claim_release(model, trigger, release_id))
+
+    def report_release(self, release_id: str, **fields: Any) -> Release:
+        """Record the release's ``stage``, ``version``, ``training_hours``, ``detail`` and, once, its ``outcome``."""
+        return self._send(calls.report_release(release_id, fields))
+
+    def releases(self) -> ReleaseLedger:
+        """The budget's window, what it used, and every release the ledger holds."""
+        return self._send(calls.releases())
+
+    def release_signals(self, model: str) -> ReleaseSignals:
+        """Whether a release of ``model`` is due (staleness, drift), from the replica that answers."""
+        return self._send(calls.release_signals(model))
 
     # ── collections ─────────────────────────────────────────────────────────
 

@@ -1,4 +1,4 @@
-"""What the gateway answers, as the client reads it: collections, items, hits, models, rollouts.
+"""What the gateway answers, as the client reads it: collections, items, hits, models, rollouts, releases.
 
 The client may not import the gateway's own wire models (``service.*.protocol``: they pull in the web framework and
 the settings), so it declares the fields it reads here. Every model ignores fields it does not know, so a newer
@@ -193,3 +193,51 @@ class Rollout(_Answer):
     def ended(self) -> bool:
         """Promoted, rolled back or failed: no canary takes traffic."""
         return self.phase in ENDED_PHASES or self.canary_version is None
+
+
+# ── releases (python -m trainer release, /v1/admin/releases) ───────────────
+
+
+class Release(_Answer):
+    """One release as the gateway's ledger knows it."""
+
+    release_id: str
+    model: str
+    trigger: str = Field(description="manual, schedule, drift or staleness")
+    started_at: datetime
+    stage: str = Field(description="The stage the release reported last.")
+    version: int | None = None
+    training_hours: float = 0.0
+    outcome: str | None = Field(None, description="None while it runs; then promoted, gate_refused, ...")
+    finished_at: datetime | None = None
+    detail: str | None = None
+
+
+class ReleaseClaim(_Answer):
+    release: Release
+    resumed: bool = Field(description="The id had claimed its place before: a resumed release.")
+    training_hours_left: float
+
+
+class ReleaseLedger(_Answer):
+    window_s: float
+    max_per_window: int
+    max_training_hours: float
+    started_in_window: int
+    training_hours_in_window: float
+    releases: list[Release] = Field(description="Newest first.")
+
+
+class ReleaseSignals(_Answer):
+    """Whether a release of the model is due (from the replica that answered) and the measures behind it."""
+
+    model: str
+    stable_version: int | None
+    stable_age_s: float | None
+    max_age_s: float
+    drift_mmd: float | None
+    drift_threshold: float
+    drift_streak: int
+    drift_intervals: int
+    release_running: str | None
+    due: list[str] = Field(description="staleness, drift; empty when none holds or a release runs.")

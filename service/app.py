@@ -17,7 +17,6 @@ from starlette.exceptions import HTTPException
 from service import ops
 from service.backends.contract import Backend
 from service.backends.onnx import OnnxBackend
-from service.backends.triton import TritonBackend
 from service.edge.access import AccessMiddleware
 from service.edge.auth import require
 from service.edge.body_limit import BodyLimitMiddleware
@@ -54,6 +53,9 @@ log = logging.getLogger(__name__)
 
 def create_backend(settings: Settings) -> Backend:
     if settings.backend == "triton":
+        # The [triton] extra: only a gateway that sends inference to Triton needs tritonclient.
+        from service.backends.triton import TritonBackend
+
         explicit = settings.triton_model_control == "explicit"
         return TritonBackend(settings.triton_url, timeout_s=settings.triton_timeout_s, explicit_loading=explicit)
     return OnnxBackend(threads=settings.inference_threads, device=settings.device, spinning=settings.inference_spinning)

@@ -145,13 +145,14 @@ def run(args: argparse.Namespace) -> None:
 
 
 def release_command(args: argparse.Namespace) -> int:
+    from client.gateway import Gateway
     from trainer.config import load_config
-    from trainer.release.gateway import ReleaseGateway
     from trainer.release.release_state import exit_code, report
     from trainer.release.resume import ReleaseBusy, release
 
     config = load_config(args.config)
-    gateway = ReleaseGateway(args.gateway, os.environ.get("EMBEDSERVE_ADMIN_API_KEY"))
+    # retries=0: a 429 from the release budget is a verdict, not a moment's overload to wait out.
+    gateway = Gateway(args.gateway, os.environ.get("EMBEDSERVE_ADMIN_API_KEY"), retries=0)
     try:
         state = release(config, args.config.read_text(), gateway, args.state_dir, args.trigger, args.restart)
     except ReleaseBusy as busy:

@@ -2,15 +2,18 @@
 claims a place before it trains, reports its stages and its outcome, and asks what is due."""
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from service.edge.auth import require
 from service.edge.json_body import json_body, request_schema
-from service.errors import ApiError, InvalidRequest, ModelNotFound
+from service.errors import ApiError, InvalidRequest, ModelNotFound, ServiceUnavailable
 from service.models.store import ModelStore
 from service.releases.ledger import ReleaseLedger, ReleaseRecord, usage
 from service.releases.protocol import ClaimRelease, ReleaseClaim, ReleaseLedgerView, ReportRelease
@@ -24,6 +27,17 @@ router = APIRouter(prefix="/v1/admin/releases", tags=["releases"], dependencies=
 def _ledger(request: Request) -> ReleaseLedger:
     ledger: ReleaseLedger = request.app.state.release_ledger
     return ledger
+
+
+@asynccontextmanager
+async def _reachable() -> AsyncIterator[None]:
+    """A ledger call; Redis unreachable is a 503 that says so (a release retries it), never a granted place."""
+    try:
+        yield
+    except RedisError as error:
+        raise ServiceUnavailable(
+            f"the release ledger (Redis) cannot be reached ({type(error).__name__}); retry when Redis answers."
+        ) from None
 
 
 def _signals(request: Request) -> ReleaseSignals:
@@ -47,8 +61,11 @@ async def claim_release(
     _known_model(request, body.model)
     signals = _signals(request)
     try:
-        claim = await _ledger(request).claim(body.release_id, body.model, body.trigger)
+        async with _reachable():
+            claim = await _ledger(request).claim(body.release_id, body.model, body.trigger)
     except ApiError as refusal:
+        if isinstance(refusal, ServiceUnavailable):
+            raise
         signals.metrics.triggers.labels(body.model, body.trigger, "refused").inc()
         log.warning(
             "release trigger refused",
@@ -74,7 +91,8 @@ async def report_release(
     if body.outcome is not None:
         changes["finished_at"] = datetime.now(UTC)
     try:
-        before, after = await _ledger(request).update(release_id, **changes)
+        async with _reachable():
+            before, after = await _ledger(request).update(release_id, **changes)
     except ValidationError as error:
         raise InvalidRequest(f"release report: {error.errors()[0]['msg']}") from None
     if before.outcome is None and after.outcome is not None:
@@ -91,7 +109,8 @@ async def report_release(
 async def list_releases(request: Request) -> ReleaseLedgerView:
     """The budget's window, what it used, and every release the ledger holds."""
     ledger = _ledger(request)
-    records = await ledger.records()
+    async with _reachable():
+        records = await ledger.records()
     used = usage(records, ledger.budget, datetime.now(UTC))
     return ReleaseLedgerView(
         window_s=ledger.budget.window_s,

@@ -15,6 +15,9 @@ from client.async_gateway import AsyncGateway
 from client.gateway import Gateway, GatewayError
 from service.embeddings import versions
 from service.models import protocol as models_protocol
+from service.releases import ledger as release_ledger
+from service.releases import protocol as release_protocol
+from service.releases import signals as release_signals
 from service.rollouts import state as rollout_state
 from service.rollouts.protocol import StartRollout
 from service.vectors import protocol as vectors_protocol
@@ -34,6 +37,10 @@ COUNTERPARTS: list[tuple[type[BaseModel], type[BaseModel]]] = [
     (protocol.Decision, rollout_state.Decision),
     (protocol.Judgement, rollout_state.Judgement),
     (protocol.RolloutAnalysis, rollout_state.AnalysisSettings),
+    (protocol.Release, release_ledger.ReleaseRecord),
+    (protocol.ReleaseClaim, release_protocol.ReleaseClaim),
+    (protocol.ReleaseLedger, release_protocol.ReleaseLedgerView),
+    (protocol.ReleaseSignals, release_signals.ReleaseSignalsView),
 ]
 
 
@@ -62,7 +69,7 @@ def test_both_clients_offer_the_same_methods_with_the_same_parameters() -> None:
         }
 
     synchronous, asynchronous = methods(Gateway), methods(AsyncGateway)
-    assert synchronous == asynchronous and len(synchronous) == 21
+    assert synchronous == asynchronous and len(synchronous) == 25
     assert all(inspect.iscoroutinefunction(getattr(AsyncGateway, name)) for name in asynchronous)
 
 

@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from tests.ship.conftest import ROOT
@@ -59,8 +60,11 @@ def test_gateway_is_the_default_target_and_has_no_torch() -> None:
     assert list(found)[-1] == "gateway"  # `docker build .` builds the last stage
     assert {"gateway-build", "gateway", "trainer"} <= set(found)
     (install,) = [line for line in found["gateway-build"] if "pip install" in line]
-    # The project without extras: pyproject's base dependencies, which leave torch to the train extra.
-    assert install.split("&&")[0].split() == ["RUN", "pip", "install", "--no-cache-dir", "."]
+    # The project with the triton extra only: pyproject's base dependencies and tritonclient; torch is the train
+    # extra's.
+    assert install.split("&&")[0].split() == ["RUN", "pip", "install", "--no-cache-dir", '"/src[triton]"']
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert not [requirement for requirement in extras["triton"] if requirement.startswith(("torch", "transformers"))]
     gateway = found["gateway"]
     assert any(line.startswith("COPY --from=gateway-build /opt/venv") for line in gateway)
     assert not any(line.startswith("COPY") and "--from" not in line for line in gateway)  # no source, no weights
@@ -75,7 +79,7 @@ def test_both_targets_run_unprivileged_and_the_gateway_is_health_checked() -> No
     assert "HEALTHCHECK" in gateway and "/healthz" in gateway
     assert "EMBEDSERVE_MODEL_REPOSITORY=/models" in gateway
     assert 'ENTRYPOINT ["python", "-m", "service"]' in gateway
-    assert '"/src[train]"' in " ".join(found["trainer"])
+    assert '"/src[train,triton]"' in " ".join(found["trainer"])
 
 
 def test_build_context_leaves_out_weights_and_local_state() -> None:

@@ -28,6 +28,8 @@ from typing import Any, Literal
 
 import torch
 
+from client.gateway import Gateway, GatewayError
+from client.protocol import ENDED_PHASES, ModelVersion, Rollout
 from service.models.manifest import ManifestError, read_manifest
 from service.models.tokenization import TextTokenizer
 from trainer.checkpoint import latest_good, load_checkpoint
@@ -35,7 +37,6 @@ from trainer.config import TrainConfig
 from trainer.data.corpus import PreparedCorpus
 from trainer.release.evaluate import EvaluationResult, evaluate, load_pairs
 from trainer.release.export import ExportRefused, embed_with_onnx, model_versions
-from trainer.release.gateway import RETRYABLE, GatewayError, ReleaseGateway
 from trainer.release.publish import EVALUATION_TEXTS, evaluate_encoder, load_trained, publish
 from trainer.release.release_state import LEDGER_OUTCOMES, Outcome, ReleaseState, ReleaseStopped, StageRecord
 from trainer.train import TrainingTimeSpent, load_corpus, train
@@ -43,13 +44,14 @@ from trainer.train import TrainingTimeSpent, load_corpus, train
 log = logging.getLogger(__name__)
 
 STAGES = ("snapshot", "claim", "train", "gate", "export", "serve", "canary", "collections")
-ENDED_PHASES = ("promoted", "rolled_back", "failed")
+# The gateway answered, but not now: unreachable (status None) or 502-504 — waited out, never a verdict.
+RETRYABLE = (502, 503, 504)
 
 
 @dataclass
 class Release:
     config: TrainConfig
-    gateway: ReleaseGateway
+    gateway: Gateway
     folder: Path  # STATE_DIR/MODEL/RELEASE_ID
     state: ReleaseState
     _corpus: PreparedCorpus | None = field(default=None, repr=False)
@@ -137,7 +139,7 @@ class Release:
         hours = round(self.state.training_seconds / 3600, 6)
         for attempt in range(3):
             try:
-                self.gateway.report(self.state.release_id, training_hours=hours, **fields)
+                self.gateway.report_release(self.state.release_id, training_hours=hours, **fields)
                 return True
             except GatewayError as error:
                 if error.status is not None and error.status not in RETRYABLE:
@@ -173,16 +175,16 @@ class Release:
 
     def claim(self) -> dict[str, Any]:
         try:
-            claim = self.gateway.claim(self.state.release_id, self.model, self.state.trigger)
+            claim = self.gateway.claim_release(self.model, self.state.trigger, self.state.release_id)
         except GatewayError as error:
             if error.status in (409, 429):
                 raise ReleaseStopped("refused", str(error), [error.code or "refused"]) from None
             raise
-        return {"training_hours_left": claim["training_hours_left"], "resumed": claim["resumed"]}
+        return {"training_hours_left": claim.training_hours_left, "resumed": claim.resumed}
 
     def train(self) -> dict[str, Any]:
         self._check_corpus()
-        left_h = float(self.gateway.claim(self.state.release_id, self.model, self.state.trigger)["training_hours_left"])
+        left_h = self.gateway.claim_release(self.model, self.state.trigger, self.state.release_id).training_hours_left
         if left_h <= 0:
             raise ReleaseStopped("budget_exhausted", "no training hours left in the release budget's window")
         config = self.run_config
@@ -210,7 +212,7 @@ class Release:
         assert eval_file is not None  # snapshot checked it
         with torch.no_grad():
             candidate = evaluate_encoder(load_trained(checkpoint), texts, eval_file)
-        stable_version = self.gateway.signals(self.model)["stable_version"]
+        stable_version = self.gateway.release_signals(self.model).stable_version
         stable = self._evaluate_version(stable_version, texts, eval_file) if stable_version else None
         detail: dict[str, Any] = {
             "metric": candidate.primary_metric,
@@ -273,21 +275,21 @@ class Release:
         deadline = time.monotonic() + self.config.release.serve_timeout_s
         self._retrying(self.gateway.reload_models)
         while True:
-            card = self._retrying(lambda: self.gateway.version_card(self.model, version))
-            if card is not None and card["state"] == "ready":
+            card = self._retrying(lambda: self._version_card(version))
+            if card is not None and card.state == "ready":
                 return {
                     "version": version,
                     "seconds_to_serve": round(self.config.release.serve_timeout_s - (deadline - time.monotonic()), 3),
                 }
-            if card is not None and card["state"] == "refused":
+            if card is not None and card.state == "refused":
                 raise ReleaseStopped(
-                    "failed", f"the gateway refused {self.model}@{version}: {card.get('reason')}", ["version refused"]
+                    "failed", f"the gateway refused {self.model}@{version}: {card.reason}", ["version refused"]
                 )
             if time.monotonic() > deadline:
                 raise ReleaseStopped(
                     "failed",
                     f"the gateway did not serve {self.model}@{version} within {self.config.release.serve_timeout_s:g} "
-                    f"s (last seen: {card['state'] if card else 'not listed'}); does it read the repository the "
+                    f"s (last seen: {card.state if card else 'not listed'}); does it read the repository the "
                     "release exports to?",
                 )
             time.sleep(self.config.release.poll_s)
@@ -297,50 +299,56 @@ class Release:
         version = int(self.state.detail("export")["version"])
         canary = self.config.release.canary
         rollout = self._retrying(lambda: self.gateway.rollout(self.model))
-        if rollout is None or rollout.get("canary_version") != version:
-            body = {
-                "canary_version": version,
-                "steps": canary.steps,
-                "shadow_percent": canary.shadow_percent,
-                "analysis": {**canary.analysis, "enabled": True},
-                "reason": f"release {self.state.release_id} ({self.state.trigger})",
-            }
-            rollout = self._start_rollout(body)
-        judgements: dict[str, dict[str, Any]] = {}
+        if rollout is None or rollout.canary_version != version:
+            rollout = self._start_rollout(version)
+        judgements: dict[datetime, dict[str, Any]] = {}
         deadline = time.monotonic() + canary.timeout_s
-        while rollout["phase"] not in ENDED_PHASES:
+        while rollout.phase not in ENDED_PHASES:
             if time.monotonic() > deadline:
                 reason = f"release {self.state.release_id}: canary undecided after {canary.timeout_s:g} s"
                 rollout = self.gateway.rollback(self.model, reason)
                 break
             time.sleep(self.config.release.poll_s)
             rollout = self._retrying(lambda: self.gateway.rollout(self.model)) or rollout
-            judgement = rollout.get("last_judgement")
-            if judgement:
-                judgements[judgement["at"]] = judgement
+            judgement = rollout.last_judgement
+            if judgement is not None:
+                judgements[judgement.at] = judgement.model_dump(mode="json")
         detail = {
             "version": version,
-            "phase": rollout["phase"],
-            "weight": rollout["weight"],
-            "decisions": rollout["history"],
+            "phase": rollout.phase,
+            "weight": rollout.weight,
+            "decisions": [decision.model_dump(mode="json") for decision in rollout.history],
             "judgements": list(judgements.values()),
         }
-        if rollout["phase"] != "promoted":
-            checks = [d["reason"] for d in rollout["history"][-1:]]
-            last = rollout.get("last_judgement")
-            if last and last["result"] == "fail" and last["reason"] not in checks:
-                checks.insert(0, last["reason"])
-            message = f"the canary was {rollout['phase']}; stable keeps serving"
+        if rollout.phase != "promoted":
+            checks = [decision.reason for decision in rollout.history[-1:]]
+            last = rollout.last_judgement
+            if last is not None and last.result == "fail" and last.reason not in checks:
+                checks.insert(0, last.reason)
+            message = f"the canary was {rollout.phase}; stable keeps serving"
             raise ReleaseStopped("canary_failed", message, checks, detail)
         return detail
 
-    def _start_rollout(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _version_card(self, version: int) -> ModelVersion | None:
+        """What GET /v1/models says of the model's ``version`` (ready, refused or not loaded); None if not listed."""
+        model = next((m for m in self.gateway.models() if m.id == self.model), None)
+        return model.version(version) if model is not None else None
+
+    def _start_rollout(self, version: int) -> Rollout:
         """Start the canary; behind a load balancer the replica that answers may not serve the version yet (it
         loads it at its next rescan): its 400 is retried, with a reload, until the serve timeout."""
+        canary = self.config.release.canary
         deadline = time.monotonic() + self.config.release.serve_timeout_s
         while True:
             try:
-                return self.gateway.start_rollout(self.model, body)
+                return self.gateway.start_rollout(
+                    self.model,
+                    version,
+                    steps=canary.steps,
+                    analysis={**canary.analysis, "enabled": True},
+                    shadow_percent=canary.shadow_percent,
+                    reason=f"release {self.state.release_id} ({self.state.trigger})",
+                )
             except GatewayError as error:
                 if error.status != 400 or "cannot" not in str(error) or time.monotonic() > deadline:
                     raise
@@ -349,11 +357,11 @@ class Release:
 
     def collections(self) -> dict[str, Any]:
         version = int(self.state.detail("export")["version"])
-        mine = [c for c in self._retrying(self.gateway.collections) if c["model"] == self.model]
+        mine = [c for c in self._retrying(self.gateway.collections) if c.model == self.model]
         return {
             "version": version,
-            "collections": {c["name"]: {"version": c["version"], "state": c["state"]} for c in mine},
-            "not_moved": [c["name"] for c in mine if c["version"] != version],
+            "collections": {c.name: {"version": c.version, "state": c.state} for c in mine},
+            "not_moved": [c.name for c in mine if c.version != version],
         }
 
     def _retrying(self, call: Callable[[], Any]) -> Any:

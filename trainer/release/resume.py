@@ -9,9 +9,9 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+from client.gateway import Gateway
 from trainer.config import TrainConfig
 from trainer.release.chain import Release
-from trainer.release.gateway import ReleaseGateway
 from trainer.release.release_state import ReleaseState
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def locked(folder: Path) -> Iterator[None]:
 def release(
     config: TrainConfig,
     config_text: str,
-    gateway: ReleaseGateway,
+    gateway: Gateway,
     state_dir: Path,
     trigger: str,
     restart: bool = False,
@@ -62,7 +62,7 @@ def release(
                 )
         if state is None:
             if trigger == "auto":
-                due = gateway.signals(model)["due"]
+                due = gateway.release_signals(model).due
                 if not due:
                     return ReleaseState(
                         release_id="-",

@@ -7,6 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from client import cli
 from loadtests.processes import MilvusLiteServer
 from tests.helpers import metric, read_metrics, until
 from tests.replicas import gateways, replica_env
@@ -85,7 +86,12 @@ async def test_three_triggers_in_a_window_that_allows_one_start_exactly_one_rele
 
 
 async def test_a_resumed_release_keeps_its_place_and_an_outcome_is_final(
-    model_repository: Path, tmp_path: Path, shared_milvus: MilvusLiteServer, shared_redis_prefix: str
+    model_repository: Path,
+    tmp_path: Path,
+    shared_milvus: MilvusLiteServer,
+    shared_redis_prefix: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     env = budget_env(model_repository, shared_milvus, shared_redis_prefix)
     with gateways(1, env, tmp_path / "logs") as (url,):
@@ -100,6 +106,13 @@ async def test_a_resumed_release_keeps_its_place_and_an_outcome_is_final(
             assert (await client.patch("/v1/admin/releases/r-1", json=report, headers=ADMIN)).status_code == 200
             flip = await client.patch("/v1/admin/releases/r-1", json={"outcome": "promoted"}, headers=ADMIN)
             assert flip.status_code == 409, flip.text
+            # What an SRE sees from the command line.
+            monkeypatch.setenv("EMBEDSERVE_ADMIN_API_KEY", "release-admin")
+            assert cli.main(["--url", url, "releases", "list"]) == 0
+            listed = capsys.readouterr().out
+            assert "1 of 1 releases started" in listed and "r-1  tiny  manual" in listed and "canary_failed" in listed
+            assert cli.main(["--url", url, "releases", "signals", "tiny"]) == 0
+            assert "due: nothing" in capsys.readouterr().out
             unknown = await client.patch("/v1/admin/releases/nope", json={"stage": "train"}, headers=ADMIN)
             assert unknown.status_code == 404
             assert (await client.post("/v1/admin/releases", json={"model": "tiny"})).status_code in (401, 403)
