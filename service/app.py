@@ -54,10 +54,17 @@ log = logging.getLogger(__name__)
 def create_backend(settings: Settings) -> Backend:
     if settings.backend == "triton":
         # The [triton] extra: only a gateway that sends inference to Triton needs tritonclient.
-        from service.backends.triton import TritonBackend
+        from service.backends.triton import TritonBackend, TritonTls
 
+        tls = (
+            TritonTls(settings.triton_tls_ca_file, settings.triton_tls_cert_file, settings.triton_tls_key_file)
+            if settings.triton_tls
+            else None
+        )
         explicit = settings.triton_model_control == "explicit"
-        return TritonBackend(settings.triton_url, timeout_s=settings.triton_timeout_s, explicit_loading=explicit)
+        return TritonBackend(
+            settings.triton_url, timeout_s=settings.triton_timeout_s, explicit_loading=explicit, tls=tls
+        )
     return OnnxBackend(threads=settings.inference_threads, device=settings.device, spinning=settings.inference_spinning)
 
 

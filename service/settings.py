@@ -7,7 +7,7 @@ environment at import time. Every field is documented where it is declared and l
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # What a key may do: embed (/v1/embeddings, /v1/models, TEI's /embed, /tokenize, /info), search (read
@@ -58,6 +58,16 @@ class Settings(BaseSettings):
     )
     triton_url: str = Field("127.0.0.1:8011", description="host:port of Triton's gRPC endpoint (backend=triton).")
     triton_timeout_s: float = Field(10.0, description="Timeout of one Triton inference call.")
+    triton_tls: bool = Field(
+        False, description="Talk to Triton's gRPC endpoint over TLS (Triton's --grpc-use-ssl); off = plaintext."
+    )
+    triton_tls_ca_file: Path | None = Field(
+        None, description="PEM root certificates that sign Triton's server certificate; unset = the system's roots."
+    )
+    triton_tls_cert_file: Path | None = Field(
+        None, description="PEM client certificate chain, when Triton asks for one (mutual TLS); with its key file."
+    )
+    triton_tls_key_file: Path | None = Field(None, description="PEM private key of the client certificate (mTLS).")
     triton_model_control: Literal["none", "poll", "explicit"] = Field(
         "none",
         description="Triton's --model-control-mode (backend=triton). explicit: when the gateway hot-loads a new "
@@ -327,6 +337,21 @@ class Settings(BaseSettings):
         "a re-index it drives last without renewal (renewed every third of it); a replica that dies holding one "
         "holds the others up that long.",
     )
+
+    @model_validator(mode="after")
+    def _triton_tls_complete(self) -> "Settings":
+        if (self.triton_tls_cert_file is None) != (self.triton_tls_key_file is None):
+            raise ValueError(
+                "EMBEDSERVE_TRITON_TLS_CERT_FILE and EMBEDSERVE_TRITON_TLS_KEY_FILE go together (mutual TLS): set both "
+                "or neither"
+            )
+        files = [self.triton_tls_ca_file, self.triton_tls_cert_file, self.triton_tls_key_file]
+        if any(files) and not self.triton_tls:
+            raise ValueError("EMBEDSERVE_TRITON_TLS_* files are set but EMBEDSERVE_TRITON_TLS is off: set it to true")
+        missing = [str(path) for path in files if path is not None and not path.is_file()]
+        if missing:
+            raise ValueError(f"Triton TLS file(s) not found: {', '.join(missing)}")
+        return self
 
     @field_validator("api_keys", mode="before")
     @classmethod

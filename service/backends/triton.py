@@ -16,6 +16,7 @@ its verified manifest's is refused: /readyz says why and how to fix it, requests
 import asyncio
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc.aio as triton_grpc
@@ -44,6 +45,20 @@ _NOT_FOUND = "StatusCode.NOT_FOUND"
 
 
 @dataclass(frozen=True)
+class TritonTls:
+    """TLS to Triton's gRPC endpoint: the roots that sign its certificate (None: the system's), and a client
+    certificate and key when Triton asks for one (mutual TLS)."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+def _path(file: Path | None) -> str | None:
+    return None if file is None else str(file)
+
+
+@dataclass(frozen=True)
 class _TritonVersion:
     """What Triton's model config says about one version."""
 
@@ -55,13 +70,28 @@ class TritonBackend:
     name = "triton"
 
     def __init__(
-        self, url: str, timeout_s: float, ready_timeout_s: float = 1.0, explicit_loading: bool = False
+        self,
+        url: str,
+        timeout_s: float,
+        ready_timeout_s: float = 1.0,
+        explicit_loading: bool = False,
+        tls: TritonTls | None = None,
     ) -> None:
         self.url = url
         self._explicit_loading = explicit_loading  # Triton in --model-control-mode=explicit: load through its API
         self._timeout_s = timeout_s
         self._ready_timeout_s = ready_timeout_s
-        self._client = triton_grpc.InferenceServerClient(url=url)
+        self._client = (
+            triton_grpc.InferenceServerClient(url=url)
+            if tls is None
+            else triton_grpc.InferenceServerClient(
+                url=url,
+                ssl=True,
+                root_certificates=_path(tls.ca_file),
+                certificate_chain=_path(tls.cert_file),
+                private_key=_path(tls.key_file),
+            )
+        )
         # (model, version) -> its model config in Triton; read on first use, again by every availability check.
         self._configs: dict[tuple[str, int], _TritonVersion] = {}
         # (model, version) -> its last known availability: a change is logged once, not at every probe.
