@@ -140,7 +140,7 @@ def test_production_takes_every_key_from_a_secret(rendered: dict[str, list[dict[
         {"triton": {"enabled": True}, "externalTriton": {"url": "triton.inference:8001"}},  # two Tritons
         {"externalTriton": {"url": "grpc://triton.inference:8001"}},  # host:port, no scheme
         {"externalTriton": {"url": "triton.inference"}},  # no port
-        {"externalTriton": {"url": "triton.inference:8001", "tls": True}},  # the gateway has no TLS setting for it
+        {"externalTriton": {"url": "triton.inference:8001", "tls": True}},  # tls is a section
     ],
 )
 def test_schema_refuses_secrets_in_plain_config_and_mistakes(values: dict[str, Any]) -> None:
@@ -194,6 +194,24 @@ def test_external_triton_is_a_url(rendered: dict[str, list[dict[str, Any]]]) -> 
     # An IPv6 literal is a host too.
     ipv6 = render({"externalTriton": {"url": "[fd00::12]:8001"}})
     assert settings(ipv6)["EMBEDSERVE_TRITON_URL"] == "[fd00::12]:8001"
+
+
+def test_external_triton_over_tls_mounts_its_secret_and_names_the_files() -> None:
+    tls = {"enabled": True, "secretName": "triton-certs", "clientCertificate": True}
+    manifests = render({"externalTriton": {"url": "triton.inference:8001", "tls": tls}})
+    data = settings(manifests)
+    assert data["EMBEDSERVE_TRITON_TLS"] == "true"
+    assert data["EMBEDSERVE_TRITON_TLS_CA_FILE"] == "/etc/embedserve/triton-tls/ca.crt"
+    assert data["EMBEDSERVE_TRITON_TLS_CERT_FILE"] == "/etc/embedserve/triton-tls/tls.crt"
+    assert data["EMBEDSERVE_TRITON_TLS_KEY_FILE"] == "/etc/embedserve/triton-tls/tls.key"
+    (deployment,) = find(manifests, "Deployment", RELEASE)
+    pod = deployment["spec"]["template"]["spec"]
+    assert {"name": "triton-tls", "secret": {"secretName": "triton-certs", "defaultMode": 0o440}} in pod["volumes"]
+    mounts = pod["containers"][0]["volumeMounts"]
+    assert {"name": "triton-tls", "mountPath": "/etc/embedserve/triton-tls", "readOnly": True} in mounts
+    # Without a Secret: TLS with the system's roots, nothing mounted.
+    plain = render({"externalTriton": {"url": "triton.inference:8001", "tls": {"enabled": True}}})
+    assert settings(plain)["EMBEDSERVE_TRITON_TLS"] == "true" and "EMBEDSERVE_TRITON_TLS_CA_FILE" not in settings(plain)
 
 
 def test_poll_mode_sets_the_poll_interval() -> None:
