@@ -46,13 +46,13 @@ test: bootstrap-model ensure-redis triton-setup lint typecheck
 
 ## ruff (lint + format) and the import contracts of pyproject.toml's [tool.importlinter] (imports go one way).
 lint: $(STAMP)
-	$(PY) -m ruff check service trainer loadtests tests client
-	$(PY) -m ruff format --check service trainer loadtests tests client
+	$(PY) -m ruff check service trainer loadtests tests client scripts
+	$(PY) -m ruff format --check service trainer loadtests tests client scripts
 	$(VENV)/bin/lint-imports
 	$(PY) scripts/chart_readme.py --check
 
 typecheck: $(STAMP)
-	$(PY) -m mypy service trainer loadtests client
+	$(PY) -m mypy service trainer loadtests client scripts/chart_readme.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
