@@ -306,7 +306,8 @@ class Trainer:
             changes.append(f"world size ({state['world_size']} processes, now {self.topology.world_size})")
         if state["global_batch"] != self.global_batch:
             changes.append(f"global batch ({state['global_batch']} texts per step, now {self.global_batch})")
-        saved_objective = state["config"]["objective"]
+        # Read through today's schema: an objective option added since then takes its default on both sides.
+        saved_objective = self.config.objective.model_validate(state["config"]["objective"]).model_dump(mode="json")
         objective = self.config.objective.model_dump(mode="json")
         differing = sorted(
             key for key in objective.keys() | saved_objective.keys() if objective.get(key) != saved_objective.get(key)
