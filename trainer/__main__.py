@@ -25,6 +25,11 @@ def main() -> None:
     train = commands.add_parser("train", help="self-supervised pretraining from a YAML run configuration")
     train.add_argument("--config", type=Path, required=True)
     train.add_argument("--resume", type=Path, help="a checkpoint of this run to continue from exactly")
+    train.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even if the world size, global batch or objective differ from the checkpoint's",
+    )
 
     evaluate = commands.add_parser("evaluate", help="alignment, uniformity, effective rank, recall@10, MRR@10")
     source = evaluate.add_mutually_exclusive_group(required=True)
@@ -113,7 +118,7 @@ def run(args: argparse.Namespace) -> None:
         from trainer.config import load_config
         from trainer.train import train
 
-        result = train(load_config(args.config), resume=args.resume)
+        result = train(load_config(args.config), resume=args.resume, allow_config_change=args.allow_config_change)
         log.info("training done", extra={"steps": result.steps, "checkpoint": str(result.last_checkpoint)})
     elif args.command == "evaluate":
         print(json.dumps(evaluate_command(args), indent=2))

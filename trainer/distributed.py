@@ -2,7 +2,9 @@
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -55,3 +57,28 @@ def all_ranks_agree(flag: bool, topology: Topology) -> bool:
     value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=topology.device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def rank_seed(run_seed: int, rank: int) -> int:
+    """The seed of one process's random streams (dropout, views, masking), derived from the run's seed.
+
+    Rank 0 keeps the run seed, so a one-process run is unchanged; other ranks get independent streams,
+    so no two processes draw the same dropout masks or views."""
+    if rank == 0:
+        return run_seed
+    return int(np.random.SeedSequence([run_seed, rank]).generate_state(1)[0])
+
+
+def barrier(topology: Topology) -> None:
+    """Wait until every process gets here (a no-op alone)."""
+    if topology.distributed:
+        dist.barrier()
+
+
+def gather_to_all(value: Any, topology: Topology) -> list[Any]:
+    """Every process's ``value``, indexed by rank (a collective; ``[value]`` alone)."""
+    if not topology.distributed:
+        return [value]
+    gathered: list[Any] = [None] * topology.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered

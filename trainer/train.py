@@ -8,10 +8,14 @@ scheduler, scaler, every RNG, data position). A non-finite loss or a collapsing 
 run with the reason; the last good checkpoint stays.
 """
 
+import contextlib
 import json
 import logging
 import math
+import os
 import random
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +34,7 @@ from trainer.data.corpus import PreparedCorpus, prepare_corpus
 from trainer.data.order import BatchOrder, DataPosition
 from trainer.data.tokenizer import train_wordpiece
 from trainer.data.views import make_views, mask_tokens
-from trainer.distributed import Topology, all_ranks_agree, init_topology, shutdown
+from trainer.distributed import Topology, all_ranks_agree, barrier, gather_to_all, init_topology, rank_seed, shutdown
 from trainer.encoder import (
     BaseModelFolder,
     MaskedLmHead,
@@ -115,8 +119,9 @@ def resolve_base(base_model: str) -> BaseModelFolder:
     return folder
 
 
-def build_encoder(config: TrainConfig, corpus: PreparedCorpus) -> tuple[SentenceEncoder, Path]:
-    """The encoder to train and the folder holding its tokenizer files."""
+def build_encoder(config: TrainConfig, corpus: PreparedCorpus, topology: Topology) -> tuple[SentenceEncoder, Path]:
+    """The encoder to train and the folder holding its tokenizer files (a scratch tokenizer is trained once, by
+    rank 0, while the other ranks wait)."""
     encoder_config = config.encoder
     if encoder_config.base_model is not None:
         folder = resolve_base(encoder_config.base_model)
@@ -127,13 +132,29 @@ def build_encoder(config: TrainConfig, corpus: PreparedCorpus) -> tuple[Sentence
     scratch = encoder_config.scratch
     assert scratch is not None  # the config validator guarantees one of the two
     tokenizer_dir = config.run_dir / "tokenizer"
-    if not (tokenizer_dir / "tokenizer.json").is_file():
-        train_wordpiece(corpus.train, scratch.vocab_size, tokenizer_dir)
+    if topology.is_main and not (tokenizer_dir / "tokenizer.json").is_file():
+        write_tokenizer(corpus.train, scratch.vocab_size, tokenizer_dir)
+    barrier(topology)  # the other ranks read the tokenizer only once rank 0 has renamed it into place
     vocab_size = TextTokenizer(tokenizer_dir / "tokenizer.json", scratch.max_seq_length).vocab_size
     encoder = from_scratch(
         vocab_size, scratch.hidden_size, scratch.layers, scratch.heads, scratch.max_seq_length, seed=config.optim.seed
     )
     return encoder, tokenizer_dir
+
+
+def write_tokenizer(texts: list[str], vocab_size: int, tokenizer_dir: Path) -> None:
+    """Train the scratch WordPiece tokenizer into a temporary folder and rename it into place: a reader sees
+    no tokenizer or a whole one, never a half-written file."""
+    tokenizer_dir.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=tokenizer_dir.parent, prefix=f".{tokenizer_dir.name}."))
+    try:
+        train_wordpiece(texts, vocab_size, temporary)
+        if tokenizer_dir.exists():  # a folder without tokenizer.json: left by a run killed before this existed
+            shutil.rmtree(tokenizer_dir)
+        os.replace(temporary, tokenizer_dir)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
 
 
 def warmup_cosine(warmup_steps: int, max_steps: int) -> Any:
@@ -147,10 +168,12 @@ def warmup_cosine(warmup_steps: int, max_steps: int) -> Any:
 
 
 def _rng_state(views_rng: random.Random) -> dict[str, Any]:
+    """This process's random streams, in types that ``torch.load(weights_only=True)`` reads back."""
+    _, key, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": random.getstate(),
         "views": views_rng.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [torch.from_numpy(np.asarray(key, dtype=np.int64)), int(pos), int(has_gauss), float(cached_gaussian)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -161,7 +184,8 @@ def _rng_state(views_rng: random.Random) -> dict[str, Any]:
 def _restore_rng(state: dict[str, Any], views_rng: random.Random) -> None:
     random.setstate(state["python"])
     views_rng.setstate(state["views"])
-    np.random.set_state(state["numpy"])
+    key, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state(("MT19937", key.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -172,13 +196,11 @@ class Trainer:
         self.config = config
         self.topology = topology
         self.tracker = tracker or RunTracker()
-        torch.manual_seed(config.optim.seed)
-        random.seed(config.optim.seed)
-        np.random.seed(config.optim.seed)
+        _seed_everything(config.optim.seed)  # the run seed while building: every rank starts from the same weights
         self.corpus = load_corpus(config.corpus)
         if topology.is_main:
             log.info("corpus prepared", extra=dataset_summary(self.corpus))
-        self.encoder, self.tokenizer_dir = build_encoder(config, self.corpus)
+        self.encoder, self.tokenizer_dir = build_encoder(config, self.corpus, topology)
         self.tokenizer = TextTokenizer(self.tokenizer_dir / "tokenizer.json", self.encoder.max_seq_length)
         self.encoder.to(topology.device)
         self.mlm_head = MaskedLmHead(self.encoder).to(topology.device) if config.objective.mlm_weight > 0 else None
@@ -202,7 +224,10 @@ class Trainer:
         self.use_bf16 = config.precision == "bf16" or (config.precision == "auto" and topology.device.type == "cuda")
         # bf16 needs no loss scaling; the scaler is kept (disabled) so checkpoints have one shape everywhere.
         self.scaler = torch.amp.GradScaler(enabled=False)
-        self.views_rng = random.Random(config.optim.seed)
+        # Each rank its own streams (dropout, views, masking), so no two draw the same masks.
+        self.seed = rank_seed(config.optim.seed, topology.rank)
+        _seed_everything(self.seed)
+        self.views_rng = random.Random(self.seed)
         self.batch_order = BatchOrder(
             len(self.corpus.train),
             config.optim.batch_size,
@@ -220,6 +245,7 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        """The run's state, every rank's RNG streams included: a collective, called on every rank."""
         return {
             "step": self.step,
             "position": self.position.to_dict(),
@@ -228,7 +254,9 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": _rng_state(self.views_rng),
+            "rng": gather_to_all(_rng_state(self.views_rng), self.topology),  # indexed by rank
+            "world_size": self.topology.world_size,
+            "global_batch": self.global_batch,
             "config": self.config.model_dump(mode="json"),
             "dataset_fingerprint": self.corpus.fingerprint,
             "dataset": dataset_summary(self.corpus),
@@ -236,18 +264,57 @@ class Trainer:
             "tracking": self.tracker.reference(),
         }
 
-    def restore(self, state: dict[str, Any]) -> None:
+    @property
+    def global_batch(self) -> int:
+        """Texts per optimiser step, over every process."""
+        optim = self.config.optim
+        return optim.batch_size * optim.grad_accumulation * self.topology.world_size
+
+    def restore(self, state: dict[str, Any], allow_config_change: bool = False) -> None:
+        """Continue from a checkpoint's state: this rank takes its own RNG streams back. A checkpoint of another
+        dataset is refused; one of another world size, global batch or objective too, unless
+        ``allow_config_change``."""
         if state["dataset_fingerprint"] != self.corpus.fingerprint:
             raise ValueError("the checkpoint was trained on another dataset (fingerprints differ); resume refused")
+        changes = self._config_changes(state)
+        if changes and not allow_config_change:
+            raise ValueError(
+                f"the checkpoint was trained with another {'; '.join(changes)}: resume refused "
+                "(pass --allow-config-change to continue anyway)"
+            )
+        if changes and self.topology.is_main:
+            log.warning("resuming with a changed configuration", extra={"changes": changes})
         self.encoder.load_state_dict(state["encoder"])
         if self.mlm_head and state["mlm_head"]:
             self.mlm_head.load_state_dict(state["mlm_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        _restore_rng(state["rng"], self.views_rng)
+        saved_rng = state["rng"]
+        if self.topology.rank < len(saved_rng):
+            _restore_rng(saved_rng[self.topology.rank], self.views_rng)
+        # else: a rank the checkpointed run did not have keeps its fresh streams (allowed world-size change)
         self.position = DataPosition.from_dict(state["position"])
+        if self.position.batch >= self.batch_order.batches_per_epoch:  # fewer batches per epoch now (allowed)
+            self.position = DataPosition(self.position.epoch + 1, 0)
         self.step = int(state["step"])
+
+    def _config_changes(self, state: dict[str, Any]) -> list[str]:
+        """What differs between the checkpointed run and this one among world size, global batch, objective."""
+        changes = []
+        if state["world_size"] != self.topology.world_size:
+            changes.append(f"world size ({state['world_size']} processes, now {self.topology.world_size})")
+        if state["global_batch"] != self.global_batch:
+            changes.append(f"global batch ({state['global_batch']} texts per step, now {self.global_batch})")
+        # Read through today's schema: an objective option added since then takes its default on both sides.
+        saved_objective = self.config.objective.model_validate(state["config"]["objective"]).model_dump(mode="json")
+        objective = self.config.objective.model_dump(mode="json")
+        differing = sorted(
+            key for key in objective.keys() | saved_objective.keys() if objective.get(key) != saved_objective.get(key)
+        )
+        if differing:
+            changes.append(f"objective ({', '.join(differing)} differ)")
+        return changes
 
     # -- data ----------------------------------------------------------------------------------
     def next_texts(self) -> list[str]:
@@ -293,6 +360,13 @@ class Trainer:
         return vectors
 
     # -- loop ----------------------------------------------------------------------------------
+    def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager[None]:
+        """DDP's no_sync() on a non-final micro-batch: gradients accumulate locally and are all-reduced once, in
+        the last micro-batch's backward (the result is the same, with one all-reduce per step instead of N)."""
+        if last or not isinstance(self.model, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
     def train_step(self) -> dict[str, Any]:
         """One optimiser step over ``optim.grad_accumulation`` micro-batches; the step's metrics record.
 
@@ -302,22 +376,23 @@ class Trainer:
         self.encoder.train()
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for _ in range(optim.grad_accumulation):
-            texts = self.next_texts()
-            loss = self.loss(texts) / optim.grad_accumulation
-            finite = bool(torch.isfinite(loss.detach()))
-            # Collective, before backward: a rank that stopped alone would leave the others in DDP's all-reduce.
-            if not all_ranks_agree(finite, self.topology):
-                cause = f"{loss.item()}" if not finite else "non-finite on another process"
-                if not finite and self.topology.distributed:
-                    cause += f" on rank {self.topology.rank}"
-                raise NonFiniteLoss(
-                    f"loss became {cause} at step {self.step + 1}; the run stopped and the last good checkpoint in "
-                    f"{self.run_dir / 'checkpoints'} is kept. Lower the learning rate or check the data."
-                )
-            loss.backward()  # type: ignore[no-untyped-call]
-            step_loss += loss.item()
-            self.tokens_seen += sum(len(ids) for ids in self.tokenizer.encode(texts, truncate=True))
+        for index in range(optim.grad_accumulation):
+            with self._gradient_sync(last=index == optim.grad_accumulation - 1):
+                texts = self.next_texts()
+                loss = self.loss(texts) / optim.grad_accumulation
+                finite = bool(torch.isfinite(loss.detach()))
+                # Collective, before backward: a rank that stopped alone would leave the others in DDP's all-reduce.
+                if not all_ranks_agree(finite, self.topology):
+                    cause = f"{loss.item()}" if not finite else "non-finite on another process"
+                    if not finite and self.topology.distributed:
+                        cause += f" on rank {self.topology.rank}"
+                    raise NonFiniteLoss(
+                        f"loss became {cause} at step {self.step + 1}; the run stopped and the last good checkpoint in "
+                        f"{self.run_dir / 'checkpoints'} is kept. Lower the learning rate or check the data."
+                    )
+                loss.backward()  # type: ignore[no-untyped-call]
+                step_loss += loss.item()
+                self.tokens_seen += sum(len(ids) for ids in self.tokenizer.encode(texts, truncate=True))
         # Every trained parameter, the MLM head's included, under one global norm.
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trained_parameters, optim.clip_norm))
         self.optimizer.step()
@@ -403,9 +478,11 @@ class Trainer:
         return {f"val_{name}": value for name, value in report.items()}
 
     def save(self) -> Path:
+        """Write the step's checkpoint (rank 0 writes it; a collective: every rank's RNG streams go in it)."""
         path = self.run_dir / "checkpoints"
+        state = self.state()
         if self.topology.is_main:
-            path = save_checkpoint(path, self.step, self.state(), self.config.checkpoint.keep)
+            path = save_checkpoint(path, self.step, state, self.config.checkpoint.keep)
             log.info("checkpoint written", extra={"step": self.step, "path": str(path)})
         return path
 
@@ -418,9 +495,21 @@ def _metrics_step(line: str) -> int | None:
         return None
 
 
-def train(config: TrainConfig, resume: Path | None = None, time_limit_s: float | None = None) -> TrainResult:
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def train(
+    config: TrainConfig,
+    resume: Path | None = None,
+    time_limit_s: float | None = None,
+    allow_config_change: bool = False,
+) -> TrainResult:
     """Run (or resume) the training described by ``config``, for at most about ``time_limit_s`` seconds; tracked in
-    MLflow when ``tracking.mlflow_uri`` is set.
+    MLflow when ``tracking.mlflow_uri`` is set. A resume with another world size, global batch or objective than
+    the checkpoint's is refused unless ``allow_config_change``.
 
     A resumed run continues the MLflow run its checkpoint names; a run that raises is marked FAILED there."""
     topology = init_topology()
@@ -430,7 +519,7 @@ def train(config: TrainConfig, resume: Path | None = None, time_limit_s: float |
         try:
             trainer = Trainer(config, topology, tracker)
             if state is not None:
-                trainer.restore(state)
+                trainer.restore(state, allow_config_change)
                 log.info("resumed", extra={"step": trainer.step, "checkpoint": str(resume)})
             return trainer.run(time_limit_s)
         except BaseException as error:
