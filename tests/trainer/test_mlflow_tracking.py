@@ -264,7 +264,7 @@ def test_under_torchrun_only_rank_0_tracks(corpus_file: Path, tmp_path: Path) ->
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     torchrun = Path(sys.executable).parent / "torchrun"
     result = subprocess.run(
-        [str(torchrun), "--nproc_per_node=2", "-m", "trainer", "train", "--config", str(config_file)],
+        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "trainer", "train", "--config", str(config_file)],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,

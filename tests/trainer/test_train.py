@@ -216,7 +216,7 @@ def test_torchrun_runs_the_loop_as_one_gloo_process(corpus_file: Path, tmp_path:
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     torchrun = Path(sys.executable).parent / "torchrun"
     result = subprocess.run(
-        [str(torchrun), "--nproc_per_node=1", "-m", "trainer", "train", "--config", str(config_file)],
+        [str(torchrun), "--standalone", "--nproc_per_node=1", "-m", "trainer", "train", "--config", str(config_file)],
         capture_output=True,
         text=True,
         timeout=300,
