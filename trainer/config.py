@@ -75,11 +75,70 @@ class EncoderConfig(_Strict):
         return self
 
 
+class ViewMixConfig(_Strict):
+    prefix: float | None = Field(
+        None,
+        ge=0,
+        description="Weight of prefix views: the document truncated to the model's length, then span_crop "
+        "(the views of earlier versions). null = 1 when crop and inverse_cloze are both 0, else 0.",
+    )
+    crop: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of independent crops (Contriever): two windows of crop_length drawn independently "
+        "from anywhere in the whole, untruncated document.",
+    )
+    inverse_cloze: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of inverse cloze (ICT): one sentence (or the first line, when the text has several) "
+        "against the rest of its document around it.",
+    )
+
+    def weights(self) -> dict[str, float]:
+        """Each view kind's weight, the null prefix resolved; kinds of weight 0 left out."""
+        prefix = self.prefix if self.prefix is not None else float(self.crop == 0 and self.inverse_cloze == 0)
+        weights = {"prefix": prefix, "crop": self.crop, "inverse_cloze": self.inverse_cloze}
+        return {kind: weight for kind, weight in weights.items() if weight > 0}
+
+    @model_validator(mode="after")
+    def _some_kind(self) -> "ViewMixConfig":
+        if not self.weights():
+            raise ValueError("objective.views.mix: give at least one of prefix, crop and inverse_cloze a weight > 0")
+        return self
+
+
 class ViewsConfig(_Strict):
+    mix: ViewMixConfig = Field(
+        default_factory=ViewMixConfig,
+        description="Which views each text gets, drawn per text in proportion to these weights, "
+        "e.g. {crop: 0.5, inverse_cloze: 0.5}.",
+    )
     token_deletion: float = Field(0.0, ge=0, lt=1, description="Probability of dropping each token from a view.")
     span_crop: tuple[float, float] | None = Field(
-        None, description="Crop each view to a random contiguous span of this fraction range, e.g. [0.5, 1.0]."
+        None,
+        description="Prefix views: crop each to a random contiguous span of this fraction range, e.g. [0.5, 1.0].",
     )
+    crop_length: tuple[float, float] = Field(
+        (0.1, 0.5),
+        description="Crop views: each window's length range, as shares of the document's tokens when both are "
+        "<= 1, else in tokens; always at most what fits the model.",
+    )
+    inverse_cloze_keep: float = Field(
+        0.1, ge=0, le=1, description="Inverse cloze: probability that the query sentence stays in its context view."
+    )
+
+    @model_validator(mode="after")
+    def _crop_length_range(self) -> "ViewsConfig":
+        low, high = self.crop_length
+        shares = 0 < low <= high <= 1
+        tokens = 1 <= low <= high and low.is_integer() and high.is_integer()
+        if not (shares or tokens):
+            raise ValueError(
+                f"objective.views.crop_length {list(self.crop_length)}: give [low, high] with low <= high, either "
+                "shares of the document in (0, 1] (e.g. [0.1, 0.5]) or whole token counts (e.g. [16, 128])"
+            )
+        return self
 
 
 class ObjectiveConfig(_Strict):

@@ -31,9 +31,10 @@ from service.models.tokenization import TextTokenizer, pad_batch
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import CorpusConfig, TrainConfig
 from trainer.data.corpus import PreparedCorpus, prepare_corpus
+from trainer.data.documents import text_views
 from trainer.data.order import BatchOrder, DataPosition
 from trainer.data.tokenizer import train_wordpiece
-from trainer.data.views import make_views, mask_tokens
+from trainer.data.views import mask_tokens
 from trainer.distributed import Topology, all_ranks_agree, barrier, gather_to_all, init_topology, rank_seed, shutdown
 from trainer.encoder import (
     BaseModelFolder,
@@ -332,7 +333,7 @@ class Trainer:
         view_ids = view_mask = mlm_ids = mlm_mask = labels = None
         if objective.contrastive_weight > 0:
             # Both views in one batch: one forward per step, as DDP requires.
-            first, second = make_views(token_ids, objective.views, self.views_rng)
+            first, second = text_views(texts, token_ids, objective.views, self.tokenizer, self.views_rng)
             views = pad_batch(first + second, self.tokenizer.pad_id)
             view_ids = torch.from_numpy(views.input_ids).to(device)
             view_mask = torch.from_numpy(views.attention_mask).to(device)
