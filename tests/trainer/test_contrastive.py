@@ -2,6 +2,8 @@
 one process holding the whole batch, or against a hand computation."""
 
 import math
+import subprocess
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -23,7 +26,7 @@ from trainer.contrastive import (
 from trainer.data.order import DataPosition
 from trainer.distributed import Topology
 from trainer.losses import info_nce
-from trainer.train import Trainer
+from trainer.train import Trainer, read_metrics
 
 TEMPERATURE = 0.1
 CPU = Topology(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -227,3 +230,30 @@ def test_a_run_with_every_option_trains_and_keeps_its_reference_frozen(corpus_fi
     for name, tensor in trainer.reference_encoder.state_dict().items():
         torch.testing.assert_close(tensor, initial[name], rtol=0, atol=0, msg=name)
     assert any(not torch.equal(t, initial[n]) for n, t in trainer.encoder.state_dict().items())
+
+
+def test_two_torchrun_processes_train_with_every_option(corpus_file: Path, tmp_path: Path) -> None:
+    # The Trainer's own path under DDP: gathered views and document ids, the reference encoder on each
+    # rank, GradCache chunks under no_sync.
+    config = tiny_config(
+        corpus_file,
+        tmp_path,
+        optim__max_steps=3,
+        optim__batch_size=8,
+        checkpoint__every_steps=3,
+        objective__contrastive_batch=32,
+        objective__grad_cache_chunk=8,
+        objective__false_negative_threshold=0.9,
+    )
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", "-m", "trainer", "train", "--config", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(config.run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records)
