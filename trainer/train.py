@@ -259,14 +259,9 @@ class Trainer:
         self.step = int(state["step"])
 
     # -- data ----------------------------------------------------------------------------------
-    def next_texts(self) -> list[str]:
-        """The next micro-batch of this process's share of the corpus, in a seeded per-epoch order."""
-        indices = self.batch_order.batch(self.position)
-        self.position = self.batch_order.after(self.position)
-        return [self.corpus.train[i] for i in indices]
-
     def next_contrastive_batch(self) -> tuple[list[int], list[str]]:
-        """This process's share of the next contrastive batch: the texts' document ids and the texts."""
+        """This process's share of the next contrastive batch, in a seeded per-epoch order: the texts'
+        document ids and the texts."""
         optim = self.config.optim
         reads = micro_batches_per_contrastive_batch(
             self.config.objective.contrastive_batch, optim.batch_size, self.topology.world_size

@@ -169,6 +169,9 @@ def _two_ranks(rank: int, init_file: str, results: str) -> None:
         dist.all_gather(losses, torch.tensor(cached_loss))
         both = {"gathered": gathered, "cached": {"loss": float(sum(losses) / 2), "grads": cached_grads}}
         torch.save(both, Path(results) / f"{rank}.pt")
+        # DDP holds the process group: released, on every rank, before the group is destroyed.
+        dist.barrier()
+        del model
     finally:
         dist.destroy_process_group()
 
