@@ -147,6 +147,36 @@ class ObjectiveConfig(_Strict):
     temperature: float = Field(0.05, gt=0, description="InfoNCE temperature.")
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="Share of tokens masked for MLM.")
     views: ViewsConfig = Field(default_factory=ViewsConfig, description="How the two contrastive views differ.")
+    contrastive_batch: int | None = Field(
+        None,
+        ge=2,
+        description=(
+            "Texts scored together by InfoNCE, over all processes: each text's negatives are the other "
+            "contrastive_batch − 1. A multiple of optim.batch_size × processes: each process reads "
+            "contrastive_batch / (batch_size × processes) micro-batches into one. Null = one micro-batch per "
+            "process (batch_size × processes). Every process scores its texts against every process's views."
+        ),
+    )
+    grad_cache_chunk: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "GradCache: embed the contrastive batch in chunks of this many texts, first without a graph, then "
+            "again with one to back-propagate the cached embedding gradients. Memory: the activations of one "
+            "chunk plus the embeddings of the whole batch (2 × batch × dimension floats), at the cost of a "
+            "second forward. Null = one forward of the whole per-process batch, with its activations."
+        ),
+    )
+    false_negative_threshold: float | None = Field(
+        None,
+        gt=-1,
+        le=1,
+        description=(
+            "Drop from InfoNCE's denominator the in-batch pairs whose cosine under the initial encoder (the base "
+            "model, or the scratch initialisation) exceeds this: near-duplicates are not negatives. Costs one "
+            "no-grad forward of a frozen copy per batch. Null = off; texts of one document are always masked."
+        ),
+    )
 
     @model_validator(mode="after")
     def _some_objective(self) -> "ObjectiveConfig":

@@ -15,7 +15,14 @@ def _check_pairs(a: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError(f"expected two [B, D] tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+def info_nce(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    temperature: float,
+    negative_mask: torch.Tensor | None = None,
+    candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
     """Symmetric InfoNCE with in-batch negatives (SimCLR, Chen et al. 2020; SimCSE, Gao et al. 2021).
 
     ``a``, ``b``: [B, D], row i of each a view of text i; both are L2-normalised here. Logits are
@@ -23,13 +30,24 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     the other B − 1 rows of ``b`` — cross-view only, as in SimCSE; SimCLR's NT-Xent would also use
     the same-view rows a_j. The loss is the mean of the a→b and b→a cross-entropies (SimCSE itself
     uses a→b only). Returns a scalar; 0 for B = 1, where there is no negative.
+
+    ``candidates``: (all_a, all_b), [N, D] each, the views of a larger batch (every rank's) whose rows
+    ``offset`` … ``offset`` + B − 1 are ``a`` and ``b``; a_i then scores against all N rows of all_b.
+    ``negative_mask``: [B, N] bool (N = B without candidates), True where column j is no negative of
+    row i (a false negative): its logit is dropped from the denominator. Never True at the positive.
     """
     _check_pairs(a, b)
-    a = F.normalize(a, dim=1)
-    b = F.normalize(b, dim=1)
-    logits = a @ b.T / temperature
-    targets = torch.arange(a.shape[0], device=a.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    all_a, all_b = candidates if candidates is not None else (a, b)
+    _check_pairs(all_a, all_b)
+    a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    all_a, all_b = F.normalize(all_a, dim=1), F.normalize(all_b, dim=1)
+    a_to_b = a @ all_b.T / temperature
+    b_to_a = b @ all_a.T / temperature
+    if negative_mask is not None:
+        a_to_b = a_to_b.masked_fill(negative_mask, float("-inf"))
+        b_to_a = b_to_a.masked_fill(negative_mask, float("-inf"))
+    targets = torch.arange(a.shape[0], device=a.device) + offset
+    return (F.cross_entropy(a_to_b, targets) + F.cross_entropy(b_to_a, targets)) / 2
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

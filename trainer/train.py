@@ -17,6 +17,7 @@ import random
 import shutil
 import tempfile
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,13 @@ from tqdm import tqdm
 from service.models.tokenization import TextTokenizer, pad_batch
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import CorpusConfig, TrainConfig
+from trainer.contrastive import (
+    false_negative_mask,
+    gather_detached,
+    global_info_nce,
+    grad_cache_backward,
+    micro_batches_per_contrastive_batch,
+)
 from trainer.data.corpus import PreparedCorpus, prepare_corpus
 from trainer.data.documents import text_views
 from trainer.data.order import BatchOrder, DataPosition
@@ -45,7 +53,7 @@ from trainer.encoder import (
     load_base,
     packaged_minilm,
 )
-from trainer.losses import info_nce, masked_lm_loss
+from trainer.losses import IGNORE_INDEX, masked_lm_loss
 from trainer.monitor import check_collapse
 from trainer.plots import plot_metrics
 from trainer.tracking import RunTracker, start_tracking
@@ -237,6 +245,7 @@ class Trainer:
             world_size=topology.world_size,
         )
         self.position = DataPosition()
+        self.reference_encoder: SentenceEncoder | None = None  # the frozen initial encoder, built on first use
         self.step = 0
         self.run_dir = config.run_dir
         self.metrics_path = self.run_dir / METRICS_FILE
@@ -318,14 +327,23 @@ class Trainer:
         return changes
 
     # -- data ----------------------------------------------------------------------------------
-    def next_texts(self) -> list[str]:
-        """The next micro-batch of this process's share of the corpus, in a seeded per-epoch order."""
-        indices = self.batch_order.batch(self.position)
-        self.position = self.batch_order.after(self.position)
-        return [self.corpus.train[i] for i in indices]
+    def next_contrastive_batch(self) -> tuple[list[int], list[str]]:
+        """This process's share of the next contrastive batch, in a seeded per-epoch order: the texts'
+        document ids and the texts."""
+        optim = self.config.optim
+        reads = micro_batches_per_contrastive_batch(
+            self.config.objective.contrastive_batch, optim.batch_size, self.topology.world_size
+        )
+        documents: list[int] = []
+        for _ in range(reads):
+            documents += self.batch_order.batch(self.position)
+            self.position = self.batch_order.after(self.position)
+        return documents, [self.corpus.train[i] for i in documents]
 
     # -- loss ----------------------------------------------------------------------------------
-    def loss(self, texts: list[str]) -> torch.Tensor:
+    def loss(self, texts: list[str], documents: list[int]) -> torch.Tensor:
+        """The step's loss of this process's texts with one forward (and its graph); InfoNCE scores
+        against every process's views."""
         objective = self.config.objective
         device = self.topology.device
         token_ids = self.tokenizer.encode(texts, truncate=True)
@@ -347,15 +365,102 @@ class Trainer:
             vectors, logits = self.model(view_ids, view_mask, mlm_ids, mlm_mask)
         if vectors is not None:
             a, b = vectors[: len(texts)], vectors[len(texts) :]
-            total = total + objective.contrastive_weight * info_nce(a.float(), b.float(), objective.temperature)
+            mask = self._negative_mask(token_ids, documents)
+            total = total + objective.contrastive_weight * global_info_nce(
+                a.float(), b.float(), objective.temperature, mask
+            )
         if logits is not None and labels is not None:
             total = total + objective.mlm_weight * masked_lm_loss(logits.float(), labels)
         return total
 
-    def _embed(self, token_ids: list[list[int]]) -> torch.Tensor:
+    def cached_backward(self, texts: list[str], documents: list[int], scale: float) -> torch.Tensor:
+        """Back-propagate ``scale`` × the step's loss of this process's texts with GradCache (chunks of
+        ``objective.grad_cache_chunk`` texts); returns that scaled loss, detached."""
+        objective = self.config.objective
+        device, pad = self.topology.device, self.tokenizer.pad_id
+        chunk = objective.grad_cache_chunk
+        assert chunk is not None
+        token_ids = self.tokenizer.encode(texts, truncate=True)
+        mask = self._negative_mask(token_ids, documents)
+        first, second = text_views(texts, token_ids, objective.views, self.tokenizer, self.views_rng)
+        # Every random draw but dropout happens before the passes, so that restoring the RNG repeats the dropout.
+        inputs = []
+        for start in range(0, len(texts), chunk):
+            part = slice(start, start + chunk)
+            views = pad_batch(first[part] + second[part], pad)
+            masked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+            if objective.mlm_weight > 0 and self.mlm_head is not None:
+                batch = pad_batch(token_ids[part], pad)
+                mlm_mask = torch.from_numpy(batch.attention_mask).to(device)
+                mlm_ids, labels = mask_tokens(
+                    torch.from_numpy(batch.input_ids).to(device), mlm_mask, self.tokenizer, objective.mlm_probability
+                )
+                masked = (mlm_ids, mlm_mask, labels)
+            inputs.append(
+                (
+                    torch.from_numpy(views.input_ids).to(device),
+                    torch.from_numpy(views.attention_mask).to(device),
+                    masked,
+                )
+            )
+        masked_positions = sum(int((m[2] != IGNORE_INDEX).sum()) for _, _, m in inputs if m is not None)
+
+        def embed_chunk(i: int, with_graph: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            view_ids, view_mask, masked = inputs[i]
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+                if not with_graph:
+                    return self.encoder(view_ids, view_mask), None
+                vectors, logits = self.model(view_ids, view_mask, *(masked[:2] if masked else (None, None)))
+            extra = None
+            if logits is not None and masked is not None and masked_positions:
+                # This chunk's share of the MLM mean over every masked position of the batch.
+                share = int((masked[2] != IGNORE_INDEX).sum()) / masked_positions
+                extra = scale * objective.mlm_weight * share * masked_lm_loss(logits.float(), masked[2])
+            assert vectors is not None
+            return vectors, extra
+
+        def loss_of_embeddings(chunks: list[torch.Tensor]) -> torch.Tensor:
+            a = torch.cat([c[: len(c) // 2] for c in chunks]).float()
+            b = torch.cat([c[len(c) // 2 :] for c in chunks]).float()
+            return scale * objective.contrastive_weight * global_info_nce(a, b, objective.temperature, mask)
+
+        def chunk_context(i: int) -> AbstractContextManager[Any]:
+            # Gradients are all-reduced once, after the last chunk.
+            last = i == len(inputs) - 1
+            return (
+                self.model.no_sync() if isinstance(self.model, DistributedDataParallel) and not last else nullcontext()
+            )
+
+        return grad_cache_backward(embed_chunk, len(inputs), loss_of_embeddings, chunk_context, device)
+
+    def _negative_mask(self, token_ids: list[list[int]], documents: list[int]) -> torch.Tensor:
+        """The global batch's false-negative mask (``false_negative_mask``): same document, or, with
+        ``objective.false_negative_threshold``, a cosine above it under the frozen initial encoder."""
+        device = self.topology.device
+        threshold = self.config.objective.false_negative_threshold
+        reference = None
+        if threshold is not None:
+            if self.reference_encoder is None:
+                # from_scratch reseeds torch: the run's random streams must not notice the rebuild.
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    encoder, _ = build_encoder(self.config, self.corpus)
+                self.reference_encoder = encoder.to(device).eval().requires_grad_(False)
+            chunk = self.config.objective.grad_cache_chunk or len(token_ids)
+            with torch.no_grad():
+                local = torch.cat(
+                    [
+                        self._embed(token_ids[i : i + chunk], self.reference_encoder)
+                        for i in range(0, len(token_ids), chunk)
+                    ]
+                )
+            reference = gather_detached(local.float())
+        ids = gather_detached(torch.tensor(documents, device=device))
+        return false_negative_mask(ids, reference, threshold)
+
+    def _embed(self, token_ids: list[list[int]], encoder: nn.Module | None = None) -> torch.Tensor:
         batch = pad_batch(token_ids, self.tokenizer.pad_id)
         device = self.topology.device
-        vectors: torch.Tensor = self.encoder(
+        vectors: torch.Tensor = (encoder or self.encoder)(
             torch.from_numpy(batch.input_ids).to(device), torch.from_numpy(batch.attention_mask).to(device)
         )
         return vectors
@@ -377,10 +482,15 @@ class Trainer:
         self.encoder.train()
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
+        cached = self.config.objective.grad_cache_chunk is not None and self.config.objective.contrastive_weight > 0
         for index in range(optim.grad_accumulation):
+            # DDP all-reduces once per step (on the last micro-batch); GradCache's own per-chunk skipping nests inside.
             with self._gradient_sync(last=index == optim.grad_accumulation - 1):
-                texts = self.next_texts()
-                loss = self.loss(texts) / optim.grad_accumulation
+                documents, texts = self.next_contrastive_batch()
+                if cached:  # backward inside, chunk by chunk; every rank has been through it when checking below
+                    loss = self.cached_backward(texts, documents, 1 / optim.grad_accumulation)
+                else:
+                    loss = self.loss(texts, documents) / optim.grad_accumulation
                 finite = bool(torch.isfinite(loss.detach()))
                 # Collective, before backward: a rank that stopped alone would leave the others in DDP's all-reduce.
                 if not all_ranks_agree(finite, self.topology):
@@ -391,7 +501,8 @@ class Trainer:
                         f"loss became {cause} at step {self.step + 1}; the run stopped and the last good checkpoint in "
                         f"{self.run_dir / 'checkpoints'} is kept. Lower the learning rate or check the data."
                     )
-                loss.backward()  # type: ignore[no-untyped-call]
+                if not cached:
+                    loss.backward()  # type: ignore[no-untyped-call]
                 step_loss += loss.item()
                 self.tokens_seen += sum(len(ids) for ids in self.tokenizer.encode(texts, truncate=True))
         # Every trained parameter, the MLM head's included, under one global norm.

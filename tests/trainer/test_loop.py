@@ -21,7 +21,7 @@ from trainer.train import Trainer, warmup_cosine
 CPU = Topology(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def mean_over_texts(self: Trainer, texts: list[str]) -> torch.Tensor:
+def mean_over_texts(self: Trainer, texts: list[str], documents: list[int]) -> torch.Tensor:
     """A loss that is a mean of one term per text (InfoNCE is not: its negatives span the batch)."""
     embeddings = self.encoder.transformer.get_input_embeddings()
     ids = self.tokenizer.encode(texts, truncate=True)

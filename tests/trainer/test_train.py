@@ -82,15 +82,15 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A NaN can't be produced on demand from real data; the loss is poisoned from step 13 on.
-    real_info_nce = training.info_nce
+    real_info_nce = training.global_info_nce
     calls = {"n": 0}
 
-    def poisoned(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    def poisoned(a: torch.Tensor, b: torch.Tensor, temperature: float, mask: torch.Tensor | None) -> torch.Tensor:
         calls["n"] += 1
-        loss = real_info_nce(a, b, temperature)
+        loss = real_info_nce(a, b, temperature, mask)
         return loss * float("nan") if calls["n"] >= 13 else loss
 
-    monkeypatch.setattr(training, "info_nce", poisoned)
+    monkeypatch.setattr(training, "global_info_nce", poisoned)
     config = tiny_config(corpus_file, tmp_path)
     with pytest.raises(NonFiniteLoss, match="step 13"):
         train(config)
