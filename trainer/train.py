@@ -443,7 +443,7 @@ class Trainer:
             if self.reference_encoder is None:
                 # from_scratch reseeds torch: the run's random streams must not notice the rebuild.
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    encoder, _ = build_encoder(self.config, self.corpus)
+                    encoder, _ = build_encoder(self.config, self.corpus, self.topology)  # every rank: a barrier
                 self.reference_encoder = encoder.to(device).eval().requires_grad_(False)
             chunk = self.config.objective.grad_cache_chunk or len(token_ids)
             with torch.no_grad():
