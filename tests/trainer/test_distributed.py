@@ -136,7 +136,7 @@ def test_a_failed_tokenizer_write_leaves_no_folder(tmp_path: Path, monkeypatch: 
 
 
 # -- no_sync during accumulation --------------------------------------------------------------------------
-def mean_over_texts(self: Trainer, texts: list[str]) -> torch.Tensor:
+def mean_over_texts(self: Trainer, texts: list[str], documents: list[int]) -> torch.Tensor:
     """A loss that is a mean of one term per text, through the DDP forward, without dropout."""
     batch = pad_batch(self.tokenizer.encode(texts, truncate=True), self.tokenizer.pad_id)
     self.model.eval()

@@ -153,15 +153,15 @@ def test_a_failed_run_is_marked_and_resuming_it_continues_the_same_mlflow_run(
     corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The loss turns NaN at step 13 (as in test_train): the run stops, its last checkpoint is step 10.
-    real_info_nce = training.info_nce
+    real_info_nce = training.global_info_nce
     calls = {"n": 0}
 
-    def poisoned(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    def poisoned(a: torch.Tensor, b: torch.Tensor, temperature: float, mask: torch.Tensor | None) -> torch.Tensor:
         calls["n"] += 1
-        loss = real_info_nce(a, b, temperature)
+        loss = real_info_nce(a, b, temperature, mask)
         return loss * float("nan") if calls["n"] >= 13 else loss
 
-    monkeypatch.setattr(training, "info_nce", poisoned)
+    monkeypatch.setattr(training, "global_info_nce", poisoned)
     config = tracked(tiny_config(corpus_file, tmp_path), STORES["file"].format(tmp_path))
     with pytest.raises(NonFiniteLoss):
         train(config)
@@ -172,7 +172,7 @@ def test_a_failed_run_is_marked_and_resuming_it_continues_the_same_mlflow_run(
     assert failed.info.status == "FAILED" and failed.data.tags["failure"].startswith("NonFiniteLoss: loss became nan")
     assert [metric.step for metric in client.get_metric_history(run_id, "loss")] == list(range(1, 13))
 
-    monkeypatch.setattr(training, "info_nce", real_info_nce)
+    monkeypatch.setattr(training, "global_info_nce", real_info_nce)
     # Resumed keeping fewer checkpoints: a setting MLflow's params cannot take back, so a tag says it.
     resumed = config.model_copy(update={"checkpoint": config.checkpoint.model_copy(update={"keep": 2})})
     train(resumed, resume=checkpoint)
