@@ -101,7 +101,7 @@ class Release:
                 detail = steps[name]()
             except ReleaseStopped as stop:
                 self._record(name, "failed", started, clock, {**stop.detail, "error": str(stop)})
-                self._end(stop.outcome, str(stop), stop.checks)
+                self.end(stop.outcome, str(stop), stop.checks)
                 return self.state
             except Exception as error:
                 # A crash, not a verdict: the release stays unfinished and running the command again resumes here.
@@ -111,7 +111,7 @@ class Release:
                 raise
             self._record(name, "done", started, clock, detail)
             self._tell_ledger(stage=name, version=detail.get("version"))
-        self._end("promoted", None, [])
+        self.end("promoted", None, [])
         return self.state
 
     def _record(
@@ -121,7 +121,8 @@ class Release:
         self.state.stages[name] = StageRecord(status=status, started_at=started, seconds=seconds, detail=detail)
         self.save()
 
-    def _end(self, outcome: Outcome, error: str | None, checks: list[str]) -> None:
+    def end(self, outcome: Outcome, error: str | None, checks: list[str]) -> None:
+        """End the release with ``outcome``: saved, and told to the ledger when it had a place there."""
         self.state.outcome, self.state.error, self.state.failed_checks = outcome, error, checks
         self.save()
         if outcome in LEDGER_OUTCOMES and "claim" in self.state.stages and self.state.stages["claim"].status == "done":

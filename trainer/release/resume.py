@@ -53,7 +53,7 @@ def release(
             folder = model_dir / current.read_text().strip()
             state = ReleaseState.model_validate_json((folder / "state.json").read_text())
             if restart:
-                Release(config, gateway, folder, state)._end("failed", "abandoned (--restart)", ["abandoned"])
+                Release(config, gateway, folder, state).end("failed", "abandoned (--restart)", ["abandoned"])
                 state = None
             elif state.config_sha256 != sha:
                 raise ValueError(
