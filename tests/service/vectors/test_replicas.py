@@ -156,10 +156,12 @@ def test_a_reindex_driven_by_one_replica_keeps_every_write_of_the_other(
     for i, (item_id, text) in enumerate(sorted(texts.items())):
         item = ok((a, b)[i % 2].get(f"/v1/collections/moving/items/{item_id}"))
         assert item["text"] == text, item_id
-    # Embedded by version 2: an item's own text finds it, from either replica.
+    # Embedded by version 2: an item's own text finds it, from either replica. Under the random tiny encoder these
+    # near-identical texts all lie within cosine 0.997 of each other, where HNSW (approximate) can miss the exact
+    # row at a search depth of 3 (seen once in CI): 10 hits, and so a deeper search.
     for i, item_id in enumerate(sorted(texts)[::97]):
         client = (a, b)[i % 2]
-        response = client.post("/v1/collections/moving/search", json={"query": texts[item_id], "top_k": 3})
+        response = client.post("/v1/collections/moving/search", json={"query": texts[item_id], "top_k": 10})
         assert response.headers["x-model-version"] == "2"
         assert item_id in [hit["id"] for hit in ok(response)["hits"]], item_id
     # Both replicas resume re-indexes nobody drives, yet only A (which started it) copied.
