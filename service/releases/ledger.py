@@ -137,6 +137,7 @@ class Claim:
     record: ReleaseRecord
     resumed: bool  # the release id had claimed its place before (a resumed release)
     training_hours_left: float
+    expired: frozenset[str] = frozenset()  # ids of records the ledger drops with this claim (see ``expired``)
 
 
 class ReleaseLedger:
@@ -168,10 +169,10 @@ class ReleaseLedger:
             if record.release_id == release_id:
                 if record.model != model:
                     raise Conflict(f"release id {release_id} belongs to a release of {record.model}, not {model}.")
-                return Claim(record, resumed=True, training_hours_left=self._hours_left(live, now))
+                return Claim(record, True, self._hours_left(live, now), frozenset(gone))
         check_claim(live, model, self.budget, now)
         record = ReleaseRecord(release_id=release_id, model=model, trigger=trigger, started_at=now)
-        return Claim(record, resumed=False, training_hours_left=self._hours_left(live, now))
+        return Claim(record, False, self._hours_left(live, now), frozenset(gone))
 
     def _hours_left(self, records: list[ReleaseRecord], now: datetime) -> float:
         return max(0.0, self.budget.max_training_hours - usage(records, self.budget, now).training_hours)
@@ -200,8 +201,8 @@ class MemoryReleaseLedger(ReleaseLedger):
 
     async def claim(self, release_id: str, model: str, trigger: Trigger) -> Claim:
         claim = self._decide(list(self._records.values()), release_id, model, trigger)
-        for old in expired(list(self._records.values()), self.budget, datetime.now(UTC)):
-            self._records.pop(old.release_id, None)
+        for gone in claim.expired:
+            self._records.pop(gone, None)
         self._records[release_id] = claim.record
         return claim
 
@@ -233,8 +234,8 @@ class RedisReleaseLedger(ReleaseLedger):
                     records = _parse(await pipe.hvals(self._key))
                     claim = self._decide(records, release_id, model, trigger)
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    for old in expired(records, self.budget, datetime.now(UTC)):
-                        pipe.hdel(self._key, old.release_id)
+                    for gone in claim.expired:
+                        pipe.hdel(self._key, gone)
                     pipe.hset(self._key, release_id, claim.record.model_dump_json())
                     await pipe.execute()
                     return claim

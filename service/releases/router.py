@@ -13,11 +13,11 @@ from redis.exceptions import RedisError
 
 from service.edge.auth import require
 from service.edge.json_body import json_body, request_schema
-from service.errors import ApiError, InvalidRequest, ModelNotFound, ServiceUnavailable
-from service.models.store import ModelStore
+from service.errors import ApiError, InvalidRequest, ServiceUnavailable
 from service.releases.ledger import ReleaseLedger, ReleaseRecord, usage
 from service.releases.protocol import ClaimRelease, ReleaseClaim, ReleaseLedgerView, ReportRelease
 from service.releases.signals import ReleaseSignals, ReleaseSignalsView
+from service.rollouts.router import known_model
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,6 @@ def _signals(request: Request) -> ReleaseSignals:
     return signals
 
 
-def _known_model(request: Request, model: str) -> None:
-    store: ModelStore = request.app.state.store
-    if model not in store.models():
-        raise ModelNotFound(f"model '{model}' does not exist; available: {', '.join(store.models()) or 'none'}.")
-
-
 @router.post("", response_model=ReleaseClaim, status_code=201, openapi_extra=request_schema(ClaimRelease))
 async def claim_release(
     body: Annotated[ClaimRelease, Depends(json_body(ClaimRelease))], request: Request
@@ -58,7 +52,7 @@ async def claim_release(
     """Take a place in the release budget (201), or be refused: 409 while the model has a release running,
     429 with Retry-After when the window's releases or training hours are spent. Refusals are counted in
     ``embedserve_release_triggers_total{decision="refused"}`` and logged."""
-    _known_model(request, body.model)
+    known_model(request, body.model)
     signals = _signals(request)
     try:
         async with _reachable():
@@ -125,5 +119,5 @@ async def list_releases(request: Request) -> ReleaseLedgerView:
 @router.get("/signals/{model}", response_model=ReleaseSignalsView)
 async def release_signals(model: str, request: Request) -> ReleaseSignalsView:
     """Whether a release of ``model`` is due (staleness, drift) and the measures behind it, from this replica."""
-    _known_model(request, model)
+    known_model(request, model)
     return _signals(request).view(model)

@@ -27,7 +27,8 @@ def _rollouts(request: Request) -> RolloutWatcher:
     return rollouts
 
 
-def _known_model(request: Request, model: str) -> None:
+def known_model(request: Request, model: str) -> None:
+    """404 (naming the models there are) unless the repository has ``model``; the release routes use it too."""
     store: ModelStore = request.app.state.store
     if model not in store.models():
         raise ModelNotFound(f"model '{model}' does not exist; available: {', '.join(store.models()) or 'none'}.")
@@ -67,7 +68,7 @@ async def start_rollout(
     model: str, body: Annotated[StartRollout, Depends(json_body(StartRollout))], request: Request
 ) -> RolloutState:
     """Start a canary at ``steps[0]`` percent; the canary must be verified on this replica and its backend serve it."""
-    _known_model(request, model)
+    known_model(request, model)
     store: ModelStore = request.app.state.store
     canary = store.get(model, body.canary_version)
     if canary is None:

@@ -1,9 +1,12 @@
-"""Trainer fixtures: a real-text corpus (with a little PII) and the configuration of a tiny encoder run."""
+"""Trainer fixtures: a real-text corpus (with a little PII), a tiny encoder run's configuration, a poisoned loss."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
+import trainer.train as training
 from trainer.config import TrainConfig
 from trainer.data.sample_text import paragraphs, sentences
 
@@ -46,3 +49,18 @@ def tiny_config(corpus_file: Path, output_dir: Path, **overrides: object) -> Tra
         section, key = dotted.split("__")
         raw[section][key] = value
     return TrainConfig.model_validate(raw)
+
+
+def poison_loss_from_step(monkeypatch: pytest.MonkeyPatch, step: int) -> Callable[..., torch.Tensor]:
+    """Make the contrastive loss NaN from the ``step``-th step on (one loss call per step in the tiny runs): a NaN
+    cannot be produced on demand from real data. Returns the real loss, to put back."""
+    real = training.global_info_nce
+    calls = {"n": 0}
+
+    def poisoned(a: torch.Tensor, b: torch.Tensor, temperature: float, mask: torch.Tensor | None) -> torch.Tensor:
+        calls["n"] += 1
+        loss = real(a, b, temperature, mask)
+        return loss * float("nan") if calls["n"] >= step else loss
+
+    monkeypatch.setattr(training, "global_info_nce", poisoned)
+    return real

@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import trainer.train as training
 from service.models.manifest import verify_version
-from tests.trainer.conftest import tiny_config
+from tests.trainer.conftest import poison_loss_from_step, tiny_config
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import TrackingConfig, TrainConfig
 from trainer.release.publish import publish
@@ -153,15 +152,7 @@ def test_a_failed_run_is_marked_and_resuming_it_continues_the_same_mlflow_run(
     corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The loss turns NaN at step 13 (as in test_train): the run stops, its last checkpoint is step 10.
-    real_info_nce = training.global_info_nce
-    calls = {"n": 0}
-
-    def poisoned(a: torch.Tensor, b: torch.Tensor, temperature: float, mask: torch.Tensor | None) -> torch.Tensor:
-        calls["n"] += 1
-        loss = real_info_nce(a, b, temperature, mask)
-        return loss * float("nan") if calls["n"] >= 13 else loss
-
-    monkeypatch.setattr(training, "global_info_nce", poisoned)
+    real_info_nce = poison_loss_from_step(monkeypatch, 13)
     config = tracked(tiny_config(corpus_file, tmp_path), STORES["file"].format(tmp_path))
     with pytest.raises(NonFiniteLoss):
         train(config)
@@ -237,7 +228,7 @@ class NoMlflow(importlib.abc.MetaPathFinder):
             raise ImportError("mlflow is not installed")
 
 sys.meta_path.insert(0, NoMlflow())
-from tests.trainer.conftest import tiny_config
+from tests.trainer.conftest import poison_loss_from_step, tiny_config
 from trainer.release.publish import publish
 from trainer.train import train
 

@@ -8,11 +8,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-import trainer.train as training
 from service.app import create_app
 from service.models.manifest import verify_version
 from tests.helpers import private_settings
-from tests.trainer.conftest import PII_LINES, tiny_config
+from tests.trainer.conftest import PII_LINES, poison_loss_from_step, tiny_config
 from trainer.checkpoint import CorruptCheckpoint, list_checkpoints, load_checkpoint
 from trainer.config import TrainConfig
 from trainer.data.sample_text import paragraphs, sentences
@@ -81,16 +80,7 @@ def test_a_flipped_byte_in_a_checkpoint_is_refused_and_the_previous_good_one_off
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A NaN can't be produced on demand from real data; the loss is poisoned from step 13 on.
-    real_info_nce = training.global_info_nce
-    calls = {"n": 0}
-
-    def poisoned(a: torch.Tensor, b: torch.Tensor, temperature: float, mask: torch.Tensor | None) -> torch.Tensor:
-        calls["n"] += 1
-        loss = real_info_nce(a, b, temperature, mask)
-        return loss * float("nan") if calls["n"] >= 13 else loss
-
-    monkeypatch.setattr(training, "global_info_nce", poisoned)
+    poison_loss_from_step(monkeypatch, 13)
     config = tiny_config(corpus_file, tmp_path)
     with pytest.raises(NonFiniteLoss, match="step 13"):
         train(config)

@@ -32,7 +32,7 @@ from client.gateway import Gateway, GatewayError
 from client.protocol import ENDED_PHASES, ModelVersion, Rollout
 from service.models.manifest import ManifestError, read_manifest
 from service.models.tokenization import TextTokenizer
-from trainer.checkpoint import latest_good, load_checkpoint
+from trainer.checkpoint import latest_good
 from trainer.config import TrainConfig
 from trainer.data.corpus import PreparedCorpus
 from trainer.release.evaluate import EvaluationResult, evaluate, load_pairs
@@ -269,19 +269,18 @@ class Release:
         return None
 
     def _source(self, checkpoint: Path) -> str:
-        return f"trainer run {load_checkpoint(checkpoint)['config']['run_name']} checkpoint {checkpoint.name}"
+        """What publish() writes as the manifest's source: the checkpoint's run (this release's run_config)."""
+        return f"trainer run {self.run_config.run_name} checkpoint {checkpoint.name}"
 
     def serve(self) -> dict[str, Any]:
         version = int(self.state.detail("export")["version"])
-        deadline = time.monotonic() + self.config.release.serve_timeout_s
+        began = time.monotonic()
+        deadline = began + self.config.release.serve_timeout_s
         self._retrying(self.gateway.reload_models)
         while True:
             card = self._retrying(lambda: self._version_card(version))
             if card is not None and card.state == "ready":
-                return {
-                    "version": version,
-                    "seconds_to_serve": round(self.config.release.serve_timeout_s - (deadline - time.monotonic()), 3),
-                }
+                return {"version": version, "seconds_to_serve": round(time.monotonic() - began, 3)}
             if card is not None and card.state == "refused":
                 raise ReleaseStopped(
                     "failed", f"the gateway refused {self.model}@{version}: {card.reason}", ["version refused"]

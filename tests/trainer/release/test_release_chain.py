@@ -31,6 +31,7 @@ from trainer.train import train
 
 ADMIN_KEY = "release-admin"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+DOCS = "docs"  # the collection of tiny each test's gateway serves
 # Judged every second on a handful of requests; one pass steps, one failure fails.
 FAST_ANALYSIS: dict[str, Any] = {
     "interval_s": 1.0,
@@ -129,9 +130,8 @@ def traffic(url: str, per_second: float = 15) -> Iterator[Served]:
 def release_gateway(
     repository: Path, milvus: MilvusLiteServer, prefix: str, logs: Path, **settings: str
 ) -> Iterator[str]:
-    """A gateway on ``repository`` with the collection ``collection_name(prefix)`` of tiny, 60 items."""
+    """A gateway on ``repository`` with the collection DOCS of tiny, 60 items (in the test's own Milvus)."""
     logs.mkdir(parents=True, exist_ok=True)
-    docs = collection_name(prefix)
     env = {
         "EMBEDSERVE_MODEL_REPOSITORY": str(repository),
         "EMBEDSERVE_MILVUS_URI": milvus.uri,
@@ -147,10 +147,10 @@ def release_gateway(
     }
     with gateway(env, logs / "gateway.log") as url:
         with httpx.Client(base_url=url, timeout=60) as client:
-            created = client.put(f"/v1/collections/{docs}", json={"model": "tiny"})
+            created = client.put(f"/v1/collections/{DOCS}", json={"model": "tiny"})
             assert created.status_code in (200, 201), created.text
             items = [{"id": f"d{i}", "text": text} for i, text in enumerate(sentences()[:60])]
-            assert client.post(f"/v1/collections/{docs}/items", json={"items": items}).status_code == 200
+            assert client.post(f"/v1/collections/{DOCS}/items", json={"items": items}).status_code == 200
         yield url
 
 
@@ -163,15 +163,10 @@ def run_release(
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
-def collection_name(prefix: str) -> str:
-    """A collection of this test's own in the module's Milvus server (its Redis prefix is unique)."""
-    return "docs_" + prefix.rstrip(":").rsplit("-", 1)[-1][:12]
-
-
-def gateway_state(url: str, docs: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def gateway_state(url: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     with httpx.Client(base_url=url, timeout=30) as client:
         models = client.get("/v1/models").json()
-        collection = client.get(f"/v1/collections/{docs}").json()
+        collection = client.get(f"/v1/collections/{DOCS}").json()
         ledger = client.get("/v1/admin/releases", headers=ADMIN).json()
     return models, collection, ledger
 
@@ -224,13 +219,10 @@ def test_a_release_trains_gates_exports_serves_and_promotes_a_version_without_re
         assert report["stages"]["gate"]["detail"]["stable_version"] == 1
         assert report["stages"]["canary"]["detail"]["phase"] == "promoted"
         assert report["stages"]["canary"]["detail"]["judgements"], "the rollout's judgements are in the report"
-        assert (
-            report["stages"]["collections"]["detail"]["collections"][collection_name(shared_redis_prefix)]["version"]
-            == 2
-        )
+        assert report["stages"]["collections"]["detail"]["collections"][DOCS]["version"] == 2
         assert set(served.by_version) == {"1", "2"}, served  # the same gateway served both, never restarted
 
-        models, collection, ledger = gateway_state(url, collection_name(shared_redis_prefix))
+        models, collection, ledger = gateway_state(url)
         assert default_version(models) == 2
         assert collection["version"] == 2
         assert [(r["outcome"], r["version"]) for r in ledger["releases"]] == [("promoted", 2)]
@@ -256,7 +248,7 @@ def test_a_refused_gate_exports_nothing_and_exits_non_zero(
         assert "mrr@10" in report["failed_checks"][0]
         assert report["stages"]["gate"]["status"] == "failed" and "export" not in report["stages"]
         assert sorted(p.name for p in (repository / "tiny").iterdir() if p.is_dir()) == ["1"]
-        models, _, ledger = gateway_state(url, collection_name(shared_redis_prefix))
+        models, _, ledger = gateway_state(url)
         assert [v["version"] for m in models["data"] if m["id"] == "tiny" for v in m["versions"]] == [1]
         assert [r["outcome"] for r in ledger["releases"]] == ["gate_refused"]
 
@@ -286,7 +278,7 @@ def test_a_canary_that_fails_analysis_leaves_stable_serving_and_names_the_failed
         assert report["outcome"] == "canary_failed", report
         assert any("neighbour agreement" in check for check in report["failed_checks"]), report["failed_checks"]
         assert report["stages"]["canary"]["detail"]["phase"] in ("rolled_back", "failed")
-        models, collection, ledger = gateway_state(url, collection_name(shared_redis_prefix))
+        models, collection, ledger = gateway_state(url)
         assert default_version(models) == 1
         assert collection["version"] == 1
         assert [r["outcome"] for r in ledger["releases"]] == ["canary_failed"]
@@ -331,7 +323,7 @@ def test_a_release_killed_while_training_resumes_from_its_checkpoint_with_the_sa
         assert report["stages"]["train"]["detail"]["resumed_from"] is not None
         assert report["stages"]["train"]["detail"]["steps"] == 200
         assert report["outcome"] == "gate_refused" and done.returncode == 1
-        _, _, ledger = gateway_state(url, collection_name(shared_redis_prefix))
+        _, _, ledger = gateway_state(url)
         assert [(r["release_id"], r["outcome"]) for r in ledger["releases"]] == [(release_id, "gate_refused")]
         assert not (state_dir / "tiny" / "current").exists()
 
@@ -352,7 +344,7 @@ def test_an_auto_trigger_starts_a_release_only_when_the_gateway_says_one_is_due(
         assert done.returncode == 0, done.stderr[-3000:]
         assert json.loads(done.stdout)["outcome"] == "not_due"
         assert not (tmp_path / "quiet.json").exists()  # the last release's report is left as it was
-        assert gateway_state(url, collection_name(shared_redis_prefix))[2]["releases"] == []
+        assert gateway_state(url)[2]["releases"] == []
     # Stale: the release starts, as a staleness release (here it ends at its gate).
     stale = {"EMBEDSERVE_RELEASE_MAX_MODEL_AGE_S": "1"}
     with release_gateway(repository, own_milvus, shared_redis_prefix, tmp_path / "stale", **stale) as url:
