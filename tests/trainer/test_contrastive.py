@@ -252,7 +252,7 @@ def test_two_torchrun_processes_train_with_every_option(corpus_file: Path, tmp_p
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     torchrun = Path(sys.executable).parent / "torchrun"
     result = subprocess.run(
-        [str(torchrun), "--nproc_per_node=2", "-m", "trainer", "train", "--config", str(config_file)],
+        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "trainer", "train", "--config", str(config_file)],
         capture_output=True,
         text=True,
         timeout=300,
