@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_REPOSITORY ?= model_repository
 
-.PHONY: run test lint typecheck bootstrap-model ensure-redis clean bench bench-ssl bench-search bench-lanes bench-train triton triton-setup loadtest
+.PHONY: run test lint typecheck bootstrap-model ensure-redis clean bench bench-ssl bench-search bench-lanes bench-train bench-corpus triton triton-setup loadtest
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,11 @@ bench-ssl: $(STAMP)
 ## A short real training run on this machine's accelerator (bf16 on CUDA) under torchrun, then export (loadtests/results/bench_train_<device>.json).
 bench-train: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=1 -m loadtests.bench_train $(BENCH_TRAIN_ARGS)
+
+## Prepare a 2 GB corpus (man pages + synthetic documents of their words) and train 20 steps on it in a subprocess:
+## peak RSS, prepare MB/s and wall time (loadtests/results/bench_corpus.json). Smaller: BENCH_CORPUS_ARGS="--gigabytes 0.2".
+bench-corpus: $(STAMP)
+	$(PY) -m loadtests.bench_corpus $(BENCH_CORPUS_ARGS)
 
 ## Upsert throughput on real text, dense/keyword/hybrid search latency at 100k items, and retrieval quality of dense,
 ## keyword and every fusion on the machine's man pages (loadtests/results/bench_search.json; exits 1 on a missed target).

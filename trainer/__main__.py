@@ -22,6 +22,12 @@ def main() -> None:
     boot.add_argument("--repository", type=Path, default=Path("model_repository"))
     boot.add_argument("--model", default="minilm")
 
+    prepare = commands.add_parser(
+        "prepare",
+        help="stream the corpus into the run's tokenised shards (train does it too when they are missing or stale)",
+    )
+    prepare.add_argument("--config", type=Path, required=True)
+
     train = commands.add_parser("train", help="self-supervised pretraining from a YAML run configuration")
     train.add_argument("--config", type=Path, required=True)
     train.add_argument("--resume", type=Path, help="a checkpoint of this run to continue from exactly")
@@ -114,6 +120,12 @@ def run(args: argparse.Namespace) -> None:
 
         written = bootstrap(args.repository, args.model)
         log.info("bootstrap done", extra={"written": str(written) if written else None})
+    elif args.command == "prepare":
+        from trainer.config import load_config
+        from trainer.train import dataset_summary, load_corpus
+
+        corpus = load_corpus(load_config(args.config), progress=True)
+        print(json.dumps({"folder": str(corpus.folder), **dataset_summary(corpus)}, indent=2))
     elif args.command == "train":
         from trainer.config import load_config
         from trainer.train import train

@@ -12,11 +12,9 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ from tqdm import tqdm
 
 from service.models.tokenization import TextTokenizer, pad_batch
 from trainer.checkpoint import load_checkpoint, save_checkpoint
-from trainer.config import CorpusConfig, TrainConfig
+from trainer.config import TrainConfig
 from trainer.contrastive import (
     false_negative_mask,
     gather_detached,
@@ -38,10 +36,9 @@ from trainer.contrastive import (
     grad_cache_backward,
     micro_batches_per_contrastive_batch,
 )
-from trainer.data.corpus import PreparedCorpus, prepare_corpus
-from trainer.data.documents import text_views
+from trainer.data.loader import Batch, ContrastiveBatches, batch_stream
 from trainer.data.order import BatchOrder, DataPosition
-from trainer.data.tokenizer import train_wordpiece
+from trainer.data.prepare import PreparedCorpus, open_current, open_prepared, prepare_corpus
 from trainer.data.views import mask_tokens
 from trainer.distributed import Topology, all_ranks_agree, barrier, gather_to_all, init_topology, rank_seed, shutdown
 from trainer.encoder import (
@@ -86,21 +83,26 @@ class TrainResult:
     final_loss: float
 
 
-def load_corpus(config: CorpusConfig) -> PreparedCorpus:
-    """The run's prepared, split corpus; a clear error when it is too small to train on."""
-    corpus = prepare_corpus(
-        config.path,
-        text_field=config.text_field,
-        min_chars=config.min_chars,
-        scrub=config.scrub_pii,
-        validation_fraction=config.validation_fraction,
-        split_seed=config.split_seed,
-    )
-    if not corpus.train or not corpus.validation:
-        raise ValueError(
-            f"{config.path}: {corpus.report.kept} usable documents give {len(corpus.train)} training and "
-            f"{len(corpus.validation)} validation texts; add text or change corpus.validation_fraction"
-        )
+def tokenizer_source(config: TrainConfig) -> tuple[Path, int | None]:
+    """The folder of the run's tokenizer, and the vocabulary size to train one there (scratch encoders)."""
+    if config.encoder.base_model is not None:
+        return resolve_base(config.encoder.base_model).path, None
+    assert config.encoder.scratch is not None  # the config validator guarantees one of the two
+    return config.run_dir / "tokenizer", config.encoder.scratch.vocab_size
+
+
+def load_corpus(config: TrainConfig, topology: Topology | None = None, progress: bool = False) -> PreparedCorpus:
+    """The run's prepared corpus (``run_dir/corpus``), prepared first by rank 0 when it is missing or stale
+    (its corpus files, settings or tokenizer changed) while the other ranks wait; a clear error when it is
+    too small to train on."""
+    folder = config.run_dir / "corpus"
+    tokenizer_dir, vocab_size = tokenizer_source(config)
+    if (topology is None or topology.is_main) and open_current(config.corpus, folder, tokenizer_dir) is None:
+        prepare_corpus(config.corpus, folder, tokenizer_dir, vocab_size, progress=progress)
+    if topology is not None:
+        barrier(topology)  # the other ranks open the folder only once rank 0 has renamed it into place
+    corpus = open_prepared(folder)
+    assert corpus is not None
     return corpus
 
 
@@ -128,42 +130,22 @@ def resolve_base(base_model: str) -> BaseModelFolder:
     return folder
 
 
-def build_encoder(config: TrainConfig, corpus: PreparedCorpus, topology: Topology) -> tuple[SentenceEncoder, Path]:
-    """The encoder to train and the folder holding its tokenizer files (a scratch tokenizer is trained once, by
-    rank 0, while the other ranks wait)."""
+def build_encoder(config: TrainConfig, corpus: PreparedCorpus) -> tuple[SentenceEncoder, Path]:
+    """The encoder to train and the folder holding its tokenizer files (the prepared corpus's tokenizer: a
+    scratch one is trained by the prepare step)."""
     encoder_config = config.encoder
     if encoder_config.base_model is not None:
-        folder = resolve_base(encoder_config.base_model)
-        encoder = load_base(folder)
+        encoder = load_base(resolve_base(encoder_config.base_model))
         if encoder_config.max_seq_length:
             encoder.max_seq_length = encoder_config.max_seq_length
-        return encoder, folder.path
+        return encoder, corpus.tokenizer_dir
     scratch = encoder_config.scratch
     assert scratch is not None  # the config validator guarantees one of the two
-    tokenizer_dir = config.run_dir / "tokenizer"
-    if topology.is_main and not (tokenizer_dir / "tokenizer.json").is_file():
-        write_tokenizer(corpus.train, scratch.vocab_size, tokenizer_dir)
-    barrier(topology)  # the other ranks read the tokenizer only once rank 0 has renamed it into place
-    vocab_size = TextTokenizer(tokenizer_dir / "tokenizer.json", scratch.max_seq_length).vocab_size
+    vocab_size = TextTokenizer(corpus.tokenizer_dir / "tokenizer.json", scratch.max_seq_length).vocab_size
     encoder = from_scratch(
         vocab_size, scratch.hidden_size, scratch.layers, scratch.heads, scratch.max_seq_length, seed=config.optim.seed
     )
-    return encoder, tokenizer_dir
-
-
-def write_tokenizer(texts: list[str], vocab_size: int, tokenizer_dir: Path) -> None:
-    """Train the scratch WordPiece tokenizer into a temporary folder and rename it into place: a reader sees
-    no tokenizer or a whole one, never a half-written file."""
-    tokenizer_dir.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(dir=tokenizer_dir.parent, prefix=f".{tokenizer_dir.name}."))
-    try:
-        train_wordpiece(texts, vocab_size, temporary)
-        if tokenizer_dir.exists():  # a folder without tokenizer.json: left by a run killed before this existed
-            shutil.rmtree(tokenizer_dir)
-        os.replace(temporary, tokenizer_dir)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    return encoder, corpus.tokenizer_dir
 
 
 def warmup_cosine(warmup_steps: int, max_steps: int) -> Any:
@@ -176,12 +158,12 @@ def warmup_cosine(warmup_steps: int, max_steps: int) -> Any:
     return factor
 
 
-def _rng_state(views_rng: random.Random) -> dict[str, Any]:
-    """This process's random streams, in types that ``torch.load(weights_only=True)`` reads back."""
+def _rng_state() -> dict[str, Any]:
+    """This process's random streams, in types that ``torch.load(weights_only=True)`` reads back (views need
+    none: each batch's are seeded by its place in the run)."""
     _, key, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "views": views_rng.getstate(),
         "numpy": [torch.from_numpy(np.asarray(key, dtype=np.int64)), int(pos), int(has_gauss), float(cached_gaussian)],
         "torch": torch.get_rng_state(),
     }
@@ -190,9 +172,8 @@ def _rng_state(views_rng: random.Random) -> dict[str, Any]:
     return state
 
 
-def _restore_rng(state: dict[str, Any], views_rng: random.Random) -> None:
+def _restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    views_rng.setstate(state["views"])
     key, pos, has_gauss, cached_gaussian = state["numpy"]
     np.random.set_state(("MT19937", key.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
@@ -206,10 +187,10 @@ class Trainer:
         self.topology = topology
         self.tracker = tracker or RunTracker()
         _seed_everything(config.optim.seed)  # the run seed while building: every rank starts from the same weights
-        self.corpus = load_corpus(config.corpus)
+        self.corpus = load_corpus(config, topology, progress=topology.is_main)
         if topology.is_main:
             log.info("corpus prepared", extra=dataset_summary(self.corpus))
-        self.encoder, self.tokenizer_dir = build_encoder(config, self.corpus, topology)
+        self.encoder, self.tokenizer_dir = build_encoder(config, self.corpus)
         self.tokenizer = TextTokenizer(self.tokenizer_dir / "tokenizer.json", self.encoder.max_seq_length)
         self.encoder.to(topology.device)
         self.mlm_head = MaskedLmHead(self.encoder).to(topology.device) if config.objective.mlm_weight > 0 else None
@@ -236,7 +217,6 @@ class Trainer:
         # Each rank its own streams (dropout, views, masking), so no two draw the same masks.
         self.seed = rank_seed(config.optim.seed, topology.rank)
         _seed_everything(self.seed)
-        self.views_rng = random.Random(self.seed)
         self.batch_order = BatchOrder(
             len(self.corpus.train),
             config.optim.batch_size,
@@ -244,7 +224,19 @@ class Trainer:
             rank=topology.rank,
             world_size=topology.world_size,
         )
+        self.batches = ContrastiveBatches(
+            self.corpus.train,
+            self.batch_order,
+            micro_batches_per_contrastive_batch(
+                config.objective.contrastive_batch, config.optim.batch_size, topology.world_size
+            ),
+            config.objective.views if config.objective.contrastive_weight > 0 else None,
+            self.encoder.max_seq_length,
+            self.tokenizer.pad_id,
+            config.optim.seed,
+        )
         self.position = DataPosition()
+        self._batch_stream: Iterator[Batch] | None = None  # from self.position; started on first use
         self.reference_encoder: SentenceEncoder | None = None  # the frozen initial encoder, built on first use
         self.step = 0
         self.run_dir = config.run_dir
@@ -264,7 +256,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": gather_to_all(_rng_state(self.views_rng), self.topology),  # indexed by rank
+            "rng": gather_to_all(_rng_state(), self.topology),  # indexed by rank
             "world_size": self.topology.world_size,
             "global_batch": self.global_batch,
             "config": self.config.model_dump(mode="json"),
@@ -302,11 +294,12 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         saved_rng = state["rng"]
         if self.topology.rank < len(saved_rng):
-            _restore_rng(saved_rng[self.topology.rank], self.views_rng)
+            _restore_rng(saved_rng[self.topology.rank])
         # else: a rank the checkpointed run did not have keeps its fresh streams (allowed world-size change)
         self.position = DataPosition.from_dict(state["position"])
         if self.position.batch >= self.batch_order.batches_per_epoch:  # fewer batches per epoch now (allowed)
             self.position = DataPosition(self.position.epoch + 1, 0)
+        self._batch_stream = None  # batches from the restored position on
         self.step = int(state["step"])
 
     def _config_changes(self, state: dict[str, Any]) -> list[str]:
@@ -327,45 +320,38 @@ class Trainer:
         return changes
 
     # -- data ----------------------------------------------------------------------------------
-    def next_contrastive_batch(self) -> tuple[list[int], list[str]]:
-        """This process's share of the next contrastive batch, in a seeded per-epoch order: the texts'
-        document ids and the texts."""
-        optim = self.config.optim
-        reads = micro_batches_per_contrastive_batch(
-            self.config.objective.contrastive_batch, optim.batch_size, self.topology.world_size
-        )
-        documents: list[int] = []
-        for _ in range(reads):
-            documents += self.batch_order.batch(self.position)
-            self.position = self.batch_order.after(self.position)
-        return documents, [self.corpus.train[i] for i in documents]
+    def next_contrastive_batch(self) -> Batch:
+        """This process's share of the next contrastive batch, in a seeded per-epoch order, on the device: cut
+        from the shards by ``corpus.workers`` DataLoader processes while the previous steps train."""
+        if self._batch_stream is None:
+            device = self.topology.device
+            self._batch_stream = batch_stream(
+                self.batches, self.position, self.config.corpus.workers, pin_memory=device.type == "cuda"
+            )
+        batch = next(self._batch_stream).to(self.topology.device)
+        self.position = batch.after
+        return batch
 
     # -- loss ----------------------------------------------------------------------------------
-    def loss(self, texts: list[str], documents: list[int]) -> torch.Tensor:
-        """The step's loss of this process's texts with one forward (and its graph); InfoNCE scores
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """The step's loss of this process's batch with one forward (and its graph); InfoNCE scores
         against every process's views."""
         objective = self.config.objective
         device = self.topology.device
-        token_ids = self.tokenizer.encode(texts, truncate=True)
         total = torch.zeros((), device=device)
         view_ids = view_mask = mlm_ids = mlm_mask = labels = None
         if objective.contrastive_weight > 0:
             # Both views in one batch: one forward per step, as DDP requires.
-            first, second = text_views(texts, token_ids, objective.views, self.tokenizer, self.views_rng)
-            views = pad_batch(first + second, self.tokenizer.pad_id)
-            view_ids = torch.from_numpy(views.input_ids).to(device)
-            view_mask = torch.from_numpy(views.attention_mask).to(device)
+            view_ids, view_mask = batch.view_ids, batch.view_mask
         if objective.mlm_weight > 0 and self.mlm_head is not None:
-            batch = pad_batch(token_ids, self.tokenizer.pad_id)
-            mlm_mask = torch.from_numpy(batch.attention_mask).to(device)
-            mlm_ids, labels = mask_tokens(
-                torch.from_numpy(batch.input_ids).to(device), mlm_mask, self.tokenizer, objective.mlm_probability
-            )
+            mlm_mask = batch.prefix_mask
+            mlm_ids, labels = mask_tokens(batch.prefix_ids, mlm_mask, self.tokenizer, objective.mlm_probability)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             vectors, logits = self.model(view_ids, view_mask, mlm_ids, mlm_mask)
         if vectors is not None:
-            a, b = vectors[: len(texts)], vectors[len(texts) :]
-            mask = self._negative_mask(token_ids, documents)
+            size = len(batch.documents)
+            a, b = vectors[:size], vectors[size:]
+            mask = self._negative_mask(batch)
             total = total + objective.contrastive_weight * global_info_nce(
                 a.float(), b.float(), objective.temperature, mask
             )
@@ -373,36 +359,26 @@ class Trainer:
             total = total + objective.mlm_weight * masked_lm_loss(logits.float(), labels)
         return total
 
-    def cached_backward(self, texts: list[str], documents: list[int], scale: float) -> torch.Tensor:
-        """Back-propagate ``scale`` × the step's loss of this process's texts with GradCache (chunks of
+    def cached_backward(self, batch: Batch, scale: float) -> torch.Tensor:
+        """Back-propagate ``scale`` × the step's loss of this process's batch with GradCache (chunks of
         ``objective.grad_cache_chunk`` texts); returns that scaled loss, detached."""
         objective = self.config.objective
-        device, pad = self.topology.device, self.tokenizer.pad_id
+        device = self.topology.device
         chunk = objective.grad_cache_chunk
         assert chunk is not None
-        token_ids = self.tokenizer.encode(texts, truncate=True)
-        mask = self._negative_mask(token_ids, documents)
-        first, second = text_views(texts, token_ids, objective.views, self.tokenizer, self.views_rng)
+        size = len(batch.documents)
+        mask = self._negative_mask(batch)
         # Every random draw but dropout happens before the passes, so that restoring the RNG repeats the dropout.
         inputs = []
-        for start in range(0, len(texts), chunk):
-            part = slice(start, start + chunk)
-            views = pad_batch(first[part] + second[part], pad)
+        for start in range(0, size, chunk):
+            first, second = slice(start, min(start + chunk, size)), slice(size + start, size + min(start + chunk, size))
+            view_ids, view_mask = batch.views(first, second)
             masked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
             if objective.mlm_weight > 0 and self.mlm_head is not None:
-                batch = pad_batch(token_ids[part], pad)
-                mlm_mask = torch.from_numpy(batch.attention_mask).to(device)
-                mlm_ids, labels = mask_tokens(
-                    torch.from_numpy(batch.input_ids).to(device), mlm_mask, self.tokenizer, objective.mlm_probability
-                )
+                prefix_ids, mlm_mask = batch.prefixes(first)
+                mlm_ids, labels = mask_tokens(prefix_ids, mlm_mask, self.tokenizer, objective.mlm_probability)
                 masked = (mlm_ids, mlm_mask, labels)
-            inputs.append(
-                (
-                    torch.from_numpy(views.input_ids).to(device),
-                    torch.from_numpy(views.attention_mask).to(device),
-                    masked,
-                )
-            )
+            inputs.append((view_ids, view_mask, masked))
         masked_positions = sum(int((m[2] != IGNORE_INDEX).sum()) for _, _, m in inputs if m is not None)
 
         def embed_chunk(i: int, with_graph: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -433,7 +409,7 @@ class Trainer:
 
         return grad_cache_backward(embed_chunk, len(inputs), loss_of_embeddings, chunk_context, device)
 
-    def _negative_mask(self, token_ids: list[list[int]], documents: list[int]) -> torch.Tensor:
+    def _negative_mask(self, batch: Batch) -> torch.Tensor:
         """The global batch's false-negative mask (``false_negative_mask``): same document, or, with
         ``objective.false_negative_threshold``, a cosine above it under the frozen initial encoder."""
         device = self.topology.device
@@ -443,24 +419,22 @@ class Trainer:
             if self.reference_encoder is None:
                 # from_scratch reseeds torch: the run's random streams must not notice the rebuild.
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    encoder, _ = build_encoder(self.config, self.corpus, self.topology)  # every rank: a barrier
+                    encoder, _ = build_encoder(self.config, self.corpus)
                 self.reference_encoder = encoder.to(device).eval().requires_grad_(False)
-            chunk = self.config.objective.grad_cache_chunk or len(token_ids)
+            size = len(batch.documents)
+            chunk = self.config.objective.grad_cache_chunk or size
             with torch.no_grad():
                 local = torch.cat(
-                    [
-                        self._embed(token_ids[i : i + chunk], self.reference_encoder)
-                        for i in range(0, len(token_ids), chunk)
-                    ]
+                    [self.reference_encoder(*batch.prefixes(slice(i, i + chunk))) for i in range(0, size, chunk)]
                 )
             reference = gather_detached(local.float())
-        ids = gather_detached(torch.tensor(documents, device=device))
+        ids = gather_detached(batch.documents)
         return false_negative_mask(ids, reference, threshold)
 
-    def _embed(self, token_ids: list[list[int]], encoder: nn.Module | None = None) -> torch.Tensor:
+    def _embed(self, token_ids: list[list[int]]) -> torch.Tensor:
         batch = pad_batch(token_ids, self.tokenizer.pad_id)
         device = self.topology.device
-        vectors: torch.Tensor = (encoder or self.encoder)(
+        vectors: torch.Tensor = self.encoder(
             torch.from_numpy(batch.input_ids).to(device), torch.from_numpy(batch.attention_mask).to(device)
         )
         return vectors
@@ -486,11 +460,11 @@ class Trainer:
         for index in range(optim.grad_accumulation):
             # DDP all-reduces once per step (on the last micro-batch); GradCache's own per-chunk skipping nests inside.
             with self._gradient_sync(last=index == optim.grad_accumulation - 1):
-                documents, texts = self.next_contrastive_batch()
+                batch = self.next_contrastive_batch()
                 if cached:  # backward inside, chunk by chunk; every rank has been through it when checking below
-                    loss = self.cached_backward(texts, documents, 1 / optim.grad_accumulation)
+                    loss = self.cached_backward(batch, 1 / optim.grad_accumulation)
                 else:
-                    loss = self.loss(texts, documents) / optim.grad_accumulation
+                    loss = self.loss(batch) / optim.grad_accumulation
                 finite = bool(torch.isfinite(loss.detach()))
                 # Collective, before backward: a rank that stopped alone would leave the others in DDP's all-reduce.
                 if not all_ranks_agree(finite, self.topology):
@@ -504,7 +478,7 @@ class Trainer:
                 if not cached:
                     loss.backward()  # type: ignore[no-untyped-call]
                 step_loss += loss.item()
-                self.tokens_seen += sum(len(ids) for ids in self.tokenizer.encode(texts, truncate=True))
+                self.tokens_seen += batch.tokens
         # Every trained parameter, the MLM head's included, under one global norm.
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trained_parameters, optim.clip_norm))
         self.optimizer.step()

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from service.models.tokenization import pad_batch
 from tests.trainer.conftest import tiny_config
 from trainer.checkpoint import load_checkpoint
+from trainer.data.loader import Batch
 from trainer.distributed import Topology, all_ranks_agree
 from trainer.train import Trainer
 
@@ -56,22 +57,21 @@ def test_alone_the_flag_is_its_own_answer() -> None:
 
 # -- per-rank streams and the scratch tokenizer ---------------------------------------------------------------
 def _one_step(rank: int, init_file: str, corpus_file: str, output_dir: str, results: str) -> None:
-    import trainer.train as training
-    from trainer.data.views import make_views
+    import trainer.data.tokenizer as tokenizers
 
-    real_train_wordpiece = training.train_wordpiece
+    real_train_wordpiece = tokenizers.train_wordpiece
 
-    def counted(texts: list[str], vocab_size: int, output: Path) -> Path:
+    def counted(texts: Iterable[str], vocab_size: int, output: Path) -> Path:
         with (Path(results) / f"tokenizer-written-by-{rank}").open("a") as calls:
             calls.write(f"{output}\n")
         return real_train_wordpiece(texts, vocab_size, output)
 
-    training.train_wordpiece = counted
+    tokenizers.train_wordpiece = counted  # type: ignore[assignment]
     topology = _join(rank, init_file)
     try:
         trainer = Trainer(tiny_config(Path(corpus_file), Path(output_dir)), topology)
         dropout = torch.nn.functional.dropout(torch.ones(256), 0.5, training=True).nonzero().flatten().tolist()
-        first, _ = make_views([list(range(5, 45))] * 4, trainer.config.objective.views, trainer.views_rng)
+        first = trainer.next_contrastive_batch().view_ids[:4].tolist()
         initial = _digest(trainer.encoder)
         record = trainer.train_step()
         report = {
@@ -119,28 +119,28 @@ def test_the_scratch_tokenizer_is_written_once_by_rank_0_and_renamed_into_place(
     run_dir = runs / "tiny"
     assert Path(written[0]).parent == run_dir and Path(written[0]).name.startswith(".tokenizer.")  # a temporary
     assert sorted(p.name for p in (run_dir / "tokenizer").iterdir()) == ["tokenizer.json", "vocab.txt"]
+    assert (run_dir / "corpus" / "manifest.json").is_file()  # prepared once, by rank 0, then renamed into place
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # nothing half-written left
 
 
 def test_a_failed_tokenizer_write_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import trainer.train as training
+    import trainer.data.tokenizer as tokenizers
 
-    def interrupted(texts: list[str], vocab_size: int, output: Path) -> Path:
+    def interrupted(texts: Iterable[str], vocab_size: int, output: Path) -> Path:
         (output / "tokenizer.json").write_text("{")  # half-written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "train_wordpiece", interrupted)
+    monkeypatch.setattr(tokenizers, "train_wordpiece", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        training.write_tokenizer(["a text"], 100, tmp_path / "run" / "tokenizer")
+        tokenizers.write_tokenizer(["a text"], 100, tmp_path / "run" / "tokenizer")
     assert list((tmp_path / "run").iterdir()) == []
 
 
 # -- no_sync during accumulation --------------------------------------------------------------------------
-def mean_over_texts(self: Trainer, texts: list[str], documents: list[int]) -> torch.Tensor:
+def mean_over_texts(self: Trainer, batch: Batch) -> torch.Tensor:
     """A loss that is a mean of one term per text, through the DDP forward, without dropout."""
-    batch = pad_batch(self.tokenizer.encode(texts, truncate=True), self.tokenizer.pad_id)
     self.model.eval()
-    vectors, _ = self.model(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask))
+    vectors, _ = self.model(batch.prefix_ids, batch.prefix_mask)
     return vectors[:, :4].sum(dim=1).mean()
 
 

@@ -187,12 +187,12 @@ def test_the_gate_refuses_a_bad_model_unless_forced(finished_run: TrainConfig, t
 
 
 def test_a_corpus_too_small_to_split_is_refused_with_what_to_do(tmp_path: Path) -> None:
-    from trainer.config import CorpusConfig
     from trainer.train import load_corpus
 
     (tmp_path / "c.txt").write_text("only one document here\n")
+    config = tiny_config(tmp_path / "c.txt", tmp_path, corpus__min_chars=5)
     with pytest.raises(ValueError, match=r"add text or change corpus\.validation_fraction"):
-        load_corpus(CorpusConfig(path=tmp_path / "c.txt", min_chars=5))
+        load_corpus(config)
 
 
 def test_torchrun_runs_the_loop_as_one_gloo_process(corpus_file: Path, tmp_path: Path) -> None:

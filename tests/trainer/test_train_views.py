@@ -47,8 +47,7 @@ def test_a_resumed_run_draws_the_views_of_an_uninterrupted_one(corpus_file: Path
     train(resumed, resume=resumed.run_dir / "checkpoints" / checkpoints[0].name)
     uninterrupted = load_checkpoint(checkpoints[-1])
     after_resume = load_checkpoint(resumed.run_dir / "checkpoints" / checkpoints[-1].name)
-    # The views generator continued on the same stream, so the same views trained the same weights.
-    assert after_resume["rng"][0]["views"] == uninterrupted["rng"][0]["views"]  # rank 0: the only one
+    # Each batch's views are seeded by its place in the run, so the resumed run drew the same views.
     for name, tensor in uninterrupted["encoder"].items():
         torch.testing.assert_close(after_resume["encoder"][name], tensor, atol=1e-6, rtol=0, msg=name)
     assert losses(resumed.run_dir) == pytest.approx(losses(finished.run_dir), abs=1e-5)

@@ -11,8 +11,8 @@ Three kinds, mixed per text by ``ViewsConfig.mix``:
   Lee et al. 2019). A document of one sentence gets crop views instead.
 
 Token deletion then applies to every view. Every view keeps the tokenizer's special ends and fits
-the model's length. Randomness comes only from the ``random.Random`` passed in (the trainer's views
-generator, which checkpoints keep), so a restored run draws the same views.
+the model's length. Randomness comes only from the ``random.Random`` passed in (seeded by the batch's
+place in the run, see trainer.data.loader), so a restored run draws the same views.
 """
 
 import random
@@ -152,17 +152,19 @@ def document_views(
     return first, second
 
 
-def text_views(
-    texts: list[str],
-    prefixes: list[list[int]],
-    config: ViewsConfig,
-    tokenizer: DocumentTokenizer,
-    rng: random.Random,
+def prefix(document: Document, max_length: int) -> list[int]:
+    """The document truncated to ``max_length`` tokens, ends included: what the tokenizer gives for its text
+    with truncation on (a WordPiece body is the concatenation of its sentences' pieces)."""
+    capacity = max(0, max_length - len(document.head) - len(document.tail))
+    return [*document.head, *document.body[:capacity], *document.tail]
+
+
+def batch_views(
+    documents: Sequence[Document], config: ViewsConfig, max_length: int, rng: random.Random
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Two views of every text under ``config`` (see document_views); ``prefixes`` are the texts' ids
-    truncated to the model's length. With prefix views only, exactly trainer.data.views.make_views (the
-    same draws), and nothing is tokenized again."""
+    """Two views of every document under ``config`` (see document_views). With prefix views only, exactly
+    trainer.data.views.make_views of the documents' prefixes (the same draws)."""
+    prefixes = [prefix(document, max_length) for document in documents]
     if set(config.mix.weights()) == {"prefix"}:
         return make_views(prefixes, config, rng)
-    documents = tokenize_documents(texts, tokenizer)
-    return document_views(documents, prefixes, config, tokenizer.max_seq_length, rng)
+    return document_views(documents, prefixes, config, max_length, rng)

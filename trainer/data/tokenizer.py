@@ -1,5 +1,9 @@
 """A WordPiece tokenizer trained on the corpus (for encoders trained from scratch), BERT-style."""
 
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -7,8 +11,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def train_wordpiece(texts: list[str], vocab_size: int, output: Path) -> Path:
-    """Train an uncased WordPiece vocabulary on ``texts``; write ``tokenizer.json`` and ``vocab.txt``."""
+def train_wordpiece(texts: Iterable[str], vocab_size: int, output: Path) -> Path:
+    """Train an uncased WordPiece vocabulary on ``texts`` (read once, as a stream); write ``tokenizer.json``
+    and ``vocab.txt``."""
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -24,3 +29,18 @@ def train_wordpiece(texts: list[str], vocab_size: int, output: Path) -> Path:
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     (output / "vocab.txt").write_text("".join(f"{token}\n" for token, _ in vocab))
     return output / "tokenizer.json"
+
+
+def write_tokenizer(texts: Iterable[str], vocab_size: int, tokenizer_dir: Path) -> None:
+    """Train the scratch WordPiece tokenizer into a temporary folder and rename it into place: a reader sees
+    no tokenizer or a whole one, never a half-written file."""
+    tokenizer_dir.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=tokenizer_dir.parent, prefix=f".{tokenizer_dir.name}."))
+    try:
+        train_wordpiece(texts, vocab_size, temporary)
+        if tokenizer_dir.exists():  # a folder without tokenizer.json: left by a run killed before this existed
+            shutil.rmtree(tokenizer_dir)
+        os.replace(temporary, tokenizer_dir)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise

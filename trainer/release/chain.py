@@ -34,7 +34,7 @@ from service.models.manifest import ManifestError, read_manifest
 from service.models.tokenization import TextTokenizer
 from trainer.checkpoint import latest_good
 from trainer.config import TrainConfig
-from trainer.data.corpus import PreparedCorpus
+from trainer.data.prepare import PreparedCorpus
 from trainer.release.evaluate import EvaluationResult, evaluate, load_pairs
 from trainer.release.export import ExportRefused, embed_with_onnx, model_versions
 from trainer.release.publish import EVALUATION_TEXTS, evaluate_encoder, load_trained, publish
@@ -70,7 +70,7 @@ class Release:
     @property
     def corpus(self) -> PreparedCorpus:
         if self._corpus is None:
-            self._corpus = load_corpus(self.config.corpus)
+            self._corpus = load_corpus(self.run_config)  # prepared where the release's run reads it
         return self._corpus
 
     def save(self) -> None:

@@ -105,7 +105,7 @@ def publish(
     repository = repository or config.export.repository
     uri = config.tracking.mlflow_uri
     registry = mlflow_client(uri) if uri is not None else None  # a missing MLflow is refused before any work
-    corpus = load_corpus(config.corpus)
+    corpus = load_corpus(config)  # the run's prepared corpus (prepared again only if its files changed)
     if corpus.fingerprint != trained.dataset_fingerprint:
         log.warning("corpus changed since training; evaluating on its current validation split")
     validation = corpus.validation[:EVALUATION_TEXTS]

@@ -1,4 +1,5 @@
-"""Corpus preparation: reading, normalisation, PII scrubbing, de-duplication, fingerprint, split."""
+"""Corpus preparation, a document at a time: reading, normalisation, PII scrubbing, de-duplication,
+fingerprint, split."""
 
 import hashlib
 import json
@@ -8,12 +9,13 @@ import pytest
 
 from trainer.data.corpus import (
     CorpusError,
+    PreparationReport,
+    SeenTexts,
     fingerprint,
+    is_validation,
     normalise,
-    prepare_corpus,
     prepare_texts,
     read_corpus,
-    split,
 )
 from trainer.data.pii import PII_KINDS
 from trainer.data.sample_text import sentences
@@ -35,14 +37,14 @@ def test_a_txt_file_is_one_document_per_line(tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     # A BOM, Windows line ends, an empty line, and a U+2028 that is not a line end in this format.
     path.write_bytes("\ufeff".encode() + b"first line\r\n\r\nsecond\xe2\x80\xa8still second\nthird")
-    assert read_corpus(path) == ["first line", "", "second\u2028still second", "third"]
+    assert list(read_corpus(path)) == ["first line", "", "second\u2028still second", "third"]
 
 
 def test_a_jsonl_file_reads_the_configured_field_and_skips_blank_lines(tmp_path: Path) -> None:
     path = tmp_path / "tickets.jsonl"
     records = [{"body": SENTENCES[0], "id": 1}, {"body": "line\u2028separator inside a string", "id": 2}]
     path.write_text(json.dumps(records[0]) + "\n\n" + json.dumps(records[1], ensure_ascii=False) + "\n")
-    assert read_corpus(path, text_field="body") == [SENTENCES[0], "line\u2028separator inside a string"]
+    assert list(read_corpus(path, text_field="body")) == [SENTENCES[0], "line\u2028separator inside a string"]
 
 
 def test_a_folder_is_read_recursively_in_sorted_path_order(tmp_path: Path) -> None:
@@ -51,7 +53,7 @@ def test_a_folder_is_read_recursively_in_sorted_path_order(tmp_path: Path) -> No
     (tmp_path / "a" / "z.jsonl").write_text(json.dumps({"text": SENTENCES[1]}) + "\n")
     (tmp_path / "a" / "c.txt").write_text(SENTENCES[0] + "\n")
     (tmp_path / "a" / "README.md").write_text("not part of the corpus\n")
-    assert read_corpus(tmp_path) == SENTENCES[:3]
+    assert list(read_corpus(tmp_path)) == SENTENCES[:3]
 
 
 @pytest.mark.parametrize(
@@ -66,21 +68,21 @@ def test_a_folder_is_read_recursively_in_sorted_path_order(tmp_path: Path) -> No
 def test_bad_jsonl_names_the_file_and_line(tmp_path: Path, content: str, message: str) -> None:
     (tmp_path / "bad.jsonl").write_text(content)
     with pytest.raises(CorpusError, match=message):
-        read_corpus(tmp_path)
+        list(read_corpus(tmp_path))
 
 
 def test_other_unreadable_corpora_are_named(tmp_path: Path) -> None:
     (tmp_path / "latin1.txt").write_bytes(b"caf\xc3\xa9\nna\xefve\n")
     with pytest.raises(CorpusError, match=r"latin1\.txt:2: not valid UTF-8"):
-        read_corpus(tmp_path / "latin1.txt")
+        list(read_corpus(tmp_path / "latin1.txt"))
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(CorpusError, match=r"data\.csv: unsupported corpus file"):
-        read_corpus(tmp_path / "data.csv")
+        list(read_corpus(tmp_path / "data.csv"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(CorpusError, match=r"holds no \.txt or \.jsonl files"):
-        read_corpus(tmp_path / "empty")
+        list(read_corpus(tmp_path / "empty"))
     with pytest.raises(CorpusError, match="no such file or folder"):
-        read_corpus(tmp_path / "missing.txt")
+        list(read_corpus(tmp_path / "missing.txt"))
 
 
 # -- normalisation ----------------------------------------------------------------------------------
@@ -94,7 +96,14 @@ def test_normalise_applies_nfkc_and_collapses_whitespace() -> None:
 # -- preparation -----------------------------------------------------------------------------------
 
 
-def test_preparation_normalises_scrubs_dedupes_and_reports() -> None:
+def prepared(documents: list[str], folder: Path, **options: object) -> tuple[list[str], PreparationReport]:
+    report = PreparationReport()
+    with SeenTexts(folder / "seen.sqlite") as seen:
+        texts = list(prepare_texts(documents, report, seen, **options))  # type: ignore[arg-type]
+    return texts, report
+
+
+def test_preparation_normalises_scrubs_dedupes_and_reports(tmp_path: Path) -> None:
     documents = [
         "  The river rose overnight and  flooded the lower fields. ",
         "The river rose overnight and flooded the lower fields.",  # duplicate after normalisation
@@ -105,7 +114,7 @@ def test_preparation_normalises_scrubs_dedupes_and_reports() -> None:
         "Ｆull-width letters become ordinary ones here.",
         "Call (415) 555-2671 or 415-555-2672 about the order.",
     ]
-    texts, report = prepare_texts(documents, min_chars=12)
+    texts, report = prepared(documents, tmp_path, min_chars=12)
     assert texts == [
         "The river rose overnight and flooded the lower fields.",
         "Questions go to [EMAIL] before Friday.",
@@ -123,8 +132,8 @@ def test_preparation_normalises_scrubs_dedupes_and_reports() -> None:
     assert set(report.pii_replaced) == set(PII_KINDS)
 
 
-def test_preparation_keeps_the_first_occurrence_and_can_skip_scrubbing() -> None:
-    texts, report = prepare_texts(["b text", "a text", "b  text", "mail x@example.com"], scrub=False)
+def test_preparation_keeps_the_first_occurrence_and_can_skip_scrubbing(tmp_path: Path) -> None:
+    texts, report = prepared(["b text", "a text", "b  text", "mail x@example.com"], tmp_path, scrub=False)
     assert texts == ["b text", "a text", "mail x@example.com"]
     assert report.duplicates_dropped == 1 and report.pii_replaced == dict.fromkeys(PII_KINDS, 0)
 
@@ -135,6 +144,22 @@ def test_fingerprint_is_sha256_of_texts_each_ended_by_a_newline() -> None:
     assert fingerprint(reversed(SENTENCES)) != expected
     assert fingerprint(["ab", "c"]) != fingerprint(["a", "bc"])
     assert fingerprint(["café"]) == hashlib.sha256("café\n".encode()).hexdigest()
+
+
+def split(texts: list[str], fraction: float, seed: str) -> tuple[list[str], list[str]]:
+    held_out = [is_validation(text, fraction, seed) for text in texts]
+    return [t for t, v in zip(texts, held_out, strict=True) if not v], [
+        t for t, v in zip(texts, held_out, strict=True) if v
+    ]
+
+
+def test_the_seen_set_on_disk_tells_new_texts_from_seen_ones(tmp_path: Path) -> None:
+    texts = list(sentences()[:500])
+    with SeenTexts(tmp_path / "seen.sqlite") as seen:
+        assert all(seen.add(text) for text in texts)
+        assert not any(seen.add(text) for text in texts)
+        assert seen.add(texts[0] + " ")
+    assert (tmp_path / "seen.sqlite").stat().st_size > 0  # on disk, not in this process
 
 
 def test_split_depends_on_text_and_seed_only() -> None:
@@ -150,14 +175,4 @@ def test_split_depends_on_text_and_seed_only() -> None:
     assert split(texts, 0.1, "seed-b")[1] != validation
     assert split(texts, 0.0, "seed-a") == (texts, [])
     with pytest.raises(ValueError, match="validation_fraction"):
-        split(texts, 1.0, "seed-a")
-
-
-def test_prepare_corpus_reads_prepares_fingerprints_and_splits(tmp_path: Path) -> None:
-    (tmp_path / "part-1.txt").write_text("\n".join([*SENTENCES, SENTENCES[0]]) + "\n")
-    (tmp_path / "part-2.jsonl").write_text(json.dumps({"text": "Mail me at ann@example.com tomorrow."}) + "\n")
-    corpus = prepare_corpus(tmp_path, validation_fraction=0.3, split_seed="s")
-    texts = [*SENTENCES, "Mail me at [EMAIL] tomorrow."]
-    assert corpus.fingerprint == fingerprint(texts)
-    assert (corpus.train, corpus.validation) == split(texts, 0.3, "s")
-    assert (corpus.report.documents_read, corpus.report.duplicates_dropped, corpus.report.kept) == (8, 1, 7)
+        is_validation(texts[0], 1.0, "seed-a")

@@ -9,12 +9,12 @@ from service.models.tokenization import TextTokenizer
 from trainer.config import ViewMixConfig, ViewsConfig
 from trainer.data.documents import (
     Document,
+    batch_views,
     crop_window,
     document_views,
     draw_kind,
     inverse_cloze,
     special_ends,
-    text_views,
     tokenize_documents,
 )
 from trainer.data.sample_text import paragraphs, sentences
@@ -136,8 +136,9 @@ def test_kinds_are_drawn_in_the_configured_proportions() -> None:
 def test_the_mix_of_views_a_batch_gets_follows_the_weights(tokenizer: TextTokenizer) -> None:
     texts = list(paragraphs()[:400])
     prefixes = tokenizer.encode(texts, truncate=True)
+    documents = tokenize_documents(texts, tokenizer)
     config = ViewsConfig(mix=ViewMixConfig(prefix=1.0, inverse_cloze=3.0), inverse_cloze_keep=0.0)
-    first, second = text_views(texts, prefixes, config, tokenizer, random.Random(5))
+    first, second = batch_views(documents, config, MAX_LENGTH, random.Random(5))
     # A prefix pair is the truncated text twice (no span crop, no deletion); a cloze pair never is.
     prefix_pairs = sum(a == b == prefix for a, b, prefix in zip(first, second, prefixes, strict=True))
     assert prefix_pairs / len(texts) == pytest.approx(0.25, abs=0.06)
@@ -149,33 +150,35 @@ def test_the_mix_of_views_a_batch_gets_follows_the_weights(tokenizer: TextTokeni
 def test_every_view_fits_the_model_and_keeps_the_ends(tokenizer: TextTokenizer, mix: dict[str, float]) -> None:
     texts = [LONG_TEXT, "One short sentence only.", *paragraphs()[:30]]
     config = ViewsConfig(mix=ViewMixConfig(**mix), token_deletion=0.1, span_crop=(0.5, 1.0), crop_length=(8, 200))
-    first, second = text_views(texts, tokenizer.encode(texts, truncate=True), config, tokenizer, random.Random(6))
+    documents = tokenize_documents(texts, tokenizer)
+    first, second = batch_views(documents, config, MAX_LENGTH, random.Random(6))
     cls, sep = tokenizer.encode([""], truncate=True)[0]
     for ids in first + second:
         assert 3 <= len(ids) <= MAX_LENGTH and ids[0] == cls and ids[-1] == sep
 
 
 def test_views_are_deterministic_and_a_restored_generator_draws_the_same(tokenizer: TextTokenizer) -> None:
-    texts = [LONG_TEXT, *paragraphs()[:15]]
-    prefixes = tokenizer.encode(texts, truncate=True)
+    documents = tokenize_documents([LONG_TEXT, *paragraphs()[:15]], tokenizer)
     config = ViewsConfig(mix=ViewMixConfig(crop=0.5, inverse_cloze=0.5), token_deletion=0.1)
-    assert text_views(texts, prefixes, config, tokenizer, random.Random(7)) == text_views(
-        texts, prefixes, config, tokenizer, random.Random(7)
+    assert batch_views(documents, config, MAX_LENGTH, random.Random(7)) == batch_views(
+        documents, config, MAX_LENGTH, random.Random(7)
     )
     rng = random.Random(8)
-    text_views(texts, prefixes, config, tokenizer, rng)
+    batch_views(documents, config, MAX_LENGTH, rng)
     saved = rng.getstate()
-    uninterrupted = [text_views(texts, prefixes, config, tokenizer, rng) for _ in range(3)]
+    uninterrupted = [batch_views(documents, config, MAX_LENGTH, rng) for _ in range(3)]
     restored = random.Random()
     restored.setstate(saved)
-    assert [text_views(texts, prefixes, config, tokenizer, restored) for _ in range(3)] == uninterrupted
+    assert [batch_views(documents, config, MAX_LENGTH, restored) for _ in range(3)] == uninterrupted
 
 
 def test_prefix_views_alone_draw_exactly_what_they_drew_before(tokenizer: TextTokenizer) -> None:
-    texts = list(paragraphs()[:10])
+    # Prefixes cut from whole tokenised documents are the texts tokenised with truncation.
+    texts = [LONG_TEXT, *paragraphs()[:10]]
     prefixes = tokenizer.encode(texts, truncate=True)
+    documents = tokenize_documents(texts, tokenizer)
     config = ViewsConfig(token_deletion=0.2, span_crop=(0.3, 0.9))
-    assert text_views(texts, prefixes, config, tokenizer, random.Random(9)) == make_views(
+    assert batch_views(documents, config, MAX_LENGTH, random.Random(9)) == make_views(
         prefixes, config, random.Random(9)
     )
 
