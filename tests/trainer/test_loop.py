@@ -11,6 +11,7 @@ from transformers import BertConfig, BertModel
 from service.models.tokenization import TextTokenizer, pad_batch
 from tests.trainer.conftest import tiny_config
 from trainer.checkpoint import load_checkpoint
+from trainer.data.loader import Batch
 from trainer.data.order import DataPosition
 from trainer.data.tokenizer import train_wordpiece
 from trainer.distributed import Topology
@@ -21,11 +22,11 @@ from trainer.train import Trainer, warmup_cosine
 CPU = Topology(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def mean_over_texts(self: Trainer, texts: list[str], documents: list[int]) -> torch.Tensor:
+def mean_over_texts(self: Trainer, batch: Batch) -> torch.Tensor:
     """A loss that is a mean of one term per text (InfoNCE is not: its negatives span the batch)."""
     embeddings = self.encoder.transformer.get_input_embeddings()
-    ids = self.tokenizer.encode(texts, truncate=True)
-    return torch.stack([embeddings(torch.tensor(row)).pow(2).mean() for row in ids]).mean()
+    rows = [ids[:length] for ids, length in zip(batch.prefix_ids, batch.prefix_lengths, strict=True)]
+    return torch.stack([embeddings(row).pow(2).mean() for row in rows]).mean()
 
 
 def test_accumulating_two_micro_batches_makes_the_update_of_one_twice_as_big(
