@@ -21,6 +21,7 @@ training comes to what torch's GEMMs reach on these cores.
 """
 
 import inspect
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,14 +32,15 @@ from torch import nn
 from trainer.encoder import PretrainingModel
 from trainer.losses import IGNORE_INDEX
 
-# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s. First match wins: the
-# H100 PCIe (756) before the SXM figure every other H100 and the H200 share.
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s, by a whole word of the
+# device's name. First match wins: the H100 PCIe and NVL before the SXM figure other H100s and the H200 share.
 CUDA_BF16_PEAKS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
     ("H100", 989e12),
     ("H200", 989e12),
     ("A100", 312e12),
-    ("L4", 121e12),
+    ("L4", 121e12),  # not the L40 / L40S: whole words only
 )
 
 
@@ -106,7 +108,7 @@ class TrainingFlops:
 
 def cuda_peak(device_name: str) -> float | None:
     """The dense bf16 peak of a CUDA device by name, None for a device not in the table."""
-    return next((peak for key, peak in CUDA_BF16_PEAKS if key in device_name), None)
+    return next((peak for key, peak in CUDA_BF16_PEAKS if re.search(rf"\b{key}\b", device_name)), None)
 
 
 def measured_cpu_peak(shapes: list[tuple[int, int, int]], repeats: int = 3) -> float:
