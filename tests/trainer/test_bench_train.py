@@ -41,15 +41,15 @@ def test_the_model_flops_are_those_torch_counts_and_padding_is_not_counted() -> 
     assert float(flops.tokens) == 2 * 3 * 16  # the views' pass and the MLM pass
 
     # Two texts of 16 and 7 tokens padded to 16: the FLOPs of the two texts alone, unpadded.
-    flops.reset()
     short = ids[1:2, :7]
-    padded = torch.cat([ids[:1], torch.cat([short, torch.zeros(1, 9, dtype=ids.dtype)], dim=1)])
-    mask = (torch.arange(16) < torch.tensor([[16], [7]])).long()
-    padded_labels = torch.where(mask.bool(), every_fourth_masked(padded), IGNORE_INDEX)
-    model(padded, mask, padded, mask, padded_labels)
     one_by_one = counted_by_torch(model, ids[:1], every_fourth_masked(ids[:1])) + counted_by_torch(
         model, short, every_fourth_masked(short)
     )
+    padded = torch.cat([ids[:1], torch.cat([short, torch.zeros(1, 9, dtype=ids.dtype)], dim=1)])
+    mask = (torch.arange(16) < torch.tensor([[16], [7]])).long()
+    padded_labels = torch.where(mask.bool(), every_fourth_masked(padded), IGNORE_INDEX)
+    flops.reset()
+    model(padded, mask, padded, mask, padded_labels)
     assert float(flops.flops) == pytest.approx(one_by_one, rel=1e-9)
 
     flops.reset()
