@@ -209,6 +209,13 @@ class CheckpointConfig(_Strict):
 
 class MonitorConfig(_Strict):
     eval_every_steps: int = Field(50, ge=1, description="Evaluate on the validation set every this many steps.")
+    log_every_steps: int = Field(
+        10,
+        ge=1,
+        description="Read the loss and gradient norm from the device (their means since the last row), check on every "
+        "process that they are finite and write a metrics row every this many steps, and at every evaluation and "
+        "checkpoint step and the last one; other steps never wait for the device.",
+    )
     validation_sample: int = Field(256, ge=16, description="Validation texts used for the collapse checks.")
     min_dimension_std: float = Field(
         1e-3, ge=0, description="Collapse guard: stop the run when the mean per-dimension std falls below this."
@@ -288,6 +295,11 @@ class TrainConfig(_Strict):
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast on CUDA, fp32 on CPU; bf16 = autocast everywhere."
+    )
+    torch_compile: bool = Field(
+        False,
+        description="Compile the encoder's transformer with torch.compile for training (pays off on a GPU after a "
+        "minute or more of compilation; checkpoints and export are unchanged).",
     )
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="How often checkpoints are written and how many are kept."

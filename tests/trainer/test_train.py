@@ -89,6 +89,22 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     load_checkpoint(kept[0])
 
 
+def test_a_non_finite_loss_between_metrics_rows_is_caught_before_the_next_checkpoint(
+    corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rows every 8 steps and at checkpoints (every 5): the loss turns NaN at step 13, no row comes before the
+    # checkpoint of step 15, which must not be written.
+    poison_loss_from_step(monkeypatch, 13)
+    config = tiny_config(corpus_file, tmp_path, monitor__log_every_steps=8, checkpoint__every_steps=5)
+    with pytest.raises(NonFiniteLoss, match="loss became nan at step 13"):
+        train(config)
+    assert [p.name for p in list_checkpoints(config.run_dir / "checkpoints")] == [
+        "step-00000005.pt",
+        "step-00000010.pt",
+    ]
+    assert [row["step"] for row in read_metrics(config.run_dir)] == [5, 8, 10]
+
+
 def test_a_collapsing_run_stops_with_an_explanation(corpus_file: Path, tmp_path: Path) -> None:
     # MLM alone with a huge learning rate drives every text to one vector.
     config = tiny_config(
