@@ -67,7 +67,7 @@ def release_config(corpus_file: Path, pairs_file: Path, repository: Path, folder
     """The tiny run continued to 30 steps (the stable version's first 10, then 20 more), as a release."""
     config = tiny_config(corpus_file, folder / "unused", optim__max_steps=30, export__model="tiny")
     raw = config.model_dump(mode="json")
-    raw["export"].update(repository=str(repository), eval_file=str(pairs_file), gate_threshold=None)
+    raw["export"].update(repository=str(repository), eval_file=str(pairs_file))
     raw["release"] = {
         "gate": {"min_delta": -0.05},
         "canary": {"steps": [50, 100], "analysis": FAST_ANALYSIS, "timeout_s": 300},
