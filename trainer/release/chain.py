@@ -34,7 +34,7 @@ from trainer.checkpoint import latest_good
 from trainer.config import TrainConfig
 from trainer.data.corpus import PreparedCorpus
 from trainer.release.export import ExportRefused, model_versions
-from trainer.release.gate import candidate_embedder, judge, refusal, version_embedder
+from trainer.release.gate import candidate_embedder, failed_check, judge, refusal, version_embedder
 from trainer.release.publish import gate_dev_set, load_trained, publish
 from trainer.release.release_state import LEDGER_OUTCOMES, Outcome, ReleaseState, ReleaseStopped, StageRecord
 from trainer.train import TrainingTimeSpent, load_corpus, train
@@ -227,17 +227,7 @@ class Release:
                 )
         detail: dict[str, Any] = {"stable_version": stable_version, "gate": gate.model_dump(mode="json")}
         if gate.decision == "refused":
-            assert gate.interval is not None and gate.parent_scores is not None
-            raise ReleaseStopped(
-                "gate_refused",
-                refusal(gate),
-                [
-                    f"mrr@10 {gate.candidate['mrr@10']:.4f} vs stable {gate.parent_scores['mrr@10']:.4f}: the lower "
-                    f"bound of the 95 % interval of the difference, {gate.interval[0]:+.4f}, is not above "
-                    f"release.gate.min_delta {gate.min_delta:g}"
-                ],
-                detail,
-            )
+            raise ReleaseStopped("gate_refused", refusal(gate), [failed_check(gate)], detail)
         return detail
 
     def export(self) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from trainer.train import resolve_base
 
 CONFIDENCE = 0.95
 K = 10
+MIN_QUERIES = 2
 
 
 @dataclass(frozen=True)
@@ -82,13 +83,10 @@ def judge(
     min_delta: float = 0.0,
 ) -> GateRecord:
     """Score both with the same function on the same dev set and decide: passed when the lower bound of the
-    interval of the MRR@10 difference is above ``min_delta``."""
-    if len(dev_set.queries) < 2:
-        raise ValueError(
-            f"the gate's dev set has {len(dev_set.queries)} pair(s): too few to compare the candidate with "
-            f"{parent_name}. Give export.eval_file (labeled pairs), hold out more documents of several sentences "
-            "(corpus.validation_fraction), or export with --force (recorded)"
-        )
+    interval of the MRR@10 difference is above ``min_delta``. A dev set of fewer than MIN_QUERIES queries
+    compares nothing: refused, without scores."""
+    if len(dev_set.queries) < MIN_QUERIES:
+        return GateRecord(decision="refused", parent=parent_name, dev_set=dev_set.record(), min_delta=min_delta)
     ours, theirs = score(candidate, dev_set), score(parent, dev_set)
     low, high = paired_bootstrap(ours.reciprocal_ranks, theirs.reciprocal_ranks, config.resamples, config.seed)
     return GateRecord(
@@ -106,18 +104,38 @@ def judge(
     )
 
 
+def failed_check(gate: GateRecord) -> str:
+    """A refused gate in one line: the scores and the interval's lower bound against what it had to exceed."""
+    assert gate.dev_set is not None
+    if gate.interval is None or gate.parent_scores is None:
+        return (
+            f"mrr@10 not compared with {gate.parent}: the {gate.dev_set.source} dev set has {gate.dev_set.queries} "
+            f"pair(s), fewer than {MIN_QUERIES}"
+        )
+    return (
+        f"mrr@10 {gate.candidate['mrr@10']:.4f} vs {gate.parent} {gate.parent_scores['mrr@10']:.4f}: the lower bound "
+        f"of the {gate.confidence:.0%} interval of the difference, {gate.interval[0]:+.4f}, is not above "
+        f"{gate.min_delta:g}"
+    )
+
+
 def refusal(gate: GateRecord) -> str:
     """Why the gate refused, with its numbers, and how to proceed."""
-    assert gate.interval is not None and gate.parent_scores is not None and gate.dev_set is not None
+    assert gate.dev_set is not None
+    if gate.interval is None or gate.parent_scores is None:
+        return (
+            f"evaluation gate: {failed_check(gate)}. Nothing was exported. To proceed: give export.eval_file "
+            "(labeled pairs), hold out more documents of several sentences (corpus.validation_fraction), or "
+            "export anyway with --force (the manifest records forced: true)."
+        )
     low, high = gate.interval
     return (
         f"evaluation gate: the candidate does not beat {gate.parent} on the {gate.dev_set.source} dev set "
         f"({gate.dev_set.queries} queries): MRR@10 {gate.candidate['mrr@10']:.4f} vs "
-        f"{gate.parent_scores['mrr@10']:.4f}, "
-        f"difference {gate.difference:+.4f}, {gate.confidence:.0%} interval [{low:+.4f}, {high:+.4f}] "
-        f"(its lower bound must be > {gate.min_delta:g}). Nothing was exported. To proceed: train longer (more "
-        "optim.max_steps) or with a lower optim.learning_rate, check the corpus, or export anyway with --force "
-        "(the manifest records forced: true)."
+        f"{gate.parent_scores['mrr@10']:.4f}, difference {gate.difference:+.4f}, {gate.confidence:.0%} interval "
+        f"[{low:+.4f}, {high:+.4f}] (its lower bound must be > {gate.min_delta:g}). Nothing was exported. To "
+        "proceed: train longer (more optim.max_steps) or with a lower optim.learning_rate, check the corpus, or "
+        "export anyway with --force (the manifest records forced: true)."
     )
 
 

@@ -2,6 +2,7 @@
 function against retrieval_metrics, the decision on hand-made encoders."""
 
 import random
+import re
 import statistics
 
 import numpy as np
@@ -12,7 +13,7 @@ from trainer.config import ExportGateConfig
 from trainer.data.sample_text import sentences
 from trainer.release.dev_set import DevSet, labeled_dev_set
 from trainer.release.evaluate import EmbedFn, LabeledPair, retrieval_metrics
-from trainer.release.gate import judge, paired_bootstrap, refusal, score
+from trainer.release.gate import failed_check, judge, paired_bootstrap, refusal, score
 
 
 def slow_bootstrap(candidate: list[float], parent: list[float], resamples: int, seed: int) -> tuple[float, float]:
@@ -86,6 +87,7 @@ def test_a_perfect_encoder_passes_against_a_random_one_and_not_the_other_way_rou
     message = refusal(refused)
     for part in ("m@1", "MRR@10", "interval", "--force", "learning_rate", "max_steps"):
         assert part in message, part
+    assert failed_check(refused).startswith("mrr@10 ") and "lower bound" in failed_check(refused)
 
     same = judge(perfect, perfect, "m@1", dev_set, config)
     assert (same.decision, same.interval, same.difference) == ("refused", (0.0, 0.0), 0.0)
@@ -95,5 +97,7 @@ def test_a_perfect_encoder_passes_against_a_random_one_and_not_the_other_way_rou
 
 def test_a_dev_set_too_small_to_compare_on_is_refused_with_what_to_do() -> None:
     dev_set = DevSet(["q"], ["d"], [0], "self-supervised", seed=0)
-    with pytest.raises(ValueError, match=r"export\.eval_file.*--force"):
-        judge(embed_hashed, embed_hashed, "m@1", dev_set, ExportGateConfig())
+    gate = judge(embed_hashed, embed_hashed, "m@1", dev_set, ExportGateConfig())
+    assert (gate.decision, gate.interval, gate.candidate) == ("refused", None, {})
+    assert gate.dev_set is not None and gate.dev_set.queries == 1
+    assert re.search(r"dev set has 1 pair\(s\).*export\.eval_file.*--force", refusal(gate))
