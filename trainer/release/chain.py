@@ -34,7 +34,7 @@ from trainer.checkpoint import latest_good
 from trainer.config import TrainConfig
 from trainer.data.corpus import PreparedCorpus
 from trainer.release.export import ExportRefused, model_versions
-from trainer.release.gate import candidate_embedder, failed_check, judge, refusal, version_embedder
+from trainer.release.gate import candidate_embedder, failed_check, judge, version_embedder
 from trainer.release.publish import gate_dev_set, load_trained, publish
 from trainer.release.release_state import LEDGER_OUTCOMES, Outcome, ReleaseState, ReleaseStopped, StageRecord
 from trainer.train import TrainingTimeSpent, load_corpus, train
@@ -227,7 +227,13 @@ class Release:
                 )
         detail: dict[str, Any] = {"stable_version": stable_version, "gate": gate.model_dump(mode="json")}
         if gate.decision == "refused":
-            raise ReleaseStopped("gate_refused", refusal(gate), [failed_check(gate)], detail)
+            raise ReleaseStopped(
+                "gate_refused",
+                f"gate against stable: {failed_check(gate)}; nothing was exported (train longer or with a lower "
+                "learning rate; release.gate.min_delta < 0 tolerates a loss)",
+                [failed_check(gate)],
+                detail,
+            )
         return detail
 
     def export(self) -> dict[str, Any]:
