@@ -157,7 +157,9 @@ def main() -> None:
         metrics = read_metrics(result.run_dir)
         adapted = evaluate(load_trained(result.last_checkpoint).encoder, pairs)
         print(f"adapted: recall@10 {adapted['recall@10']:.4f}  MRR@10 {adapted['mrr@10']:.4f}", flush=True)
+        gate_started = time.perf_counter()
         adapted_gate = export_gate(result.last_checkpoint)
+        gate_seconds = time.perf_counter() - gate_started
         print(f"adapted: gate {describe(adapted_gate)}", flush=True)
 
         # A deliberately bad run: the same, at learning rate 1e-3. The export gate must refuse it.
@@ -194,6 +196,7 @@ def main() -> None:
             "version): self-supervised dev set (one sentence -> the rest of its passage) from the run's held-out "
             "passages; paired bootstrap, 95 % interval of the MRR@10 difference; passed when its lower bound > 0",
             "adapted": adapted_gate.model_dump(mode="json"),
+            "adapted_gate_seconds": round(gate_seconds, 1),
             "bad_lr_1e-3": bad_gate.model_dump(mode="json"),
         },
         "bad_run": {"learning_rate": BAD_LR, "steps": bad_result.steps, "metrics": bad},
