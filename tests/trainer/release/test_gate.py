@@ -78,7 +78,8 @@ def test_a_perfect_encoder_passes_against_a_random_one_and_not_the_other_way_rou
 
     passed = judge(perfect, random_encoder, "m@1", dev_set, config)
     assert passed.decision == "passed" and passed.candidate["mrr@10"] == 1.0
-    assert passed.interval is not None and 0 < passed.interval[0] <= passed.difference <= passed.interval[1]
+    assert passed.interval is not None and passed.difference is not None
+    assert 0 < passed.interval[0] <= passed.difference <= passed.interval[1]
     assert passed.parent_scores is not None and passed.parent_scores["mrr@10"] < 0.5
     assert passed.dev_set is not None and passed.dev_set.sha256 == dev_set.sha256
 
