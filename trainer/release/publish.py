@@ -17,7 +17,14 @@ from trainer.config import TrainConfig
 from trainer.encoder import PACKAGE, SentenceEncoder, from_scratch, load_base
 from trainer.release.dev_set import DevSet, labeled_dev_set, self_supervised_dev_set
 from trainer.release.evaluate import EmbedFn, EvaluationResult, evaluate, load_pairs
-from trainer.release.export import ExportRefused, ExportRequest, embed_with_torch, export_version, model_versions
+from trainer.release.export import (
+    ExportRefused,
+    ExportRequest,
+    embed_with_torch,
+    export_version,
+    model_versions,
+    triton_options,
+)
 from trainer.release.gate import base_embedder, candidate_embedder, judge, refusal, version_embedder
 from trainer.release.register import REGISTRATIONS_FILE, register_version
 from trainer.release.triton_config import TritonChanges
@@ -169,6 +176,8 @@ def publish(
     if corpus.fingerprint != trained.dataset_fingerprint:
         log.warning("corpus changed since training; evaluating on its current validation split")
     validation = corpus.validation[:EVALUATION_TEXTS]
+    triton = triton or TritonChanges()
+    triton_options(repository, model, triton)  # impossible options are refused before the gate's minutes
     parent = parent_version(repository, model, config.encoder.base_model)
     with candidate_embedder(trained.encoder, trained.tokenizer_dir) as embed:
         if gate is None:
@@ -193,7 +202,7 @@ def publish(
         evaluation=evaluation,
         forced=gate.decision == "refused",
         notes={"dataset": dataset} if dataset else {},
-        triton=triton or TritonChanges(),
+        triton=triton,
     )
     version_dir = export_version(trained.encoder, request, repository)
     if registry is not None:
