@@ -61,7 +61,8 @@ clean:
 bench-ssl: $(STAMP)
 	$(PY) -m loadtests.bench_ssl
 
-## A short real training run on this machine's accelerator (bf16 on CUDA) under torchrun, then export (loadtests/results/bench_train_<device>.json).
+## Training throughput (tokens/s) and model FLOPs utilisation at sequence length 128 on this machine's man pages, under
+## torchrun (bf16 + fused AdamW on CUDA; BENCH_TRAIN_ARGS=--compile for torch.compile), then export (loadtests/results/bench_train_<device>.json).
 bench-train: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=1 -m loadtests.bench_train $(BENCH_TRAIN_ARGS)
 

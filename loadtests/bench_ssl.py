@@ -3,9 +3,12 @@
 Dev set: the man pages installed on this machine (query = the one-line NAME description, relevant
 document = the rest of the page). The MiniLM base is adapted with contrastive self-supervision on
 the page texts alone (passages; never the queries), then base and adapted are evaluated in the same
-run on recall@10 and MRR@10 over every page. Writes loadtests/results/bench_ssl.json, and exits 1
-(saying why) when the adapted encoder does not beat the base. Where there are too few man pages it
-measures nothing, writes nothing and exits 0.
+run on recall@10 and MRR@10 over every page. Then a deliberately bad run (the same at learning rate
+1e-3) goes through the export gate (the one publish() runs: against the MiniLM base, on a
+self-supervised dev set of the runs' held-out passages), and so does the adapted run. Writes
+loadtests/results/bench_ssl.json (scores, gate decisions and intervals), and exits 1 (saying why)
+when the adapted encoder does not beat the base or the gate does not refuse the bad run. Where there
+are too few man pages it measures nothing, writes nothing and exits 0.
 """
 
 import argparse
@@ -20,17 +23,22 @@ import numpy as np
 import torch
 
 from loadtests.manpages import MAN_ROOT, load_man_pages
+from service.models.manifest import GateRecord
 from service.models.tokenization import TextTokenizer
 from trainer.config import TrainConfig
 from trainer.encoder import SentenceEncoder, load_base, packaged_minilm
 from trainer.release.evaluate import LabeledPair, retrieval_metrics
 from trainer.release.export import embed_with_torch
-from trainer.release.publish import load_trained
-from trainer.train import read_metrics, train
+from trainer.release.gate import candidate_embedder
+from trainer.release.publish import gate_candidate, load_trained, parent_version
+from trainer.train import load_corpus, read_metrics, train
 
 RESULTS = Path(__file__).parent / "results" / "bench_ssl.json"
 EVAL_MAX_TOKENS = 256
 MIN_PAGES = 100
+ADAPTED_LR = 2e-5
+BAD_LR = 1e-3
+VALIDATION_FRACTION = 0.1
 
 
 def passages(text: str, chars: int = 700) -> list[str]:
@@ -65,10 +73,60 @@ def shortfalls(base: dict[str, float], adapted: dict[str, float]) -> list[str]:
     return reasons
 
 
+def run_config(work: Path, corpus_file: Path, name: str, steps: int, learning_rate: float) -> TrainConfig:
+    return TrainConfig.model_validate(
+        {
+            "run_name": name,
+            "output_dir": str(work / "runs"),
+            # A tenth held out: the export gate's dev set is cut from these passages (never trained on).
+            "corpus": {"path": str(corpus_file), "validation_fraction": VALIDATION_FRACTION},
+            "encoder": {"base_model": "minilm", "max_seq_length": 128},
+            "objective": {
+                "contrastive_weight": 1.0,
+                "temperature": 0.05,
+                "views": {"span_crop": [0.3, 0.7], "token_deletion": 0.05},
+            },
+            "optim": {
+                "max_steps": steps,
+                "batch_size": 32,
+                "learning_rate": learning_rate,
+                "warmup_steps": max(1, steps // 10),
+            },
+            "checkpoint": {"every_steps": steps, "keep": 1},
+            "monitor": {"eval_every_steps": max(1, steps // 3), "validation_sample": 128},
+            "export": {"model": "manpages", "repository": str(work / "repository")},
+        }
+    )
+
+
+def export_gate(checkpoint: Path) -> GateRecord:
+    """The gate publish() runs before it writes a version: the run's encoder against its parent — here the MiniLM
+    base, as the run's repository holds no version — on the self-supervised dev set of its held-out passages."""
+    trained = load_trained(checkpoint)
+    config = trained.config
+    corpus = load_corpus(config)
+    parent = parent_version(config.export.repository, config.export.model, config.encoder.base_model)
+    with candidate_embedder(trained.encoder, trained.tokenizer_dir) as embed:
+        return gate_candidate(embed, config, corpus.validation, config.export.repository, config.export.model, parent)
+
+
+def describe(gate: GateRecord) -> str:
+    if gate.interval is None or gate.parent_scores is None:
+        return gate.decision
+    low, high = gate.interval
+    return (
+        f"{gate.decision}: MRR@10 {gate.candidate['mrr@10']:.4f} vs {gate.parent} {gate.parent_scores['mrr@10']:.4f}, "
+        f"95 % interval of the difference [{low:+.4f}, {high:+.4f}]"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pages", type=int, default=600, help="man pages in the dev set")
     parser.add_argument("--steps", type=int, default=60, help="adaptation steps")
+    parser.add_argument(
+        "--bad-steps", type=int, help="steps of the deliberately bad run (learning rate 1e-3; default: --steps)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--man-root", type=Path, default=MAN_ROOT, help="where the man pages are")
     args = parser.parse_args()
@@ -92,40 +150,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         corpus_file = Path(work) / "passages.txt"
         corpus_file.write_text("\n".join(corpus))
-        config = TrainConfig.model_validate(
-            {
-                "run_name": "manpages",
-                "output_dir": work,
-                "corpus": {"path": str(corpus_file), "validation_fraction": 0.02},
-                "encoder": {"base_model": "minilm", "max_seq_length": 128},
-                "objective": {
-                    "contrastive_weight": 1.0,
-                    "temperature": 0.05,
-                    "views": {"span_crop": [0.3, 0.7], "token_deletion": 0.05},
-                },
-                "optim": {
-                    "max_steps": args.steps,
-                    "batch_size": 32,
-                    "learning_rate": 2e-5,
-                    "warmup_steps": max(1, args.steps // 10),
-                },
-                "checkpoint": {"every_steps": args.steps, "keep": 1},
-                "monitor": {"eval_every_steps": max(1, args.steps // 3), "validation_sample": 128},
-            }
-        )
+        config = run_config(Path(work), corpus_file, "manpages", args.steps, ADAPTED_LR)
         train_started = time.perf_counter()
         result = train(config)
         train_seconds = time.perf_counter() - train_started
         metrics = read_metrics(result.run_dir)
         adapted = evaluate(load_trained(result.last_checkpoint).encoder, pairs)
-    print(f"adapted: recall@10 {adapted['recall@10']:.4f}  MRR@10 {adapted['mrr@10']:.4f}", flush=True)
+        print(f"adapted: recall@10 {adapted['recall@10']:.4f}  MRR@10 {adapted['mrr@10']:.4f}", flush=True)
+        gate_started = time.perf_counter()
+        adapted_gate = export_gate(result.last_checkpoint)
+        gate_seconds = time.perf_counter() - gate_started
+        print(f"adapted: gate {describe(adapted_gate)}", flush=True)
+
+        # A deliberately bad run: the same, at learning rate 1e-3. The export gate must refuse it.
+        bad_config = run_config(Path(work), corpus_file, "manpages-lr1e-3", args.bad_steps or args.steps, BAD_LR)
+        bad_result = train(bad_config)
+        bad = evaluate(load_trained(bad_result.last_checkpoint).encoder, pairs)
+        bad_gate = export_gate(bad_result.last_checkpoint)
+        print(f"lr 1e-3: recall@10 {bad['recall@10']:.4f}  MRR@10 {bad['mrr@10']:.4f}", flush=True)
+        print(f"lr 1e-3: gate {describe(bad_gate)}", flush=True)
 
     reasons = shortfalls(base, adapted)
+    if bad_gate.decision != "refused":
+        reasons.append(f"the export gate did not refuse the learning-rate-1e-3 run ({describe(bad_gate)})")
     report: dict[str, Any] = {
         "dev_set": {"source": "/usr/share/man (man1, man8)", "pages": len(pages), "adaptation_passages": len(corpus)},
         "adaptation": {
             "objective": "InfoNCE over two span-cropped views (in-batch negatives), MiniLM base",
             "steps": args.steps,
+            "learning_rate": ADAPTED_LR,
             "batch_size": 32,
             "train_seconds": round(train_seconds, 1),
             "tokens_per_s": round(metrics[-1]["tokens_per_s"], 1),
@@ -138,7 +191,17 @@ def main() -> None:
             "recall@10": adapted["recall@10"] - base["recall@10"],
             "mrr@10": adapted["mrr@10"] - base["mrr@10"],
         },
-        "adapted_beats_base": not reasons,
+        "gate": {
+            "what": "publish()'s export gate against the parent, here the MiniLM base (the run's repository holds no "
+            "version): self-supervised dev set (one sentence -> the rest of its passage) from the run's held-out "
+            "passages; paired bootstrap, 95 % interval of the MRR@10 difference; passed when its lower bound > 0",
+            "adapted": adapted_gate.model_dump(mode="json"),
+            "adapted_gate_seconds": round(gate_seconds, 1),
+            "bad_lr_1e-3": bad_gate.model_dump(mode="json"),
+        },
+        "bad_run": {"learning_rate": BAD_LR, "steps": bad_result.steps, "metrics": bad},
+        "bad_run_refused": bad_gate.decision == "refused",
+        "adapted_beats_base": not shortfalls(base, adapted),
         "shortfalls": reasons,
         "total_seconds": round(time.perf_counter() - started, 1),
         "numpy": np.__version__,
@@ -150,7 +213,7 @@ def main() -> None:
     print(json.dumps(report["improvement"]), "adapted beats base:", report["adapted_beats_base"])
     print(f"written to {args.output}")
     if reasons:
-        print("error: the adapted encoder does not beat the base: " + "; ".join(reasons), file=sys.stderr)
+        print("error: " + "; ".join(reasons), file=sys.stderr)
         sys.exit(1)
 
 

@@ -7,7 +7,7 @@ Example (``examples/run.yaml``)::
     encoder: {base_model: minilm}
     objective: {contrastive_weight: 1.0, mlm_weight: 0.0, temperature: 0.05}
     optim: {max_steps: 500, batch_size: 32, learning_rate: 3.0e-5}
-    export: {model: minilm, gate_threshold: 0.0}
+    export: {model: minilm, gate: {dev_pairs: 1000}}
 """
 
 from pathlib import Path
@@ -215,6 +215,13 @@ class CheckpointConfig(_Strict):
 
 class MonitorConfig(_Strict):
     eval_every_steps: int = Field(50, ge=1, description="Evaluate on the validation set every this many steps.")
+    log_every_steps: int = Field(
+        10,
+        ge=1,
+        description="Read the loss and gradient norm from the device (their means since the last row), check on every "
+        "process that they are finite and write a metrics row every this many steps, and at every evaluation and "
+        "checkpoint step and the last one; other steps never wait for the device.",
+    )
     validation_sample: int = Field(256, ge=16, description="Validation texts used for the collapse checks.")
     min_dimension_std: float = Field(
         1e-3, ge=0, description="Collapse guard: stop the run when the mean per-dimension std falls below this."
@@ -224,22 +231,54 @@ class MonitorConfig(_Strict):
     )
 
 
+class ExportGateConfig(_Strict):
+    enabled: bool = Field(
+        True,
+        description="Refuse export unless the candidate beats its parent version on the dev set: the lower bound "
+        "of the paired-bootstrap 95 % interval of the MRR@10 difference (candidate − parent) must be > 0. "
+        "false = export without comparing (the manifest says gate off).",
+    )
+    dev_pairs: int = Field(
+        1000,
+        ge=10,
+        description="Self-supervised dev set (no export.eval_file): at most this many (sentence → rest of its "
+        "document) pairs cut from held-out corpus documents (the validation split, never trained on).",
+    )
+    resamples: int = Field(2000, ge=100, description="Paired-bootstrap resamples of the dev set's queries.")
+    seed: int = Field(0, description="Seed of the dev set's query sentences and of the bootstrap.")
+
+
 class ExportConfig(_Strict):
     model: str = Field("minilm", description="Model of the repository the trained encoder becomes a version of.")
     repository: Path = Field(Path("model_repository"), description="The Triton model repository.")
-    gate_threshold: float | None = Field(
-        None, description="Refuse export unless the primary metric reaches this (null = no gate)."
+    gate: ExportGateConfig = Field(
+        default_factory=ExportGateConfig,
+        description="The export gate: the candidate against its parent, on export.eval_file or a self-supervised "
+        "dev set.",
     )
     eval_file: Path | None = Field(
-        None, description="Labeled JSONL {query, document} for recall@10/MRR@10; the primary metric is then MRR@10."
+        None,
+        description="Labeled JSONL {query, document}: the gate's dev set instead of the self-supervised one "
+        "(MRR@10, recall@10).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_absolute_threshold(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "gate_threshold" in data:
+            raise ValueError(
+                "export.gate_threshold was removed: the gate no longer reads an absolute threshold, it compares the "
+                "candidate with its parent version (export.gate, see the README); delete the key"
+            )
+        return data
 
 
 class ReleaseGateConfig(_Strict):
     min_delta: float = Field(
         0.0,
-        description="The trained encoder's MRR@10 on export.eval_file must reach the stable version's plus this "
-        "(negative: a loss this large is tolerated); below it the release stops and nothing is exported.",
+        description="The release's gate against the stable version: the lower bound of the 95 % interval of the "
+        "MRR@10 difference (trained − stable, on export.eval_file or the self-supervised dev set) must exceed "
+        "this (negative: a loss this large is tolerated); otherwise the release stops and nothing is exported.",
     )
 
 
@@ -295,6 +334,11 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast on CUDA, fp32 on CPU; bf16 = autocast everywhere."
     )
+    torch_compile: bool = Field(
+        False,
+        description="Compile the encoder's transformer with torch.compile for training (pays off on a GPU after a "
+        "minute or more of compilation; checkpoints and export are unchanged).",
+    )
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="How often checkpoints are written and how many are kept."
     )
@@ -302,7 +346,8 @@ class TrainConfig(_Strict):
         default_factory=MonitorConfig, description="Validation evaluation and the collapse guard's thresholds."
     )
     export: ExportConfig = Field(
-        default_factory=ExportConfig, description="Where `python -m trainer export` writes the version, and its gate."
+        default_factory=ExportConfig,
+        description="Where `python -m trainer export` writes the version, and its gate against the parent.",
     )
     release: ReleaseConfig = Field(
         default_factory=ReleaseConfig,

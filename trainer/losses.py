@@ -53,17 +53,18 @@ def info_nce(
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over masked positions (BERT, Devlin et al. 2019).
 
-    ``logits``: [..., V], e.g. [B, T, V]; ``labels``: the same leading shape, the original token id
-    at masked positions and -100 elsewhere. With no masked position the loss is 0 — still attached
-    to the graph, so backward works and gives zero gradients — never NaN.
+    ``logits``: [..., V], e.g. [B, T, V], or [N, V] for the N masked rows alone (the MLM head's
+    output); ``labels``: the same leading shape, the original token id at masked positions and -100
+    elsewhere. With no masked position the loss is 0 — still attached to the graph, so backward works
+    and gives zero gradients — never NaN. No device-to-host sync: the count stays a tensor.
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
-    masked = labels != IGNORE_INDEX
-    if not bool(masked.any()):
-        return logits.sum() * 0.0
-    loss: torch.Tensor = F.cross_entropy(logits[masked], labels[masked])
-    return loss
+    flat_labels = labels.reshape(-1)
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), flat_labels, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total / (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def alignment(a: torch.Tensor, b: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:

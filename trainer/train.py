@@ -2,10 +2,11 @@
 
 Objectives: InfoNCE over two views of each text with in-batch negatives (SimCSE dropout twins,
 optionally with token deletion / span cropping), masked-token modelling, or a weighted sum.
-AdamW with warm-up then cosine decay, gradient clipping and accumulation, bf16 autocast on CUDA,
-DDP under torchrun. Checkpoints every N steps restore the run exactly (weights, optimiser,
-scheduler, scaler, every RNG, data position). A non-finite loss or a collapsing encoder stops the
-run with the reason; the last good checkpoint stays.
+AdamW (fused on CUDA) with warm-up then cosine decay, gradient clipping and accumulation, bf16
+autocast on CUDA, optional torch.compile, DDP under torchrun. Steps never wait for the device: loss
+and gradient norm are read, and checked, at metrics rows only. Checkpoints every N steps restore
+the run exactly (weights, optimiser, scheduler, scaler, every RNG, data position). A non-finite
+loss or a collapsing encoder stops the run with the reason; the last good checkpoint stays.
 """
 
 import contextlib
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch._inductor.config as inductor_config
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -51,6 +53,7 @@ from trainer.encoder import (
     packaged_minilm,
 )
 from trainer.losses import IGNORE_INDEX, masked_lm_loss
+from trainer.metrics_window import MetricsWindow, NonFiniteStep
 from trainer.monitor import check_collapse
 from trainer.plots import plot_metrics
 from trainer.tracking import RunTracker, start_tracking
@@ -67,7 +70,7 @@ class NonFiniteLoss(Exception):
     pass
 
 
-METRICS_FILE = "metrics.jsonl"  # one JSON row per step, in each run's folder
+METRICS_FILE = "metrics.jsonl"  # one JSON row per logged step (monitor.log_every_steps), in each run's folder
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -148,6 +151,12 @@ def build_encoder(config: TrainConfig, corpus: PreparedCorpus) -> tuple[Sentence
     return encoder, corpus.tokenizer_dir
 
 
+def fused_adamw(device: torch.device) -> bool | None:
+    """AdamW's ``fused`` for ``device``: True on CUDA (one kernel updates every parameter instead of several
+    launches per tensor), None elsewhere (torch's default implementation)."""
+    return True if device.type == "cuda" else None
+
+
 def warmup_cosine(warmup_steps: int, max_steps: int) -> Any:
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -194,6 +203,13 @@ class Trainer:
         self.tokenizer = TextTokenizer(self.tokenizer_dir / "tokenizer.json", self.encoder.max_seq_length)
         self.encoder.to(topology.device)
         self.mlm_head = MaskedLmHead(self.encoder).to(topology.device) if config.objective.mlm_weight > 0 else None
+        if config.torch_compile:
+            if config.objective.grad_cache_chunk is not None:
+                # GradCache replays each chunk's dropout from a restored RNG state: compiled dropout must draw
+                # from torch's generator as eager dropout does, not from inductor's own.
+                inductor_config.fallback_random = True
+            # In place (nn.Module.compile): parameter names, state dicts, checkpoints and export stay as they are.
+            self.encoder.transformer.compile()
         self.model: nn.Module = PretrainingModel(self.encoder, self.mlm_head)
         if topology.distributed:
             self.model = DistributedDataParallel(
@@ -206,7 +222,10 @@ class Trainer:
             else []
         )
         self.optimizer = torch.optim.AdamW(
-            self.trained_parameters, lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay
+            self.trained_parameters,
+            lr=config.optim.learning_rate,
+            weight_decay=config.optim.weight_decay,
+            fused=fused_adamw(topology.device),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(config.optim.warmup_steps, config.optim.max_steps)
@@ -244,6 +263,7 @@ class Trainer:
         self.summary_path = self.run_dir / "summary.json"
         self.tokens_seen = 0
         self.started = time.perf_counter()
+        self.window = MetricsWindow(topology.device)  # loss and gradient norm since the last metrics row
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -347,7 +367,7 @@ class Trainer:
             mlm_mask = batch.prefix_mask
             mlm_ids, labels = mask_tokens(batch.prefix_ids, mlm_mask, self.tokenizer, objective.mlm_probability)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-            vectors, logits = self.model(view_ids, view_mask, mlm_ids, mlm_mask)
+            vectors, predictions = self.model(view_ids, view_mask, mlm_ids, mlm_mask, labels)
         if vectors is not None:
             size = len(batch.documents)
             a, b = vectors[:size], vectors[size:]
@@ -355,8 +375,8 @@ class Trainer:
             total = total + objective.contrastive_weight * global_info_nce(
                 a.float(), b.float(), objective.temperature, mask
             )
-        if logits is not None and labels is not None:
-            total = total + objective.mlm_weight * masked_lm_loss(logits.float(), labels)
+        if predictions is not None:
+            total = total + objective.mlm_weight * masked_lm_loss(predictions.logits.float(), predictions.labels)
         return total
 
     def cached_backward(self, batch: Batch, scale: float) -> torch.Tensor:
@@ -379,19 +399,24 @@ class Trainer:
                 mlm_ids, labels = mask_tokens(prefix_ids, mlm_mask, self.tokenizer, objective.mlm_probability)
                 masked = (mlm_ids, mlm_mask, labels)
             inputs.append((view_ids, view_mask, masked))
-        masked_positions = sum(int((m[2] != IGNORE_INDEX).sum()) for _, _, m in inputs if m is not None)
+        # A tensor, not an int: counting on the host would sync with the device once per step.
+        masked_positions = sum(
+            ((m[2] != IGNORE_INDEX).sum() for _, _, m in inputs if m is not None),
+            torch.zeros((), dtype=torch.long, device=device),
+        )
 
         def embed_chunk(i: int, with_graph: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
             view_ids, view_mask, masked = inputs[i]
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
                 if not with_graph:
                     return self.encoder(view_ids, view_mask), None
-                vectors, logits = self.model(view_ids, view_mask, *(masked[:2] if masked else (None, None)))
+                vectors, predictions = self.model(view_ids, view_mask, *(masked if masked else (None, None, None)))
             extra = None
-            if logits is not None and masked is not None and masked_positions:
+            if predictions is not None:
                 # This chunk's share of the MLM mean over every masked position of the batch.
-                share = int((masked[2] != IGNORE_INDEX).sum()) / masked_positions
-                extra = scale * objective.mlm_weight * share * masked_lm_loss(logits.float(), masked[2])
+                share = predictions.labels.numel() / masked_positions.clamp(min=1)
+                mlm = masked_lm_loss(predictions.logits.float(), predictions.labels)
+                extra = scale * objective.mlm_weight * share * mlm
             assert vectors is not None
             return vectors, extra
 
@@ -447,55 +472,77 @@ class Trainer:
             return contextlib.nullcontext()
         return self.model.no_sync()
 
-    def train_step(self) -> dict[str, Any]:
-        """One optimiser step over ``optim.grad_accumulation`` micro-batches; the step's metrics record.
+    def advance(self) -> None:
+        """One optimiser step over ``optim.grad_accumulation`` micro-batches, without waiting for the device: its
+        loss and gradient norm go to ``self.window``, which ``take_metrics`` reads and checks.
 
         Each micro-batch's loss is divided by the number of micro-batches, so the accumulated gradient
-        is that of their mean. Raises NonFiniteLoss on every process when the loss is not finite on any."""
+        is that of their mean."""
         optim = self.config.optim
         self.encoder.train()
         self.optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=self.topology.device)
         cached = self.config.objective.grad_cache_chunk is not None and self.config.objective.contrastive_weight > 0
         for index in range(optim.grad_accumulation):
             # DDP all-reduces once per step (on the last micro-batch); GradCache's own per-chunk skipping nests inside.
             with self._gradient_sync(last=index == optim.grad_accumulation - 1):
                 batch = self.next_contrastive_batch()
-                if cached:  # backward inside, chunk by chunk; every rank has been through it when checking below
+                if cached:  # backward inside, chunk by chunk
                     loss = self.cached_backward(batch, 1 / optim.grad_accumulation)
                 else:
                     loss = self.loss(batch) / optim.grad_accumulation
-                finite = bool(torch.isfinite(loss.detach()))
-                # Collective, before backward: a rank that stopped alone would leave the others in DDP's all-reduce.
-                if not all_ranks_agree(finite, self.topology):
-                    cause = f"{loss.item()}" if not finite else "non-finite on another process"
-                    if not finite and self.topology.distributed:
-                        cause += f" on rank {self.topology.rank}"
-                    raise NonFiniteLoss(
-                        f"loss became {cause} at step {self.step + 1}; the run stopped and the last good checkpoint in "
-                        f"{self.run_dir / 'checkpoints'} is kept. Lower the learning rate or check the data."
-                    )
-                if not cached:
                     loss.backward()  # type: ignore[no-untyped-call]
-                step_loss += loss.item()
+                step_loss = step_loss + loss.detach()
                 self.tokens_seen += batch.tokens
         # Every trained parameter, the MLM head's included, under one global norm.
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trained_parameters, optim.clip_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trained_parameters, optim.clip_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
+        self.window.add(self.step, step_loss, grad_norm)
+
+    def take_metrics(self) -> dict[str, Any]:
+        """The metrics row of the steps since the last one (mean loss and gradient norm), read from the device.
+
+        A collective, called at the same steps on every process: raises NonFiniteLoss on every process when
+        any had a non-finite loss or gradient norm since the last row, naming the first such step."""
+        means = self.window.read()
+        if not all_ranks_agree(means.first_non_finite is None, self.topology):
+            self._stop_on_non_finite(gather_to_all(means.first_non_finite, self.topology))
         return {
             "step": self.step,
-            "loss": step_loss,
+            "loss": means.loss,
             "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm,
+            "grad_norm": means.grad_norm,
             "tokens_per_s": self.tokens_seen * self.topology.world_size / (time.perf_counter() - self.started),
         }
 
+    def _stop_on_non_finite(self, reports: list[NonFiniteStep | None]) -> None:
+        """Raise NonFiniteLoss naming the earliest non-finite step of any rank (``reports``, indexed by rank)."""
+        rank, first = min(
+            ((rank, report) for rank, report in enumerate(reports) if report is not None), key=lambda r: r[1].step
+        )
+        what = (
+            f"loss became {first.loss}" if not math.isfinite(first.loss) else f"gradient norm became {first.grad_norm}"
+        )
+        where = f" on rank {rank}" if self.topology.distributed else ""
+        raise NonFiniteLoss(
+            f"{what} at step {first.step}{where}; the run stopped and the last good checkpoint in "
+            f"{self.run_dir / 'checkpoints'} is kept. Lower the learning rate or check the data."
+        )
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimiser step and its metrics record (``advance`` then ``take_metrics``: waits for the device)."""
+        self.advance()
+        return self.take_metrics()
+
     def run(self, time_limit_s: float | None = None) -> TrainResult:
         """Train to max_steps; with ``time_limit_s``, stop at the first checkpoint written past that many seconds
-        (TrainingTimeSpent)."""
-        optim = self.config.optim
+        (TrainingTimeSpent).
+
+        Metrics rows (and the finite check) come every ``monitor.log_every_steps`` steps and at every evaluation
+        and checkpoint step, before the evaluation and the checkpoint: a non-finite state is never checkpointed."""
+        optim, monitor = self.config.optim, self.config.monitor
         main = self.topology.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -507,17 +554,23 @@ class Trainer:
         loss_value = float("nan")
         self.tokens_seen, self.started = 0, time.perf_counter()
         while self.step < optim.max_steps:
-            record = self.train_step()
-            loss_value = record["loss"]
+            self.advance()
             progress.update(1)
+            last = self.step == optim.max_steps
+            evaluate = self.step % monitor.eval_every_steps == 0 or last
+            checkpoint = self.step % self.config.checkpoint.every_steps == 0 or last
+            if not (evaluate or checkpoint or self.step % monitor.log_every_steps == 0):
+                continue
+            record = self.take_metrics()
+            loss_value = record["loss"]
             progress.set_postfix(loss=f"{loss_value:.4f}")
-            if self.step % self.config.monitor.eval_every_steps == 0 or self.step == optim.max_steps:
+            if evaluate:
                 record.update(self.monitor())
             if main:
                 with self.metrics_path.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
                 self.tracker.log_step(record)
-            if self.step % self.config.checkpoint.every_steps == 0 or self.step == optim.max_steps:
+            if checkpoint:
                 last_checkpoint = self.save()
                 # Collective: every rank stops at the same checkpoint when any of them is past the limit.
                 spent = time_limit_s is not None and time.perf_counter() - self.started > time_limit_s

@@ -43,11 +43,44 @@ class EmbeddingStats(BaseModel):
     )
 
 
+class DevSetRecord(BaseModel):
+    """The dev set an export gate scored on: where its pairs came from and a digest of them."""
+
+    source: Literal["self-supervised", "eval_file"]
+    queries: int
+    targets: int = Field(description="Documents every query is ranked against (its own among them).")
+    sha256: str = Field(description="sha256 of the queries, targets and relevance, as JSON.")
+    seed: int | None = Field(None, description="The seed that chose the query sentences (self-supervised).")
+
+
+class GateRecord(BaseModel):
+    """The export gate: the candidate against its parent on one dev set, scored by one function.
+
+    ``decision``: passed (the lower bound of the paired-bootstrap interval of the MRR@10 difference,
+    candidate - parent, is above ``min_delta``), refused (it is not), not_gated (no parent to compare
+    with: a scratch model's first version, or a release to a gateway that serves no version yet) or off
+    (``export.gate.enabled: false``)."""
+
+    decision: Literal["passed", "refused", "not_gated", "off"]
+    metric: str = "mrr@10"
+    parent: str | None = Field(None, description="What the candidate was compared with, e.g. minilm@1 or base:minilm.")
+    dev_set: DevSetRecord | None = None
+    candidate: dict[str, float] = Field(default_factory=dict, description="mrr@10 and recall@10 of the candidate.")
+    parent_scores: dict[str, float] | None = Field(None, description="mrr@10 and recall@10 of the parent.")
+    difference: float | None = Field(None, description="Mean MRR@10 difference, candidate - parent.")
+    interval: tuple[float, float] | None = Field(None, description="Its paired-bootstrap interval at confidence.")
+    confidence: float | None = None
+    resamples: int | None = None
+    seed: int | None = None
+    min_delta: float = 0.0
+
+
 class Evaluation(BaseModel):
     primary_metric: str
     metrics: dict[str, float]
-    gate_threshold: float | None = None
+    gate_threshold: float | None = None  # the absolute gate of versions exported before the parent gate
     passed_gate: bool | None = None
+    gate: GateRecord | None = None
 
 
 class GraphOptimization(BaseModel):
@@ -80,7 +113,7 @@ class Manifest(BaseModel):
     git_commit: str | None = None
     evaluation: Evaluation | None = None
     reference_stats: EmbeddingStats | None = None
-    forced: bool = Field(False, description="Exported with --force past a failed evaluation gate.")
+    forced: bool = Field(False, description="Exported with --force past a refused evaluation gate.")
     notes: dict[str, Any] = Field(default_factory=dict)
 
     @property

@@ -107,3 +107,9 @@ def test_a_scratch_config_validates() -> None:
         {"run_name": "r", "corpus": {"path": "c.txt"}, "encoder": {"base_model": None, "scratch": {"hidden_size": 48}}}
     )
     assert config.encoder.scratch is not None and config.encoder.scratch.heads == 4
+
+
+def test_the_removed_absolute_gate_threshold_is_refused_with_what_replaced_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"export: export\.gate_threshold was removed: .* its parent version"):
+        load_config(write(tmp_path, MINIMAL + "export: {gate_threshold: 0.3}\n"))
+    assert load_config(write(tmp_path, MINIMAL)).export.gate.enabled  # the gate is on by default

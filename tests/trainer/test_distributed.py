@@ -1,4 +1,5 @@
-"""DDP with two real gloo processes on CPU: collective checks, per-rank streams, no_sync, per-rank resume."""
+"""DDP with two real gloo processes on CPU: collective checks, the NaN guard, per-rank streams, no_sync, per-rank
+resume."""
 
 import hashlib
 import json
@@ -15,7 +16,7 @@ from tests.trainer.conftest import tiny_config
 from trainer.checkpoint import load_checkpoint
 from trainer.data.loader import Batch
 from trainer.distributed import Topology, all_ranks_agree
-from trainer.train import Trainer
+from trainer.train import NonFiniteLoss, Trainer
 
 CPU = Topology(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -53,6 +54,51 @@ def test_a_condition_failing_on_one_rank_fails_on_every_rank(tmp_path: Path) -> 
 def test_alone_the_flag_is_its_own_answer() -> None:
     alone = Topology(0, 1, 0, torch.device("cpu"))
     assert all_ranks_agree(True, alone) is True and all_ranks_agree(False, alone) is False
+
+
+def _poisoned_on_rank_1(rank: int, init_file: str, corpus_file: str, output_dir: str, results: str) -> None:
+    topology = _join(rank, init_file)
+    try:
+        config = tiny_config(
+            Path(corpus_file),
+            Path(output_dir),
+            monitor__log_every_steps=4,
+            optim__max_steps=8,
+            checkpoint__every_steps=8,
+            objective__mlm_weight=0.0,
+        )
+        trainer = Trainer(config, topology)
+        if rank == 1:  # the loss of this rank alone turns NaN from its third step on
+            real_loss, calls = trainer.loss, {"n": 0}
+
+            def poisoned(texts: list[str], documents: list[int]) -> torch.Tensor:
+                calls["n"] += 1
+                return real_loss(texts, documents) * (float("nan") if calls["n"] >= 3 else 1.0)
+
+            trainer.loss = poisoned  # type: ignore[method-assign]
+        try:
+            trainer.run()
+            stopped = None
+        except NonFiniteLoss as error:
+            stopped = str(error)
+    finally:
+        dist.destroy_process_group()
+    (Path(results) / f"{rank}.json").write_text(json.dumps({"stopped": stopped, "step": trainer.step}))
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_metrics_row_naming_its_step(
+    corpus_file: Path, tmp_path: Path
+) -> None:
+    mp.spawn(
+        _poisoned_on_rank_1,
+        args=(str(tmp_path / "init"), str(corpus_file), str(tmp_path / "runs"), str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    reports = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert reports[0] == reports[1]  # both stopped, at the same step (the row of step 4), with the same reason
+    assert reports[0]["step"] == 4 and reports[0]["stopped"].startswith("loss became nan at step 3 on rank 1")
+    assert not (tmp_path / "runs" / "tiny" / "checkpoints").exists()
 
 
 # -- per-rank streams and the scratch tokenizer ---------------------------------------------------------------

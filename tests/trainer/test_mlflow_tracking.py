@@ -113,8 +113,12 @@ def test_export_registers_the_version_with_its_sha256_parent_and_gate(tracked_ru
         assert entry.tags["model_onnx_sha256"] == manifest.files["model.onnx"].sha256
         assert (entry.tags["model"], entry.tags["repository_version"]) == ("trained", str(manifest.version))
         assert entry.tags["parent_version"] == str(manifest.parent_version).lower()
-        assert (entry.tags["gate_passed"], entry.tags["forced"]) == ("true", "false")
-        assert (entry.tags["gate_metric"], entry.tags["gate_threshold"]) == ("neg_uniformity", "0.5")
+        assert (entry.tags["gate_passed"], entry.tags["gate_decision"], entry.tags["forced"]) == (
+            "none",
+            "off",
+            "false",
+        )
+        assert (entry.tags["gate_metric"], entry.tags["gate_interval"]) == ("neg_uniformity", "none")
         assert entry.tags["embedserve_version"] == EMBEDSERVE_VERSION
         assert (entry.run_id, entry.source) == (run_id, version_dir.resolve().as_uri())
     assert (registered[1].tags["parent_version"], registered[2].tags["parent_version"]) == ("none", "1")

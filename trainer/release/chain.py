@@ -4,8 +4,9 @@
 
 ``snapshot`` fingerprints the corpus (a resumed release refuses a corpus that changed under it); ``claim`` takes
 a place in the gateway's release budget (/v1/admin/releases; refused: exit 3); ``train`` trains within the
-training hours the budget has left; ``gate`` compares the trained encoder's MRR@10 on the labeled
-``export.eval_file`` with the stable version's (a refused gate exports nothing); ``export`` writes the version;
+training hours the budget has left; ``gate`` compares the trained encoder with the stable version the gateway
+serves, as the export gate does with a parent (trainer.release.gate: MRR@10 on ``export.eval_file`` or the
+self-supervised dev set, paired bootstrap; a refused gate exports nothing); ``export`` writes the version;
 ``serve`` has the gateway load it (hot-loading) and waits until it serves it; ``canary`` starts a rollout with
 analysis and follows it to promoted (the gateway re-indexes the model's collections before it promotes) or
 rolled back; ``collections`` records where the model's collections stand.
@@ -26,18 +27,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from client.gateway import Gateway, GatewayError
 from client.protocol import ENDED_PHASES, ModelVersion, Rollout
-from service.models.manifest import ManifestError, read_manifest
-from service.models.tokenization import TextTokenizer
+from service.models.manifest import GateRecord, ManifestError, read_manifest
 from trainer.checkpoint import latest_good
 from trainer.config import TrainConfig
 from trainer.data.prepare import PreparedCorpus
-from trainer.release.evaluate import EvaluationResult, evaluate, load_pairs
-from trainer.release.export import ExportRefused, embed_with_onnx, model_versions
-from trainer.release.publish import EVALUATION_TEXTS, evaluate_encoder, load_trained, publish
+from trainer.release.export import ExportRefused, model_versions
+from trainer.release.gate import candidate_embedder, failed_check, judge, version_embedder
+from trainer.release.publish import gate_dev_set, load_trained, publish
 from trainer.release.release_state import LEDGER_OUTCOMES, Outcome, ReleaseState, ReleaseStopped, StageRecord
 from trainer.train import TrainingTimeSpent, load_corpus, train
 
@@ -151,11 +149,12 @@ class Release:
 
     # -- stages ----------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
-        if self.config.export.eval_file is None or not self.config.export.eval_file.is_file():
+        eval_file = self.config.export.eval_file
+        if eval_file is not None and not eval_file.is_file():
             raise ReleaseStopped(
                 "failed",
-                f"export.eval_file ({self.config.export.eval_file}) must be a labeled JSONL file "
-                '{"query", "document"}: the release gates the trained encoder against stable on it.',
+                f'export.eval_file ({eval_file}) is not a file: give a labeled JSONL file {{"query", "document"}} '
+                "for the gate, or remove the key to gate on the self-supervised dev set (held-out documents).",
             )
         corpus = self.corpus
         return {
@@ -207,53 +206,45 @@ class Release:
         }
 
     def gate(self) -> dict[str, Any]:
+        """The export gate (trainer.release.gate) against the stable version the gateway serves: what the canary
+        would replace. Its verdict is what the export stage records."""
         checkpoint = Path(self.state.detail("train")["checkpoint"])
-        texts = self.corpus.validation[:EVALUATION_TEXTS]
-        eval_file = self.config.export.eval_file
-        assert eval_file is not None  # snapshot checked it
-        with torch.no_grad():
-            candidate = evaluate_encoder(load_trained(checkpoint), texts, eval_file)
+        config = self.config
         stable_version = self.gateway.release_signals(self.model).stable_version
-        stable = self._evaluate_version(stable_version, texts, eval_file) if stable_version else None
-        detail: dict[str, Any] = {
-            "metric": candidate.primary_metric,
-            "candidate": candidate.metrics,
-            "stable_version": stable_version,
-            "stable": stable.metrics if stable else None,
-            "min_delta": self.config.release.gate.min_delta,
-        }
-        if stable is not None:
-            needed = stable.primary + self.config.release.gate.min_delta
-            if candidate.primary < needed:
-                raise ReleaseStopped(
-                    "gate_refused",
-                    f"gate: {candidate.primary_metric} {candidate.primary:.4f} < {needed:.4f} (stable "
-                    f"{self.model}@{stable_version} {stable.primary:.4f} + min_delta "
-                    f"{self.config.release.gate.min_delta}); nothing was exported",
-                    [
-                        f"{candidate.primary_metric} {candidate.primary:.4f} < stable {stable.primary:.4f} + "
-                        f"{self.config.release.gate.min_delta}"
-                    ],
-                    detail,
+        trained = load_trained(checkpoint)
+        if stable_version is None:
+            gate = GateRecord(decision="not_gated")
+        else:
+            stable = version_embedder(config.export.repository / self.model / str(stable_version))
+            with candidate_embedder(trained.encoder, trained.tokenizer_dir) as candidate:
+                gate = judge(
+                    candidate,
+                    stable,
+                    f"{self.model}@{stable_version}",
+                    gate_dev_set(config, self.corpus.validation),
+                    config.export.gate,
+                    config.release.gate.min_delta,
                 )
+        detail: dict[str, Any] = {"stable_version": stable_version, "gate": gate.model_dump(mode="json")}
+        if gate.decision == "refused":
+            raise ReleaseStopped(
+                "gate_refused",
+                f"gate against stable: {failed_check(gate)}; nothing was exported (train longer or with a lower "
+                "learning rate; release.gate.min_delta < 0 tolerates a loss)",
+                [failed_check(gate)],
+                detail,
+            )
         return detail
-
-    def _evaluate_version(self, version: int, texts: list[str], eval_file: Path) -> EvaluationResult:
-        folder = self.config.export.repository / self.model / str(version)
-        manifest = read_manifest(folder)
-        tokenizer = TextTokenizer(folder / "tokenizer.json", manifest.max_seq_length)
-        return evaluate(
-            lambda batch: embed_with_onnx(folder / "model.onnx", tokenizer, batch), texts, load_pairs(eval_file)
-        )
 
     def export(self) -> dict[str, Any]:
         checkpoint = Path(self.state.detail("train")["checkpoint"])
         written = self._exported(checkpoint)
         if written is None:
+            gate = GateRecord.model_validate(self.state.detail("gate")["gate"])
             try:
-                written = publish(checkpoint)
-            except ExportRefused as refused:
-                raise ReleaseStopped("gate_refused", str(refused), ["export.gate_threshold"]) from None
+                written = publish(checkpoint, gate=gate)
+            except ExportRefused as refused:  # ONNX parity: the gate's verdict is not asked again
+                raise ReleaseStopped("failed", str(refused), ["export refused"]) from None
         manifest = read_manifest(written)
         return {"version": manifest.version, "sha256": manifest.sha256, "path": str(written)}
 

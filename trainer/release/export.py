@@ -87,12 +87,16 @@ def model_versions(repository: Path, model: str) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def triton_options(repository: Path, model: str, changes: TritonChanges) -> TritonOptions:
+    """The Triton options the next version of ``model`` gets: its config.pbtxt's with ``changes`` applied.
+    Raises ValueError for impossible options (TensorRT on CPU instances)."""
+    return changes.applied_to(read_options(repository / model / "config.pbtxt") or GPU_ONNX)
+
+
 def export_version(encoder: SentenceEncoder, request: ExportRequest, repository: Path) -> Path:
     """Write ``encoder`` as version n+1 of ``request.model``; returns the new version folder."""
     model_dir = repository / request.model
-    config_path = model_dir / "config.pbtxt"
-    # Impossible options are refused before anything is written.
-    triton = request.triton.applied_to(read_options(config_path) or GPU_ONNX)
+    triton = triton_options(repository, request.model, request.triton)  # refused before anything is written
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = model_dir / f".staging-{uuid.uuid4().hex}"
     staging.mkdir()

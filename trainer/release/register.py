@@ -43,6 +43,7 @@ class Registration:
 def version_tags(manifest: Manifest, manifest_file_sha256: str) -> dict[str, str]:
     """The model version's tags: the digests that identify it, where it came from, and its gate."""
     evaluation = manifest.evaluation
+    gate = evaluation.gate if evaluation else None
 
     def text(value: object) -> str:
         return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
@@ -58,7 +59,10 @@ def version_tags(manifest: Manifest, manifest_file_sha256: str) -> dict[str, str
         "gate_passed": text(evaluation.passed_gate if evaluation else None),
         "gate_metric": text(evaluation.primary_metric if evaluation else None),
         "gate_value": text(evaluation.metrics.get(evaluation.primary_metric) if evaluation else None),
-        "gate_threshold": text(evaluation.gate_threshold if evaluation else None),
+        "gate_decision": text(gate.decision if gate else None),
+        "gate_parent": text(gate.parent if gate else None),
+        "gate_parent_value": text(gate.parent_scores.get(gate.metric) if gate and gate.parent_scores else None),
+        "gate_interval": text(list(gate.interval) if gate and gate.interval else None),
         "forced": text(manifest.forced),
         "dataset_fingerprint": text(manifest.dataset_fingerprint),
         "git_commit": text(manifest.git_commit),
