@@ -518,9 +518,12 @@ class Trainer:
         }
 
     def _stop_on_non_finite(self, reports: list[NonFiniteStep | None]) -> None:
-        """Raise NonFiniteLoss naming the earliest non-finite step of any rank (``reports``, indexed by rank)."""
+        """Raise NonFiniteLoss naming the earliest non-finite step of any rank (``reports``, indexed by rank); at the
+        same step a rank whose loss was not finite is named before one whose gradient norm alone was not (under DDP
+        one rank's NaN loss makes every rank's all-reduced gradients NaN)."""
         rank, first = min(
-            ((rank, report) for rank, report in enumerate(reports) if report is not None), key=lambda r: r[1].step
+            ((rank, report) for rank, report in enumerate(reports) if report is not None),
+            key=lambda r: (r[1].step, math.isfinite(r[1].loss)),
         )
         what = (
             f"loss became {first.loss}" if not math.isfinite(first.loss) else f"gradient norm became {first.grad_norm}"

@@ -81,9 +81,12 @@ def _poisoned_on_rank_1(rank: int, init_file: str, corpus_file: str, output_dir:
             stopped = None
         except NonFiniteLoss as error:
             stopped = str(error)
+        (Path(results) / f"{rank}.json").write_text(json.dumps({"stopped": stopped, "step": trainer.step}))
+        # DDP holds the process group: released, on every rank, before the group is destroyed.
+        dist.barrier()
+        del trainer
     finally:
         dist.destroy_process_group()
-    (Path(results) / f"{rank}.json").write_text(json.dumps({"stopped": stopped, "step": trainer.step}))
 
 
 def test_a_nan_on_one_rank_stops_every_rank_at_the_same_metrics_row_naming_its_step(
