@@ -1,10 +1,14 @@
 """Trainer fixtures: a real-text corpus (with a little PII), a tiny encoder run's configuration, a poisoned loss."""
 
+import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import trainer.train as training
 from trainer.config import TrainConfig
@@ -66,3 +70,22 @@ def poison_loss_from_step(monkeypatch: pytest.MonkeyPatch, step: int) -> Callabl
 
     monkeypatch.setattr(training, "global_info_nce", poisoned)
     return real
+
+
+def spawn_ranks(
+    target: Callable[..., None], args: tuple[Any, ...], results: list[Path], timeout_s: float = 300
+) -> None:
+    """Run ``target(rank, *args)`` in two gloo processes and wait for them, never forever: a rank that raised fails
+    the test (mp.spawn's error); ranks still running after ``timeout_s`` are killed. When every file in ``results``
+    was written by then, the ranks did their work and hung tearing the process group down (seen once with gloo on a
+    loaded CPU): the test goes on to check the results, with a warning; otherwise it fails."""
+    context = mp.spawn(target, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            if all(path.is_file() for path in results):
+                warnings.warn(f"gloo ranks hung after writing their results; killed at {timeout_s:g} s", stacklevel=2)
+                return
+            pytest.fail(f"two gloo processes were still running after {timeout_s:g} s without their results")

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from tests.trainer.conftest import tiny_config
+from tests.trainer.conftest import spawn_ranks, tiny_config
 from tests.trainer.test_losses import cross_entropy, dot, unit_rows
 from trainer.contrastive import (
     false_negative_mask,
@@ -177,7 +176,7 @@ def _two_ranks(rank: int, init_file: str, results: str) -> None:
 
 
 def test_two_gloo_processes_of_batch_16_match_one_process_of_batch_32(tmp_path: Path) -> None:
-    mp.spawn(_two_ranks, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_two_ranks, (str(tmp_path / "init"), str(tmp_path)), [tmp_path / f"{rank}.pt" for rank in (0, 1)])
     x, y = pairs(32)
     mask = false_negative_mask(torch.tensor([i // 2 if i < 4 else i for i in range(32)]))
     mask[3, 20] = mask[20, 3] = True

@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.trainer.conftest import tiny_config
+from tests.trainer.conftest import spawn_ranks, tiny_config
 from trainer.checkpoint import load_checkpoint
 from trainer.data.loader import Batch
 from trainer.distributed import Topology, all_ranks_agree
@@ -45,7 +44,7 @@ def _agree(rank: int, init_file: str, results: str) -> None:
 
 def test_a_condition_failing_on_one_rank_fails_on_every_rank(tmp_path: Path) -> None:
     # The non-finite-loss guard: rank 0 must stop too when only rank 1 saw NaN, or it hangs in all-reduce.
-    mp.spawn(_agree, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_agree, (str(tmp_path / "init"), str(tmp_path)), [tmp_path / f"{rank}.json" for rank in (0, 1)])
     for rank in (0, 1):
         answers = json.loads((tmp_path / f"{rank}.json").read_text())
         assert answers == {"everywhere": True, "not_on_rank_1": False, "nowhere": False}
@@ -92,11 +91,10 @@ def _poisoned_on_rank_1(rank: int, init_file: str, corpus_file: str, output_dir:
 def test_a_nan_on_one_rank_stops_every_rank_at_the_same_metrics_row_naming_its_step(
     corpus_file: Path, tmp_path: Path
 ) -> None:
-    mp.spawn(
+    spawn_ranks(
         _poisoned_on_rank_1,
-        args=(str(tmp_path / "init"), str(corpus_file), str(tmp_path / "runs"), str(tmp_path)),
-        nprocs=2,
-        join=True,
+        (str(tmp_path / "init"), str(corpus_file), str(tmp_path / "runs"), str(tmp_path)),
+        [tmp_path / f"{rank}.json" for rank in (0, 1)],
     )
     reports = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert reports[0] == reports[1]  # both stopped, at the same step (the row of step 4), with the same reason
@@ -142,8 +140,10 @@ def one_ddp_step(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) ->
     root = tmp_path_factory.mktemp("ddp-step")
     results = root / "results"
     results.mkdir()
-    mp.spawn(
-        _one_step, args=(str(root / "init"), str(corpus_file), str(root / "runs"), str(results)), nprocs=2, join=True
+    spawn_ranks(
+        _one_step,
+        (str(root / "init"), str(corpus_file), str(root / "runs"), str(results)),
+        [results / f"{rank}.json" for rank in (0, 1)],
     )
     return root / "runs", results, [json.loads((results / f"{rank}.json").read_text()) for rank in (0, 1)]
 
@@ -233,11 +233,10 @@ def _accumulate(rank: int, init_file: str, corpus_file: str, output_dir: str, re
 def test_accumulation_skips_the_all_reduce_on_non_final_micro_batches_and_matches_one_big_batch(
     corpus_file: Path, tmp_path: Path
 ) -> None:
-    mp.spawn(
+    spawn_ranks(
         _accumulate,
-        args=(str(tmp_path / "init"), str(corpus_file), str(tmp_path / "runs"), str(tmp_path)),
-        nprocs=2,
-        join=True,
+        (str(tmp_path / "init"), str(corpus_file), str(tmp_path / "runs"), str(tmp_path)),
+        [tmp_path / f"{rank}.json" for rank in (0, 1)],
     )
     reports = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     for report in reports:
@@ -264,12 +263,12 @@ def _train_4_steps(
             losses[record["step"]] = record["loss"]
             if trainer.step == 2 and resume is None:
                 trainer.save()
+        name = "resumed" if resume else "uninterrupted"
+        (Path(results) / f"{name}-{rank}.json").write_text(
+            json.dumps({"losses": losses, "weights": _digest(trainer.encoder)})
+        )
     finally:
         dist.destroy_process_group()
-    name = "resumed" if resume else "uninterrupted"
-    (Path(results) / f"{name}-{rank}.json").write_text(
-        json.dumps({"losses": losses, "weights": _digest(trainer.encoder)})
-    )
 
 
 @pytest.fixture(scope="module")
@@ -279,11 +278,10 @@ def two_process_runs(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory
     runs, results = root / "runs", root / "results"
     results.mkdir()
     for name, resume in (("first", None), ("second", str(runs / "tiny" / "checkpoints" / "step-00000002.pt"))):
-        mp.spawn(
+        spawn_ranks(
             _train_4_steps,
-            args=(str(root / f"init-{name}"), str(corpus_file), str(runs), str(results), resume),
-            nprocs=2,
-            join=True,
+            (str(root / f"init-{name}"), str(corpus_file), str(runs), str(results), resume),
+            [results / f"{'resumed' if resume else 'uninterrupted'}-{rank}.json" for rank in (0, 1)],
         )
     return runs / "tiny" / "checkpoints" / "step-00000002.pt", results
 
