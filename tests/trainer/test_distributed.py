@@ -70,9 +70,9 @@ def _poisoned_on_rank_1(rank: int, init_file: str, corpus_file: str, output_dir:
         if rank == 1:  # the loss of this rank alone turns NaN from its third step on
             real_loss, calls = trainer.loss, {"n": 0}
 
-            def poisoned(texts: list[str], documents: list[int]) -> torch.Tensor:
+            def poisoned(batch: Batch) -> torch.Tensor:
                 calls["n"] += 1
-                return real_loss(texts, documents) * (float("nan") if calls["n"] >= 3 else 1.0)
+                return real_loss(batch) * (float("nan") if calls["n"] >= 3 else 1.0)
 
             trainer.loss = poisoned  # type: ignore[method-assign]
         try:

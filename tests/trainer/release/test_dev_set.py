@@ -3,7 +3,7 @@ one sentence give no pair."""
 
 from pathlib import Path
 
-from trainer.config import CorpusConfig
+from tests.trainer.conftest import tiny_config
 from trainer.data.sample_text import paragraphs, sentences
 from trainer.data.sentences import split_document
 from trainer.release.dev_set import labeled_dev_set, self_supervised_dev_set
@@ -14,16 +14,16 @@ from trainer.train import load_corpus
 def test_pairs_come_from_held_out_documents_only_one_per_document(tmp_path: Path) -> None:
     # Documents of several sentences and documents of one: only the first kind can give a (sentence, rest) pair.
     (tmp_path / "corpus.txt").write_text("\n".join([*paragraphs(), *sentences()[:400]]))
-    corpus = load_corpus(CorpusConfig(path=tmp_path / "corpus.txt", validation_fraction=0.3))
+    corpus = load_corpus(tiny_config(tmp_path / "corpus.txt", tmp_path, corpus__validation_fraction=0.3))
     dev_set = self_supervised_dev_set(corpus.validation, size=10_000, seed=0)
 
     multi = [text for text in corpus.validation if len(split_document(text)) >= 2]
     assert 10 < len(dev_set.queries) <= len(multi) < len(corpus.validation)  # single sentences gave nothing
     assert dev_set.source == "self-supervised" and dev_set.relevant == list(range(len(dev_set.queries)))
-    trained_on = set(corpus.train)
+    held_out = set(corpus.validation)  # prepare's split keeps these out of the training shards (its own tests)
     for query, target in zip(dev_set.queries, dev_set.targets, strict=True):
         source = next(text for text in multi if query in split_document(text))  # a sentence of a held-out document
-        assert source not in trained_on
+        assert source in held_out
         units = split_document(source)
         assert target == " ".join(unit for unit in units if unit != query)  # its document, the query cut out
         assert query not in split_document(target) and len(query.split()) >= 4

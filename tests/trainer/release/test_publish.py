@@ -109,7 +109,7 @@ def test_a_bad_run_is_refused_against_the_base_and_force_exports_it_recorded(
 
     # The dev set: held-out documents of the run's corpus, as recorded (size, source, digest, seed).
     config = load_trained(checkpoint).config
-    expected = self_supervised_dev_set(load_corpus(config.corpus).validation, 200, seed=0)
+    expected = self_supervised_dev_set(load_corpus(config).validation, 200, seed=0)
     assert gate.dev_set == expected.record() and 50 <= gate.dev_set.queries <= 200
 
 
