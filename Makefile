@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_REPOSITORY ?= model_repository
 
-.PHONY: run test lint typecheck bootstrap-model ensure-redis clean bench bench-ssl bench-search bench-lanes bench-train bench-corpus triton triton-setup loadtest
+.PHONY: run test lint typecheck bootstrap-model ensure-redis clean bench bench-ssl bench-ssl-views bench-search bench-lanes bench-train bench-corpus triton triton-setup loadtest
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ clean:
 ## Adapt MiniLM on this machine's man pages and compare retrieval with the base (loadtests/results/bench_ssl.json).
 bench-ssl: $(STAMP)
 	$(PY) -m loadtests.bench_ssl
+
+## Adapt MiniLM on whole man pages once per view objective (prefix, crops, inverse cloze) and compare (loadtests/results/bench_ssl_views.json).
+bench-ssl-views: $(STAMP)
+	$(PY) -m loadtests.bench_ssl_views
 
 ## Training throughput (tokens/s) and model FLOPs utilisation at sequence length 128 on this machine's man pages, under
 ## torchrun (bf16 + fused AdamW on CUDA; BENCH_TRAIN_ARGS=--compile for torch.compile), then export (loadtests/results/bench_train_<device>.json).
