@@ -33,10 +33,21 @@ MB = 2**20
 @dataclass(frozen=True)
 class Measurement:
     returncode: int
-    peak_rss_mb: float  # the largest of the process and each of its waited-for descendants (ru_maxrss)
+    # The process's own high-water mark (VmHWM, polled): not wait4's ru_maxrss, which on Linux carries the
+    # parent's peak across fork and exec (a child of a 10 GB pytest process reports 10 GB).
+    peak_rss_mb: float
     tree_peak_rss_mb: float  # the largest sum over the process and its live descendants, polled
     wall_s: float
     stderr: str
+
+
+def _high_water_kb(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM); 0 once it has ended."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0
 
 
 def _tree_rss_kb(pid: int) -> int:
@@ -58,12 +69,13 @@ def measured_run(command: Sequence[str], timeout_s: float, env: dict[str, str] |
     started = time.perf_counter()
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
-        peak_kb = 0
+        peak_kb = own_peak_kb = 0
         done = threading.Event()
 
         def poll() -> None:
-            nonlocal peak_kb
+            nonlocal peak_kb, own_peak_kb
             while not done.wait(0.05):
+                own_peak_kb = max(own_peak_kb, _high_water_kb(process.pid))
                 peak_kb = max(peak_kb, _tree_rss_kb(process.pid))
 
         poller = threading.Thread(target=poll, daemon=True)
@@ -71,7 +83,7 @@ def measured_run(command: Sequence[str], timeout_s: float, env: dict[str, str] |
         timer = threading.Timer(timeout_s, process.kill)
         timer.start()
         try:
-            _, status, usage = os.wait4(process.pid, 0)
+            _, status = os.waitpid(process.pid, 0)  # the polls saw its high-water mark up to its last 50 ms
         finally:
             timer.cancel()
             done.set()
@@ -79,7 +91,7 @@ def measured_run(command: Sequence[str], timeout_s: float, env: dict[str, str] |
         process.returncode = os.waitstatus_to_exitcode(status)
         stderr.seek(0)
         tail = stderr.read().decode("utf-8", errors="replace")[-4000:]
-    return Measurement(process.returncode, usage.ru_maxrss / 1024, peak_kb / 1024, time.perf_counter() - started, tail)
+    return Measurement(process.returncode, own_peak_kb / 1024, peak_kb / 1024, time.perf_counter() - started, tail)
 
 
 def synthetic_documents(words: Sequence[str], seed: int) -> Iterator[str]:
