@@ -31,7 +31,8 @@ from trainer.release.evaluate import LabeledPair, retrieval_metrics
 from trainer.release.export import embed_with_torch
 from trainer.release.gate import candidate_embedder
 from trainer.release.publish import gate_candidate, load_trained, parent_version
-from trainer.train import load_corpus, read_metrics, train
+from trainer.run_inputs import load_corpus
+from trainer.train import read_metrics, train
 
 RESULTS = Path(__file__).parent / "results" / "bench_ssl.json"
 EVAL_MAX_TOKENS = 256

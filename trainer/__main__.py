@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> None:
         log.info("bootstrap done", extra={"written": str(written) if written else None})
     elif args.command == "prepare":
         from trainer.config import load_config
-        from trainer.train import dataset_summary, load_corpus
+        from trainer.run_inputs import dataset_summary, load_corpus
 
         corpus = load_corpus(load_config(args.config), progress=True)
         print(json.dumps({"folder": str(corpus.folder), **dataset_summary(corpus)}, indent=2))

@@ -13,15 +13,12 @@ import contextlib
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch._inductor.config as inductor_config
 from torch import nn
@@ -31,31 +28,17 @@ from tqdm import tqdm
 from service.models.tokenization import TextTokenizer, pad_batch
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
-from trainer.contrastive import (
-    false_negative_mask,
-    gather_detached,
-    global_info_nce,
-    grad_cache_backward,
-    micro_batches_per_contrastive_batch,
-)
+from trainer.contrastive import micro_batches_per_contrastive_batch
 from trainer.data.loader import Batch, ContrastiveBatches, batch_stream
 from trainer.data.order import BatchOrder, DataPosition
-from trainer.data.prepare import PreparedCorpus, open_current, open_prepared, prepare_corpus
-from trainer.data.views import mask_tokens
-from trainer.distributed import Topology, all_ranks_agree, barrier, gather_to_all, init_topology, rank_seed, shutdown
-from trainer.encoder import (
-    BaseModelFolder,
-    MaskedLmHead,
-    PretrainingModel,
-    SentenceEncoder,
-    from_scratch,
-    load_base,
-    packaged_minilm,
-)
-from trainer.losses import IGNORE_INDEX, masked_lm_loss
+from trainer.distributed import Topology, all_ranks_agree, gather_to_all, init_topology, rank_seed, shutdown
+from trainer.encoder import MaskedLmHead, PretrainingModel
 from trainer.metrics_window import MetricsWindow, NonFiniteStep
 from trainer.monitor import check_collapse
 from trainer.plots import plot_metrics
+from trainer.rng import restore_rng, rng_state, seed_everything
+from trainer.run_inputs import build_encoder, dataset_summary, fused_adamw, load_corpus, warmup_cosine
+from trainer.step_loss import StepLoss
 from trainer.tracking import RunTracker, start_tracking
 
 log = logging.getLogger(__name__)
@@ -86,116 +69,12 @@ class TrainResult:
     final_loss: float
 
 
-def tokenizer_source(config: TrainConfig) -> tuple[Path, int | None]:
-    """The folder of the run's tokenizer, and the vocabulary size to train one there (scratch encoders)."""
-    if config.encoder.base_model is not None:
-        return resolve_base(config.encoder.base_model).path, None
-    assert config.encoder.scratch is not None  # the config validator guarantees one of the two
-    return config.run_dir / "tokenizer", config.encoder.scratch.vocab_size
-
-
-def load_corpus(config: TrainConfig, topology: Topology | None = None, progress: bool = False) -> PreparedCorpus:
-    """The run's prepared corpus (``run_dir/corpus``), prepared first by rank 0 when it is missing or stale
-    (its corpus files, settings or tokenizer changed) while the other ranks wait; a clear error when it is
-    too small to train on."""
-    folder = config.run_dir / "corpus"
-    tokenizer_dir, vocab_size = tokenizer_source(config)
-    if (topology is None or topology.is_main) and open_current(config.corpus, folder, tokenizer_dir) is None:
-        prepare_corpus(config.corpus, folder, tokenizer_dir, vocab_size, progress=progress)
-    if topology is not None:
-        barrier(topology)  # the other ranks open the folder only once rank 0 has renamed it into place
-    corpus = open_prepared(folder)
-    assert corpus is not None
-    return corpus
-
-
-def dataset_summary(corpus: PreparedCorpus) -> dict[str, Any]:
-    """What preparation did to the corpus, in counts only (never text): for logs, summary and manifest."""
-    report = corpus.report
-    return {
-        "dataset_fingerprint": corpus.fingerprint,
-        "documents_read": report.documents_read,
-        "empty_or_short_dropped": report.empty_or_short_dropped,
-        "duplicates_dropped": report.duplicates_dropped,
-        "kept": report.kept,
-        "train": len(corpus.train),
-        "validation": len(corpus.validation),
-        "pii_replaced": dict(report.pii_replaced),
-    }
-
-
-def resolve_base(base_model: str) -> BaseModelFolder:
-    if base_model == "minilm":
-        return packaged_minilm()
-    folder = BaseModelFolder(Path(base_model))
-    if not (folder.path / "config.json").is_file():
-        raise FileNotFoundError(f"base model folder {folder.path} has no config.json (a Hugging Face layout)")
-    return folder
-
-
-def build_encoder(config: TrainConfig, corpus: PreparedCorpus) -> tuple[SentenceEncoder, Path]:
-    """The encoder to train and the folder holding its tokenizer files (the prepared corpus's tokenizer: a
-    scratch one is trained by the prepare step)."""
-    encoder_config = config.encoder
-    if encoder_config.base_model is not None:
-        encoder = load_base(resolve_base(encoder_config.base_model))
-        if encoder_config.max_seq_length:
-            encoder.max_seq_length = encoder_config.max_seq_length
-        return encoder, corpus.tokenizer_dir
-    scratch = encoder_config.scratch
-    assert scratch is not None  # the config validator guarantees one of the two
-    vocab_size = TextTokenizer(corpus.tokenizer_dir / "tokenizer.json", scratch.max_seq_length).vocab_size
-    encoder = from_scratch(
-        vocab_size, scratch.hidden_size, scratch.layers, scratch.heads, scratch.max_seq_length, seed=config.optim.seed
-    )
-    return encoder, corpus.tokenizer_dir
-
-
-def fused_adamw(device: torch.device) -> bool | None:
-    """AdamW's ``fused`` for ``device``: True on CUDA (one kernel updates every parameter instead of several
-    launches per tensor), None elsewhere (torch's default implementation)."""
-    return True if device.type == "cuda" else None
-
-
-def warmup_cosine(warmup_steps: int, max_steps: int) -> Any:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def _rng_state() -> dict[str, Any]:
-    """This process's random streams, in types that ``torch.load(weights_only=True)`` reads back (views need
-    none: each batch's are seeded by its place in the run)."""
-    _, key, pos, has_gauss, cached_gaussian = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [torch.from_numpy(np.asarray(key, dtype=np.int64)), int(pos), int(has_gauss), float(cached_gaussian)],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    key, pos, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state(("MT19937", key.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Trainer:
     def __init__(self, config: TrainConfig, topology: Topology, tracker: RunTracker | None = None) -> None:
         self.config = config
         self.topology = topology
         self.tracker = tracker or RunTracker()
-        _seed_everything(config.optim.seed)  # the run seed while building: every rank starts from the same weights
+        seed_everything(config.optim.seed)  # the run seed while building: every rank starts from the same weights
         self.corpus = load_corpus(config, topology, progress=topology.is_main)
         if topology.is_main:
             log.info("corpus prepared", extra=dataset_summary(self.corpus))
@@ -235,7 +114,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(enabled=False)
         # Each rank its own streams (dropout, views, masking), so no two draw the same masks.
         self.seed = rank_seed(config.optim.seed, topology.rank)
-        _seed_everything(self.seed)
+        seed_everything(self.seed)
         self.batch_order = BatchOrder(
             len(self.corpus.train),
             config.optim.batch_size,
@@ -254,9 +133,11 @@ class Trainer:
             self.tokenizer.pad_id,
             config.optim.seed,
         )
+        self.step_loss = StepLoss(
+            config, self.corpus, self.model, self.encoder, self.mlm_head, self.tokenizer, topology.device, self.use_bf16
+        )
         self.position = DataPosition()
         self._batch_stream: Iterator[Batch] | None = None  # from self.position; started on first use
-        self.reference_encoder: SentenceEncoder | None = None  # the frozen initial encoder, built on first use
         self.step = 0
         self.run_dir = config.run_dir
         self.metrics_path = self.run_dir / METRICS_FILE
@@ -276,7 +157,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": gather_to_all(_rng_state(), self.topology),  # indexed by rank
+            "rng": gather_to_all(rng_state(), self.topology),  # indexed by rank
             "world_size": self.topology.world_size,
             "global_batch": self.global_batch,
             "config": self.config.model_dump(mode="json"),
@@ -314,7 +195,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         saved_rng = state["rng"]
         if self.topology.rank < len(saved_rng):
-            _restore_rng(saved_rng[self.topology.rank])
+            restore_rng(saved_rng[self.topology.rank])
         # else: a rank the checkpointed run did not have keeps its fresh streams (allowed world-size change)
         self.position = DataPosition.from_dict(state["position"])
         if self.position.batch >= self.batch_order.batches_per_epoch:  # fewer batches per epoch now (allowed)
@@ -352,110 +233,6 @@ class Trainer:
         self.position = batch.after
         return batch
 
-    # -- loss ----------------------------------------------------------------------------------
-    def loss(self, batch: Batch) -> torch.Tensor:
-        """The step's loss of this process's batch with one forward (and its graph); InfoNCE scores
-        against every process's views."""
-        objective = self.config.objective
-        device = self.topology.device
-        total = torch.zeros((), device=device)
-        view_ids = view_mask = mlm_ids = mlm_mask = labels = None
-        if objective.contrastive_weight > 0:
-            # Both views in one batch: one forward per step, as DDP requires.
-            view_ids, view_mask = batch.view_ids, batch.view_mask
-        if objective.mlm_weight > 0 and self.mlm_head is not None:
-            mlm_mask = batch.prefix_mask
-            mlm_ids, labels = mask_tokens(batch.prefix_ids, mlm_mask, self.tokenizer, objective.mlm_probability)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-            vectors, predictions = self.model(view_ids, view_mask, mlm_ids, mlm_mask, labels)
-        if vectors is not None:
-            size = len(batch.documents)
-            a, b = vectors[:size], vectors[size:]
-            mask = self._negative_mask(batch)
-            total = total + objective.contrastive_weight * global_info_nce(
-                a.float(), b.float(), objective.temperature, mask
-            )
-        if predictions is not None:
-            total = total + objective.mlm_weight * masked_lm_loss(predictions.logits.float(), predictions.labels)
-        return total
-
-    def cached_backward(self, batch: Batch, scale: float) -> torch.Tensor:
-        """Back-propagate ``scale`` × the step's loss of this process's batch with GradCache (chunks of
-        ``objective.grad_cache_chunk`` texts); returns that scaled loss, detached."""
-        objective = self.config.objective
-        device = self.topology.device
-        chunk = objective.grad_cache_chunk
-        assert chunk is not None
-        size = len(batch.documents)
-        mask = self._negative_mask(batch)
-        # Every random draw but dropout happens before the passes, so that restoring the RNG repeats the dropout.
-        inputs = []
-        for start in range(0, size, chunk):
-            first, second = slice(start, min(start + chunk, size)), slice(size + start, size + min(start + chunk, size))
-            view_ids, view_mask = batch.views(first, second)
-            masked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-            if objective.mlm_weight > 0 and self.mlm_head is not None:
-                prefix_ids, mlm_mask = batch.prefixes(first)
-                mlm_ids, labels = mask_tokens(prefix_ids, mlm_mask, self.tokenizer, objective.mlm_probability)
-                masked = (mlm_ids, mlm_mask, labels)
-            inputs.append((view_ids, view_mask, masked))
-        # A tensor, not an int: counting on the host would sync with the device once per step.
-        masked_positions = sum(
-            ((m[2] != IGNORE_INDEX).sum() for _, _, m in inputs if m is not None),
-            torch.zeros((), dtype=torch.long, device=device),
-        )
-
-        def embed_chunk(i: int, with_graph: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-            view_ids, view_mask, masked = inputs[i]
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-                if not with_graph:
-                    return self.encoder(view_ids, view_mask), None
-                vectors, predictions = self.model(view_ids, view_mask, *(masked if masked else (None, None, None)))
-            extra = None
-            if predictions is not None:
-                # This chunk's share of the MLM mean over every masked position of the batch.
-                share = predictions.labels.numel() / masked_positions.clamp(min=1)
-                mlm = masked_lm_loss(predictions.logits.float(), predictions.labels)
-                extra = scale * objective.mlm_weight * share * mlm
-            assert vectors is not None
-            return vectors, extra
-
-        def loss_of_embeddings(chunks: list[torch.Tensor]) -> torch.Tensor:
-            a = torch.cat([c[: len(c) // 2] for c in chunks]).float()
-            b = torch.cat([c[len(c) // 2 :] for c in chunks]).float()
-            return scale * objective.contrastive_weight * global_info_nce(a, b, objective.temperature, mask)
-
-        def chunk_context(i: int) -> AbstractContextManager[Any]:
-            # Gradients are all-reduced once, after the last chunk.
-            last = i == len(inputs) - 1
-            return (
-                self.model.no_sync() if isinstance(self.model, DistributedDataParallel) and not last else nullcontext()
-            )
-
-        return grad_cache_backward(embed_chunk, len(inputs), loss_of_embeddings, chunk_context, device)
-
-    def _negative_mask(self, batch: Batch) -> torch.Tensor:
-        """The global batch's false-negative mask (``false_negative_mask``): same document, or, with
-        ``objective.false_negative_threshold``, a cosine above it under the frozen initial encoder."""
-        device = self.topology.device
-        threshold = self.config.objective.false_negative_threshold
-        reference = None
-        if threshold is not None:
-            if self.reference_encoder is None:
-                # from_scratch reseeds torch: the run's random streams must not notice the rebuild.
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    encoder, _ = build_encoder(self.config, self.corpus)
-                self.reference_encoder = encoder.to(device).eval().requires_grad_(False)
-            size = len(batch.documents)
-            chunk = self.config.objective.grad_cache_chunk or size
-            with torch.no_grad():
-                local = torch.cat(
-                    [self.reference_encoder(*batch.prefixes(slice(i, i + chunk))) for i in range(0, size, chunk)]
-                )
-            reference = gather_detached(local.float())
-        ids = gather_detached(batch.documents)
-        return false_negative_mask(ids, reference, threshold)
-
     def _embed(self, token_ids: list[list[int]]) -> torch.Tensor:
         batch = pad_batch(token_ids, self.tokenizer.pad_id)
         device = self.topology.device
@@ -488,9 +265,9 @@ class Trainer:
             with self._gradient_sync(last=index == optim.grad_accumulation - 1):
                 batch = self.next_contrastive_batch()
                 if cached:  # backward inside, chunk by chunk
-                    loss = self.cached_backward(batch, 1 / optim.grad_accumulation)
+                    loss = self.step_loss.cached_backward(batch, 1 / optim.grad_accumulation)
                 else:
-                    loss = self.loss(batch) / optim.grad_accumulation
+                    loss = self.step_loss.loss(batch) / optim.grad_accumulation
                     loss.backward()  # type: ignore[no-untyped-call]
                 step_loss = step_loss + loss.detach()
                 self.tokens_seen += batch.tokens
@@ -635,12 +412,6 @@ def _metrics_step(line: str) -> int | None:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 def train(

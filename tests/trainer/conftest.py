@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import trainer.train as training
+import trainer.step_loss as step_loss
 from trainer.config import TrainConfig
 from trainer.data.sample_text import paragraphs, sentences
 
@@ -60,7 +60,7 @@ def tiny_config(corpus_file: Path, output_dir: Path, **overrides: object) -> Tra
 def poison_loss_from_step(monkeypatch: pytest.MonkeyPatch, step: int) -> Callable[..., torch.Tensor]:
     """Make the contrastive loss NaN from the ``step``-th step on (one loss call per step in the tiny runs): a NaN
     cannot be produced on demand from real data. Returns the real loss, to put back."""
-    real = training.global_info_nce
+    real = step_loss.global_info_nce
     calls = {"n": 0}
 
     def poisoned(a: torch.Tensor, b: torch.Tensor, temperature: float, mask: torch.Tensor | None) -> torch.Tensor:
@@ -68,7 +68,7 @@ def poison_loss_from_step(monkeypatch: pytest.MonkeyPatch, step: int) -> Callabl
         loss = real(a, b, temperature, mask)
         return loss * float("nan") if calls["n"] >= step else loss
 
-    monkeypatch.setattr(training, "global_info_nce", poisoned)
+    monkeypatch.setattr(step_loss, "global_info_nce", poisoned)
     return real
 
 

@@ -228,8 +228,8 @@ def test_a_run_with_every_option_trains_and_keeps_its_reference_frozen(corpus_fi
     initial = {k: v.clone() for k, v in trainer.encoder.state_dict().items()}
     records = [trainer.train_step() for _ in range(2)]
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in records)
-    assert trainer.reference_encoder is not None
-    for name, tensor in trainer.reference_encoder.state_dict().items():
+    assert trainer.step_loss.reference_encoder is not None
+    for name, tensor in trainer.step_loss.reference_encoder.state_dict().items():
         torch.testing.assert_close(tensor, initial[name], rtol=0, atol=0, msg=name)
     assert any(not torch.equal(t, initial[n]) for n, t in trainer.encoder.state_dict().items())
 

@@ -15,6 +15,7 @@ from tests.trainer.conftest import spawn_ranks, tiny_config
 from trainer.checkpoint import load_checkpoint
 from trainer.data.loader import Batch
 from trainer.distributed import Topology, all_ranks_agree
+from trainer.step_loss import StepLoss
 from trainer.train import NonFiniteLoss, Trainer
 
 CPU = Topology(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -68,13 +69,13 @@ def _poisoned_on_rank_1(rank: int, init_file: str, corpus_file: str, output_dir:
         )
         trainer = Trainer(config, topology)
         if rank == 1:  # the loss of this rank alone turns NaN from its third step on
-            real_loss, calls = trainer.loss, {"n": 0}
+            real_loss, calls = trainer.step_loss.loss, {"n": 0}
 
             def poisoned(batch: Batch) -> torch.Tensor:
                 calls["n"] += 1
                 return real_loss(batch) * (float("nan") if calls["n"] >= 3 else 1.0)
 
-            trainer.loss = poisoned  # type: ignore[method-assign]
+            trainer.step_loss.loss = poisoned  # type: ignore[method-assign]
         try:
             trainer.run()
             stopped = None
@@ -186,7 +187,7 @@ def test_a_failed_tokenizer_write_leaves_no_folder(tmp_path: Path, monkeypatch: 
 
 
 # -- no_sync during accumulation --------------------------------------------------------------------------
-def mean_over_texts(self: Trainer, batch: Batch) -> torch.Tensor:
+def mean_over_texts(self: StepLoss, batch: Batch) -> torch.Tensor:
     """A loss that is a mean of one term per text, through the DDP forward, without dropout."""
     self.model.eval()
     vectors, _ = self.model(batch.prefix_ids, batch.prefix_mask)
@@ -194,7 +195,7 @@ def mean_over_texts(self: Trainer, batch: Batch) -> torch.Tensor:
 
 
 def _accumulate(rank: int, init_file: str, corpus_file: str, output_dir: str, results: str) -> None:
-    Trainer.loss = mean_over_texts  # type: ignore[method-assign]
+    StepLoss.loss = mean_over_texts  # type: ignore[method-assign]
     topology = _join(rank, init_file)
     try:
         base = {"objective__mlm_weight": 0.0, "optim__max_steps": 2}

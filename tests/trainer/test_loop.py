@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-import trainer.train as training
+import trainer.step_loss as step_loss
 from service.models.tokenization import TextTokenizer, pad_batch
 from tests.trainer.conftest import tiny_config
 from trainer.checkpoint import load_checkpoint
@@ -20,12 +20,14 @@ from trainer.distributed import Topology
 from trainer.encoder import SentenceEncoder
 from trainer.losses import IGNORE_INDEX
 from trainer.release.publish import load_trained
-from trainer.train import Trainer, fused_adamw, warmup_cosine
+from trainer.run_inputs import fused_adamw, warmup_cosine
+from trainer.step_loss import StepLoss
+from trainer.train import Trainer
 
 CPU = Topology(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def mean_over_texts(self: Trainer, batch: Batch) -> torch.Tensor:
+def mean_over_texts(self: StepLoss, batch: Batch) -> torch.Tensor:
     """A loss that is a mean of one term per text (InfoNCE is not: its negatives span the batch)."""
     embeddings = self.encoder.transformer.get_input_embeddings()
     rows = [ids[:length] for ids, length in zip(batch.prefix_ids, batch.prefix_lengths, strict=True)]
@@ -35,7 +37,7 @@ def mean_over_texts(self: Trainer, batch: Batch) -> torch.Tensor:
 def test_accumulating_two_micro_batches_makes_the_update_of_one_twice_as_big(
     corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(Trainer, "loss", mean_over_texts)
+    monkeypatch.setattr(StepLoss, "loss", mean_over_texts)
     accumulated = Trainer(tiny_config(corpus_file, tmp_path, optim__batch_size=4, optim__grad_accumulation=2), CPU)
     whole = Trainer(tiny_config(corpus_file, tmp_path, optim__batch_size=8), CPU)
     records = [(accumulated.train_step(), whole.train_step()) for _ in range(3)]
@@ -153,7 +155,7 @@ def test_grad_cache_gives_the_masked_token_loss_of_the_plain_step(
     corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Each chunk decodes its own masked rows; their shares must add up to the mean over the whole batch.
-    monkeypatch.setattr(training, "mask_tokens", every_fifth_token_masked)
+    monkeypatch.setattr(step_loss, "mask_tokens", every_fifth_token_masked)
     settings = {"optim__batch_size": 8, "objective__contrastive_batch": 32, "objective__mlm_weight": 2.0}
     plain = Trainer(tiny_config(corpus_file, tmp_path, **settings), CPU)
     cached = Trainer(tiny_config(corpus_file, tmp_path, objective__grad_cache_chunk=8, **settings), CPU)

@@ -15,7 +15,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-import trainer.train as training
+import trainer.step_loss as step_loss
 from service.models.manifest import verify_version
 from tests.trainer.conftest import poison_loss_from_step, tiny_config
 from trainer.checkpoint import load_checkpoint, save_checkpoint
@@ -167,7 +167,7 @@ def test_a_failed_run_is_marked_and_resuming_it_continues_the_same_mlflow_run(
     assert failed.info.status == "FAILED" and failed.data.tags["failure"].startswith("NonFiniteLoss: loss became nan")
     assert [metric.step for metric in client.get_metric_history(run_id, "loss")] == list(range(1, 13))
 
-    monkeypatch.setattr(training, "global_info_nce", real_info_nce)
+    monkeypatch.setattr(step_loss, "global_info_nce", real_info_nce)
     # Resumed keeping fewer checkpoints: a setting MLflow's params cannot take back, so a tag says it.
     resumed = config.model_copy(update={"checkpoint": config.checkpoint.model_copy(update={"keep": 2})})
     train(resumed, resume=checkpoint)

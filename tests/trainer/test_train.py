@@ -229,7 +229,7 @@ def test_a_checkpoint_written_with_the_removed_absolute_threshold_still_exports(
 
 
 def test_a_corpus_too_small_to_split_is_refused_with_what_to_do(tmp_path: Path) -> None:
-    from trainer.train import load_corpus
+    from trainer.run_inputs import load_corpus
 
     (tmp_path / "c.txt").write_text("only one document here\n")
     config = tiny_config(tmp_path / "c.txt", tmp_path, corpus__min_chars=5)

@@ -37,7 +37,8 @@ from trainer.release.export import ExportRefused, model_versions
 from trainer.release.gate import candidate_embedder, failed_check, judge, version_embedder
 from trainer.release.publish import gate_dev_set, load_trained, publish
 from trainer.release.release_state import LEDGER_OUTCOMES, Outcome, ReleaseState, ReleaseStopped, StageRecord
-from trainer.train import TrainingTimeSpent, load_corpus, train
+from trainer.run_inputs import load_corpus
+from trainer.train import TrainingTimeSpent, train
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from trainer.encoder import SentenceEncoder, load_base
 from trainer.release.dev_set import DevSet
 from trainer.release.evaluate import EmbedFn
 from trainer.release.export import embed_with_onnx, write_onnx
-from trainer.train import resolve_base
+from trainer.run_inputs import resolve_base
 
 CONFIDENCE = 0.95
 K = 10

@@ -28,8 +28,8 @@ from trainer.release.export import (
 from trainer.release.gate import base_embedder, candidate_embedder, judge, refusal, version_embedder
 from trainer.release.register import REGISTRATIONS_FILE, register_version
 from trainer.release.triton_config import TritonChanges
+from trainer.run_inputs import dataset_summary, load_corpus, resolve_base
 from trainer.tracking import mlflow_client
-from trainer.train import dataset_summary, load_corpus, resolve_base
 
 log = logging.getLogger(__name__)
 

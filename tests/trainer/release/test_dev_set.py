@@ -8,7 +8,7 @@ from trainer.data.sample_text import paragraphs, sentences
 from trainer.data.sentences import split_document
 from trainer.release.dev_set import labeled_dev_set, self_supervised_dev_set
 from trainer.release.evaluate import LabeledPair
-from trainer.train import load_corpus
+from trainer.run_inputs import load_corpus
 
 
 def test_pairs_come_from_held_out_documents_only_one_per_document(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ from trainer.encoder import PACKAGE
 from trainer.release.dev_set import self_supervised_dev_set
 from trainer.release.export import ExportRefused
 from trainer.release.publish import load_trained, parent_version, publish
-from trainer.train import load_corpus, train
+from trainer.run_inputs import load_corpus
+from trainer.train import train
 
 
 def write_version(repository: Path, version: int, precision: str, source: str) -> None:
