@@ -42,7 +42,7 @@ triton: bootstrap-model triton-setup
 
 ## Set up, make sure a Redis answers, run the whole test suite.
 test: bootstrap-model ensure-redis triton-setup lint typecheck
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 ## ruff (lint + format) and the import contracts of pyproject.toml's [tool.importlinter] (imports go one way).
 lint: $(STAMP)
