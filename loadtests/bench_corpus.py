@@ -190,7 +190,7 @@ def main() -> None:
         "train_tokens": manifest["train"]["tokens"],
         "prepare_s": manifest["seconds"],
         "prepare_mib_per_s": round(size / MB / manifest["seconds"], 2),
-        "steps": len(metrics),
+        "steps": json.loads(metrics[-1])["step"],  # rows come every monitor.log_every_steps steps
         "wall_s": round(run.wall_s, 1),
         "train_after_prepare_s": round(run.wall_s - manifest["seconds"], 1),
         "peak_rss_mib": round(run.peak_rss_mb, 1),
