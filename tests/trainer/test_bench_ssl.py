@@ -17,6 +17,11 @@ def test_the_adapted_encoder_must_raise_mrr_without_losing_recall() -> None:
     assert bench_ssl.shortfalls(base, {"recall@10": 0.98, "mrr@10": 0.95}) == [
         "recall@10 fell (0.9900 base, 0.9800 adapted)"
     ]
+    # A candidate objective against the default: named as such.
+    assert bench_ssl.shortfalls(base, {"recall@10": 0.98, "mrr@10": 0.88}, ("default", "candidate")) == [
+        "MRR@10 did not rise (0.8900 default, 0.8800 candidate)",
+        "recall@10 fell (0.9900 default, 0.9800 candidate)",
+    ]
 
 
 def test_without_man_pages_it_writes_nothing_and_succeeds(
