@@ -34,7 +34,9 @@ def tiny_config(corpus_file: Path, output_dir: Path, **overrides: object) -> Tra
     raw: dict = {
         "run_name": "tiny",
         "output_dir": str(output_dir),
-        "corpus": {"path": str(corpus_file)},
+        # Views cut in the test process: DataLoader workers are forks, and a fork of this many-threaded pytest
+        # process can deadlock (seen once in CI); the workers have tests of their own (data/test_prepare.py).
+        "corpus": {"path": str(corpus_file), "workers": 0},
         "encoder": {
             "base_model": None,
             "scratch": {"vocab_size": 1500, "hidden_size": 32, "layers": 2, "heads": 2, "max_seq_length": 48},

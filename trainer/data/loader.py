@@ -130,6 +130,9 @@ class _Positions(Sampler[DataPosition]):
         return self.batches.positions(self.start)
 
 
+WORKER_TIMEOUT_S = 600
+
+
 def batch_stream(batches: ContrastiveBatches, start: DataPosition, workers: int, pin_memory: bool) -> Iterator[Batch]:
     """The batches from ``start`` on, cut by ``workers`` processes ahead of the training step (0: in this one)."""
     loader = DataLoader(
@@ -141,5 +144,8 @@ def batch_stream(batches: ContrastiveBatches, start: DataPosition, workers: int,
         # Its own generator: creating the iterator must not draw from the run's torch stream (exact resume).
         generator=torch.Generator(),
         prefetch_factor=2 if workers else None,
+        # A batch takes milliseconds to cut: a worker silent this long is stuck (e.g. a fork of a process whose
+        # other threads held a lock), and the run stops with an error instead of hanging.
+        timeout=WORKER_TIMEOUT_S if workers else 0,
     )
     return iter(loader)
