@@ -2,6 +2,7 @@
 a healthy canary is stepped up and promoted with its collections; a bad or slow one is rolled back."""
 
 import asyncio
+import itertools
 import json
 import random
 import shutil
@@ -91,13 +92,16 @@ class Traffic:
 
 
 @contextmanager
-def traffic(client: httpx.AsyncClient, per_second: float = 20) -> Iterator[Traffic]:
-    """Requests for minilm with fresh texts and random routing keys, sent at a steady rate whatever the
-    answers' latency (as independent clients do), until the block ends. The block fails if any answer was not
-    a 200; requests still in flight when it ends are cancelled, which is not a failure."""
+def traffic(client: httpx.AsyncClient, per_second: float = 20, clients: int | None = None) -> Iterator[Traffic]:
+    """Requests for minilm with fresh texts and random routing keys until the block ends. By default they are sent
+    at a steady rate whatever the answers' latency (as independent clients do); with ``clients``, that many
+    clients each send their next request when the last is answered, so a version slower than the offered rate
+    cannot pile up a backlog on a slow machine. The block fails if any answer was not a 200; requests still in
+    flight when it ends are cancelled, which is not a failure."""
     sent = Traffic()
     pool = sentences()
     rng = random.Random(11)
+    numbers = itertools.count(1)
 
     async def one(number: int) -> None:
         texts = [f"{rng.choice(pool)} #{number}-{i}" for i in range(rng.randint(1, 3))]
@@ -113,19 +117,27 @@ def traffic(client: httpx.AsyncClient, per_second: float = 20) -> Iterator[Traff
         version = response.headers["x-model-version"]
         sent.served[version] = sent.served.get(version, 0) + 1
 
-    async def send() -> None:
+    async def at_a_steady_rate() -> None:
         in_flight: set[asyncio.Task[None]] = set()
-        number = 0
         try:
             while True:
-                number += 1
-                task = asyncio.create_task(one(number))
+                task = asyncio.create_task(one(next(numbers)))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
                 await asyncio.sleep(1 / per_second)
         finally:
             for task in in_flight:
                 task.cancel()
+
+    async def one_after_another() -> None:
+        while True:
+            await one(next(numbers))
+
+    async def send() -> None:
+        if clients is None:
+            await at_a_steady_rate()
+        else:
+            await asyncio.gather(*(one_after_another() for _ in range(clients)))
 
     sender = asyncio.create_task(send())
     try:
@@ -209,8 +221,9 @@ async def test_a_randomly_initialised_canary_is_rolled_back_for_its_neighbourhoo
 
 async def test_a_slow_canary_is_rolled_back_for_its_latency(canary_repository: Path, tmp_path: Path) -> None:
     async with gateway(canary_repository, tmp_path) as (_, client):
-        # Judge latency alone (a random encoder's neighbourhoods would fail it first); at 10 requests/s, 5 are
-        # enough to judge an interval.
+        # Judge latency alone (a random encoder's neighbourhoods would fail it first). Six clients one request
+        # after another: the slow canary (several times MiniLM's compute) cannot build a backlog that times
+        # requests out on a slow machine, as open-loop traffic did in CI; 5 requests judge an interval.
         thresholds = {
             **FAST_ANALYSIS["thresholds"],
             "max_p95_latency_ratio": 2.0,
@@ -219,7 +232,7 @@ async def test_a_slow_canary_is_rolled_back_for_its_latency(canary_repository: P
             "min_requests": 5,
         }
         await start_canary(client, 4, thresholds=thresholds)
-        with traffic(client, per_second=10):
+        with traffic(client, clients=6):
             state = await wait_until_phase(client, {"promoted", "failed", "rolled_back"})
         assert (state["phase"], state["weight"]) == ("failed", 0), json.dumps(state)
         reason = state["history"][-1]["reason"]
