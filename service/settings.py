@@ -102,9 +102,10 @@ class Settings(BaseSettings):
         "(hot-loading; POST /v1/admin/models/reload scans at once); 0 = only at start and on that call.",
     )
     inference_spinning: Literal["auto", "on", "off"] = Field(
-        "auto",
-        description="Whether idle ONNX Runtime threads busy-wait for the next batch: auto = with one version loaded "
-        "only; on lowers latency a little at the price of CPU burnt while idle; off gives it back.",
+        "off",
+        description="Whether ONNX Runtime's threads busy-wait for work during a batch (never between batches): off "
+        "keeps tail latency when other processes share the cores; on or auto (on with one version loaded only) "
+        "gain a few percent on cores the gateway has to itself.",
     )
     device: Literal["cpu", "cuda"] = Field(
         "cpu",
@@ -147,13 +148,14 @@ class Settings(BaseSettings):
         8192, ge=1, description="Most bulk inputs waiting per model version; beyond it bulk requests get 429."
     )
     bulk_share: float = Field(
-        0.25,
+        0.15,
         ge=0.01,
         le=1.0,
-        description="Share of the batches the bulk lane gets while interactive inputs wait too (alone it gets all).",
+        description="Share of the inference time the bulk lane gets while interactive inputs wait too (alone it "
+        "gets all).",
     )
     bulk_max_batch_tokens: int = Field(
-        256,
+        192,
         ge=1,
         description="Most tokens in one bulk batch of the in-process ONNX backend: small, so an interactive input "
         "waits behind one short batch at most (Triton's batches use EMBEDSERVE_TRITON_MAX_BATCH_TOKENS).",

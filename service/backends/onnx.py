@@ -1,10 +1,13 @@
 """In-process ONNX Runtime backend (the embedded default).
 
 One thread budget for every version: the CPUs the container may use (its cgroup quota, else its CPU
-affinity — ``os.cpu_count()`` is the node's, not the pod's), or ``EMBEDSERVE_INFERENCE_THREADS``. A lone
-version's session may use all of it; with several versions loaded (a canary beside stable) each session
-still may, but its idle threads sleep instead of spinning, so two versions running at once share the
-cores instead of burning them on busy-waits (``EMBEDSERVE_INFERENCE_SPINNING`` overrides it either way).
+affinity — ``os.cpu_count()`` is the node's, not the pod's), or ``EMBEDSERVE_INFERENCE_THREADS``. Every
+version's session may use all of it. By default its threads sleep while they wait, even between the operators
+of one batch: threads that busy-wait (spin) gain a few percent on cores the gateway has to itself, but when
+another process takes a core (a co-located Milvus, a bulk client, a second version's batch) each operator
+waits for the preempted thread, and the tail grows (P99 ×1.3 for single sentences under a bulk upsert in
+``make bench-lanes``, ×1.9 beside one busy process). Spinning set ``on``
+spins during batches, ``auto`` only while one version is loaded; neither spins between batches.
 
 On ``EMBEDSERVE_DEVICE=cuda`` sessions run on ONNX Runtime's CUDA execution provider (the ``onnxruntime-gpu``
 build), with inputs and outputs bound once per batch (IO binding) instead of copied by ``run``.
@@ -75,7 +78,7 @@ def _cgroup_quota(root: Path) -> float | None:
 class OnnxBackend:
     name = "onnx"
 
-    def __init__(self, threads: int = 0, device: Device = "cpu", spinning: Spinning = "auto") -> None:
+    def __init__(self, threads: int = 0, device: Device = "cpu", spinning: Spinning = "off") -> None:
         self.threads = threads or available_cpus()
         self.device = device
         self._spinning = spinning

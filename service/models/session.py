@@ -19,8 +19,10 @@ def cpu_session(path: Path, threads: int = 0, spinning: bool = True) -> ort.Infe
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    # Spinning threads wait for work by busy-looping: right for one session, CPU burnt against another.
+    # Spinning threads wait for work by busy-looping: right for one session, CPU burnt against another. They
+    # spin only while a run is going (between its operators), never between batches.
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(
         str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=CPU_DISABLED_FUSIONS

@@ -9,6 +9,7 @@ import pytest
 
 from service.backends.onnx import DeviceUnavailable, OnnxBackend, available_cpus
 from service.models.store import ModelStore
+from service.settings import Settings
 
 AFFINITY = len(os.sched_getaffinity(0))
 
@@ -40,25 +41,36 @@ def test_the_budget_is_the_cgroup_quota_within_the_affinity(tmp_path: Path, file
 
 
 def spinning(backend: OnnxBackend) -> set[str]:
-    return {
-        loaded.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
-        for loaded in backend._loaded.values()
-    }
+    """Each loaded session's spinning while it runs a batch; every one must stop spinning between batches."""
+    options = [loaded.session.get_session_options() for loaded in backend._loaded.values()]
+    assert {option.get_session_config_entry("session.force_spinning_stop") for option in options} == {"1"}
+    return {option.get_session_config_entry("session.intra_op.allow_spinning") for option in options}
 
 
-async def test_one_version_spins_several_share_the_budget_without_spinning(model_repository: Path) -> None:
+async def test_by_default_no_version_spins_and_every_one_shares_the_budget(model_repository: Path) -> None:
     store = ModelStore.scan(model_repository)
     tiny = store.versions_of("tiny")
-    alone, shared = OnnxBackend(threads=2), OnnxBackend()
+    defaults = Settings.model_fields  # the settings' defaults, whatever this shell's environment says
+    backend = OnnxBackend(defaults["inference_threads"].default, spinning=defaults["inference_spinning"].default)
+    try:
+        await backend.start(tiny)
+        assert len(tiny) > 1 and spinning(backend) == {"0"}
+        assert backend.threads == available_cpus()
+        assert {loaded.session.get_session_options().intra_op_num_threads for loaded in backend._loaded.values()} == {
+            backend.threads
+        }
+    finally:
+        await backend.close()
+
+
+async def test_auto_spins_with_one_version_and_stops_beside_another(model_repository: Path) -> None:
+    tiny = ModelStore.scan(model_repository).versions_of("tiny")
+    alone, shared = OnnxBackend(threads=2, spinning="auto"), OnnxBackend(spinning="auto")
     try:
         await alone.start(tiny[:1])
         await shared.start(tiny)
         assert spinning(alone) == {"1"}
         assert spinning(shared) == {"0"}
-        assert shared.threads == available_cpus()
-        assert {loaded.session.get_session_options().intra_op_num_threads for loaded in shared._loaded.values()} == {
-            shared.threads
-        }
     finally:
         await alone.close()
         await shared.close()
