@@ -1,6 +1,7 @@
 """Process-group set-up for torchrun (DDP across GPUs and nodes; one gloo process on CPU works too)."""
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,9 +42,23 @@ def init_topology() -> Topology:
     return Topology(rank, world_size, local_rank, torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
 
 
-def shutdown(topology: Topology) -> None:
-    if topology.distributed:
-        dist.destroy_process_group()
+# How long the process group's worker threads get, with the GIL free, to finish freeing their last collective.
+_WORKERS_SETTLE_S = 0.1
+
+
+def shutdown(topology: Topology, after_error: bool = False) -> None:
+    """Leave the process group, every rank at once unless ``after_error`` (a failing rank may be alone here).
+
+    gloo's worker threads free each finished collective's tensors themselves, which takes the GIL; the group's
+    destructor joins them while holding it. Destroyed while one of them still frees its last collective, the
+    process never exits (seen in CI: torchrun waiting on a rank stuck in ``~ProcessGroupGloo``). A barrier and a
+    short sleep, both waited with the GIL free, let them finish first."""
+    if not topology.distributed:
+        return
+    if not after_error:
+        dist.barrier()
+    time.sleep(_WORKERS_SETTLE_S)
+    dist.destroy_process_group()
 
 
 def all_ranks_agree(flag: bool, topology: Topology) -> bool:

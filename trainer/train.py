@@ -426,6 +426,7 @@ def train(
 
     A resumed run continues the MLflow run its checkpoint names; a run that raises is marked FAILED there."""
     topology = init_topology()
+    failed = True
     try:
         state = load_checkpoint(resume) if resume is not None else None
         tracker = start_tracking(config, topology.is_main, state.get("tracking") if state else None)
@@ -434,9 +435,11 @@ def train(
             if state is not None:
                 trainer.restore(state, allow_config_change)
                 log.info("resumed", extra={"step": trainer.step, "checkpoint": str(resume)})
-            return trainer.run(time_limit_s)
+            result = trainer.run(time_limit_s)
+            failed = False
+            return result
         except BaseException as error:
             tracker.fail(error)
             raise
     finally:
-        shutdown(topology)
+        shutdown(topology, after_error=failed)

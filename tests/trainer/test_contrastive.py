@@ -23,7 +23,7 @@ from trainer.contrastive import (
     micro_batches_per_contrastive_batch,
 )
 from trainer.data.order import DataPosition
-from trainer.distributed import Topology
+from trainer.distributed import Topology, shutdown
 from trainer.losses import info_nce
 from trainer.train import Trainer, read_metrics
 
@@ -169,10 +169,9 @@ def _two_ranks(rank: int, init_file: str, results: str) -> None:
         both = {"gathered": gathered, "cached": {"loss": float(sum(losses) / 2), "grads": cached_grads}}
         torch.save(both, Path(results) / f"{rank}.pt")
         # DDP holds the process group: released, on every rank, before the group is destroyed.
-        dist.barrier()
         del model
     finally:
-        dist.destroy_process_group()
+        shutdown(Topology(rank, 2, 0, torch.device("cpu")))
 
 
 def test_two_gloo_processes_of_batch_16_match_one_process_of_batch_32(tmp_path: Path) -> None:

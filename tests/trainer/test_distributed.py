@@ -14,7 +14,7 @@ import torch.distributed as dist
 from tests.trainer.conftest import spawn_ranks, tiny_config
 from trainer.checkpoint import load_checkpoint
 from trainer.data.loader import Batch
-from trainer.distributed import Topology, all_ranks_agree
+from trainer.distributed import Topology, all_ranks_agree, shutdown
 from trainer.step_loss import StepLoss
 from trainer.train import NonFiniteLoss, Trainer
 
@@ -39,7 +39,7 @@ def _agree(rank: int, init_file: str, results: str) -> None:
             "nowhere": all_ranks_agree(False, topology),
         }
     finally:
-        dist.destroy_process_group()
+        shutdown(topology)
     (Path(results) / f"{rank}.json").write_text(json.dumps(answers))
 
 
@@ -86,7 +86,7 @@ def _poisoned_on_rank_1(rank: int, init_file: str, corpus_file: str, output_dir:
         dist.barrier()
         del trainer
     finally:
-        dist.destroy_process_group()
+        shutdown(topology)
 
 
 def test_a_nan_on_one_rank_stops_every_rank_at_the_same_metrics_row_naming_its_step(
@@ -131,7 +131,7 @@ def _one_step(rank: int, init_file: str, corpus_file: str, output_dir: str, resu
             "loss": record["loss"],
         }
     finally:
-        dist.destroy_process_group()
+        shutdown(topology)
     (Path(results) / f"{rank}.json").write_text(json.dumps(report))
 
 
@@ -227,7 +227,7 @@ def _accumulate(rank: int, init_file: str, corpus_file: str, output_dir: str, re
             "weights": _digest(accumulated.encoder),
         }
     finally:
-        dist.destroy_process_group()
+        shutdown(topology)
     (Path(results) / f"{rank}.json").write_text(json.dumps(report))
 
 
@@ -269,7 +269,7 @@ def _train_4_steps(
             json.dumps({"losses": losses, "weights": _digest(trainer.encoder)})
         )
     finally:
-        dist.destroy_process_group()
+        shutdown(topology)
 
 
 @pytest.fixture(scope="module")

@@ -158,10 +158,10 @@ def test_a_reindex_driven_by_one_replica_keeps_every_write_of_the_other(
         assert item["text"] == text, item_id
     # Embedded by version 2: an item's own text finds it, from either replica. Under the random tiny encoder these
     # near-identical texts all lie within cosine 0.997 of each other, where HNSW (approximate) can miss the exact
-    # row at a search depth of 3 (seen once in CI): 10 hits, and so a deeper search.
+    # row at a search depth of 3, and of 10 (each seen once in CI): 200 hits, and so a search 200 deep.
     for i, item_id in enumerate(sorted(texts)[::97]):
         client = (a, b)[i % 2]
-        response = client.post("/v1/collections/moving/search", json={"query": texts[item_id], "top_k": 10})
+        response = client.post("/v1/collections/moving/search", json={"query": texts[item_id], "top_k": 200})
         assert response.headers["x-model-version"] == "2"
         assert item_id in [hit["id"] for hit in ok(response)["hits"]], item_id
     # Both replicas resume re-indexes nobody drives, yet only A (which started it) copied.
