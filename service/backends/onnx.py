@@ -6,8 +6,8 @@ version's session may use all of it. By default its threads sleep while they wai
 of one batch: threads that busy-wait (spin) gain a few percent on cores the gateway has to itself, but when
 another process takes a core (a co-located Milvus, a bulk client, a second version's batch) each operator
 waits for the preempted thread, and the tail grows (P99 ×1.3 for single sentences under a bulk upsert in
-``make bench-lanes``, ×1.9 beside one busy process). Spinning set ``on``
-spins during batches, ``auto`` only while one version is loaded; neither spins between batches.
+``make bench-lanes``, ×1.9 beside one busy process). Spinning set ``on`` spins during batches, ``auto`` only
+while one version is loaded; neither spins between batches.
 
 On ``EMBEDSERVE_DEVICE=cuda`` sessions run on ONNX Runtime's CUDA execution provider (the ``onnxruntime-gpu``
 build), with inputs and outputs bound once per batch (IO binding) instead of copied by ``run``.

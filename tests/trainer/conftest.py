@@ -83,9 +83,9 @@ def spawn_ranks(
 ) -> None:
     """Run ``target(rank, *args)`` in two gloo processes and wait for them, never forever: a rank that raised fails
     the test (mp.spawn's error); ranks still running after ``timeout_s`` are killed. When every file in ``results``
-    is written the ranks did their work: ranks still running ``grace_after_results_s`` later hung exiting (seen in
-    CI with gloo on a loaded CPU, after the process group was destroyed) and are killed, and the test goes on to
-    check the results, with a warning; ranks killed without their results fail the test."""
+    is written the ranks did their work: ranks still running ``grace_after_results_s`` later hung exiting (the
+    deadlock ``trainer.distributed.shutdown`` prevents, seen in CI before it did) and are killed, and the test goes
+    on to check the results, with a warning; ranks killed without their results fail the test."""
     context = mp.spawn(target, args=args, nprocs=2, join=False)
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=1):
