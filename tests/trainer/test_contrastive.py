@@ -159,8 +159,8 @@ def _two_ranks(rank: int, init_file: str, results: str) -> None:
         dist.all_gather(losses, loss.detach())
         gathered = {"loss": float(sum(losses) / 2), "grads": [p.grad.clone() for p in model.parameters()]}
 
-        def no_sync_but_last(i: int, ddp: DistributedDataParallel = model):  # bound now: `model` is deleted below
-            return ddp.no_sync() if i < 3 else nullcontext()
+        def no_sync_but_last(i: int):
+            return model.no_sync() if i < 3 else nullcontext()
 
         # GradCache on each rank (4 chunks of 4 texts) under DDP, across the ranks' batches.
         cached_loss, cached_grads = cached(model, x[mine], y[mine], mask, chunk=4, context=no_sync_but_last)
@@ -168,8 +168,6 @@ def _two_ranks(rank: int, init_file: str, results: str) -> None:
         dist.all_gather(losses, torch.tensor(cached_loss))
         both = {"gathered": gathered, "cached": {"loss": float(sum(losses) / 2), "grads": cached_grads}}
         torch.save(both, Path(results) / f"{rank}.pt")
-        # DDP holds the process group: released, on every rank, before the group is destroyed.
-        del model
     finally:
         shutdown(Topology(rank, 2, 0, torch.device("cpu")))
 

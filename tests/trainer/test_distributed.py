@@ -82,9 +82,6 @@ def _poisoned_on_rank_1(rank: int, init_file: str, corpus_file: str, output_dir:
         except NonFiniteLoss as error:
             stopped = str(error)
         (Path(results) / f"{rank}.json").write_text(json.dumps({"stopped": stopped, "step": trainer.step}))
-        # DDP holds the process group: released, on every rank, before the group is destroyed.
-        dist.barrier()
-        del trainer
     finally:
         shutdown(topology)
 
