@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_REPOSITORY ?= model_repository
 
-.PHONY: run test lint typecheck bootstrap-model ensure-redis clean bench bench-ssl bench-ssl-views bench-search bench-lanes bench-train bench-corpus triton triton-setup loadtest
+.PHONY: run test lint typecheck bootstrap-model ensure-redis clean bench bench-ssl bench-ssl-views bench-search bench-hybrid-engine bench-lanes bench-train bench-corpus triton triton-setup loadtest
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -77,8 +77,15 @@ bench-corpus: $(STAMP)
 
 ## Upsert throughput on real text, dense/keyword/hybrid search latency at 100k items, and retrieval quality of dense,
 ## keyword and every fusion on the machine's man pages (loadtests/results/bench_search.json; exits 1 on a missed target).
+## On a scratch Milvus server instead of Milvus Lite: make bench-search MILVUS_URI=http://host:19530
 bench-search: bootstrap-model
-	$(PY) -m loadtests.bench_search
+	$(PY) -m loadtests.bench_search $(if $(MILVUS_URI),--milvus-uri $(MILVUS_URI))
+
+## The gateway's search legs, fusion and read by id on the Milvus at MILVUS_URI, below the gateway: where hybrid's time
+## goes on a given engine (loadtests/results/bench_hybrid_engine.json). BENCH_HYBRID_ENGINE_ARGS for index and size.
+bench-hybrid-engine: $(STAMP)
+	@test -n "$(MILVUS_URI)" || { echo "set MILVUS_URI, e.g. make bench-hybrid-engine MILVUS_URI=http://127.0.0.1:19530"; exit 2; }
+	$(PY) -m loadtests.bench_hybrid_engine --uri $(MILVUS_URI) $(BENCH_HYBRID_ENGINE_ARGS)
 
 ## Interactive P99 at c=4 while a 20,000-item bulk upsert runs, lanes vs one queue (loadtests/results/bench_lanes.json).
 bench-lanes: bootstrap-model
