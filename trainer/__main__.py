@@ -79,6 +79,21 @@ def main() -> None:
     chain.add_argument("--report", type=Path, help="write the JSON report here too (default: the release's folder)")
     chain.add_argument("--restart", action="store_true", help="abandon the unfinished release and start a new one")
 
+    release_watch = commands.add_parser(
+        "release-watch",
+        help="start the release Job from a CronJob's template when a release is due (from a small CPU-only pod)",
+        description="Decide whether a release of the config's model is due (an unfinished release, or the gateway's "
+        "staleness or drift signal) and, when it is and no Job from --job-template runs, create one from that "
+        "CronJob's template, as kubectl create job --from=cronjob/NAME does (trainer/release/watch.py). Prints the "
+        "decision as JSON; exit 0 whatever it is, 1 on an error. The admin key is EMBEDSERVE_ADMIN_API_KEY.",
+    )
+    release_watch.add_argument("--config", type=Path, required=True, help="the release's run config (its model)")
+    release_watch.add_argument("--gateway", default=os.environ.get("EMBEDSERVE_URL", "http://127.0.0.1:8000"))
+    release_watch.add_argument("--state-dir", type=Path, default=Path("releases"), help="the releases' state")
+    release_watch.add_argument("--job-template", required=True, help="the (suspended) CronJob whose Job releases")
+    release_watch.add_argument("--kube-api", help="Kubernetes API URL (default: the pod's own cluster)")
+    release_watch.add_argument("--namespace", help="namespace of the CronJob (default: the pod's own)")
+
     quantize = commands.add_parser("quantize", help="write the INT8 (per-channel) twin of a version as a new version")
     quantize.add_argument("--version-dir", type=Path, required=True, help="e.g. model_repository/minilm/1")
 
@@ -143,6 +158,8 @@ def run(args: argparse.Namespace) -> None:
         log.info("exported", extra={"version_dir": str(written)})
     elif args.command == "release":
         sys.exit(release_command(args))
+    elif args.command == "release-watch":
+        sys.exit(release_watch_command(args))
     elif args.command == "quantize":
         from trainer.data.sample_text import sentences
         from trainer.release.quantize import quantize_version
@@ -188,6 +205,24 @@ def release_command(args: argparse.Namespace) -> int:
         args.report.write_text(document)
     print(document, end="")
     return exit_code(state)
+
+
+def release_watch_command(args: argparse.Namespace) -> int:
+    from client.gateway import Gateway
+    from trainer.config import load_config
+    from trainer.release.kube import Cluster
+    from trainer.release.watch import watch
+
+    model = load_config(args.config).export.model
+    try:
+        cluster = Cluster.in_cluster(args.kube_api, args.namespace)
+        with Gateway(args.gateway, os.environ.get("EMBEDSERVE_ADMIN_API_KEY")) as gateway:
+            decision = watch(model, gateway, args.state_dir, cluster, args.job_template)
+    except RuntimeError as error:  # the cluster's refusals, said plainly
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(decision.model_dump_json())
+    return 0
 
 
 def evaluate_command(args: argparse.Namespace) -> dict[str, object]:

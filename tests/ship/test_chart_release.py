@@ -64,15 +64,53 @@ def test_the_release_runs_on_its_schedule_one_at_a_time(rendered: dict[str, list
     ]
 
 
-def test_the_watch_job_runs_the_same_release_with_trigger_auto(rendered: dict[str, list[dict[str, Any]]]) -> None:
+def test_the_watch_starts_the_gpu_release_only_from_a_suspended_template(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
     manifests = rendered["bundled-redis"]
-    release, watch = cronjob(manifests, f"{RELEASE}-release"), cronjob(manifests, f"{RELEASE}-release-watch")
-    assert watch["spec"]["schedule"] == "*/15 * * * *" and watch["spec"]["concurrencyPolicy"] == "Forbid"
-    args = container(watch)["args"]
+    release, auto = cronjob(manifests, f"{RELEASE}-release"), cronjob(manifests, f"{RELEASE}-release-auto")
+    # The template: the same release with --trigger auto, GPU and volumes, never run on its own schedule.
+    assert auto["spec"]["suspend"] is True and "suspend" not in release["spec"]
+    args = container(auto)["args"]
     assert args[args.index("--trigger") + 1] == "auto"
-    swap = [("auto" if a == "schedule" else a) for a in container(release)["args"]]
-    assert swap == args
-    assert pod_spec(watch)["volumes"] == pod_spec(release)["volumes"]
+    assert [("auto" if a == "schedule" else a) for a in container(release)["args"]] == args
+    assert pod_spec(auto)["volumes"] == pod_spec(release)["volumes"]
+    assert container(auto)["resources"] == container(release)["resources"]
+    # The watch: every 15 minutes, a small pod with no GPU that decides and starts a Job from that template.
+    watch = cronjob(manifests, f"{RELEASE}-release-watch")
+    assert watch["spec"]["schedule"] == "*/15 * * * *" and watch["spec"]["concurrencyPolicy"] == "Forbid"
+    decide = container(watch)
+    assert decide["command"] + decide["args"] == [
+        *("python", "-m", "trainer", "release-watch"),
+        *("--config", "/etc/embedserve/release/run.yaml"),
+        *("--gateway", f"http://{RELEASE}.{NAMESPACE}.svc:80"),
+        *("--state-dir", STATE_DIR),
+        *("--job-template", f"{RELEASE}-release-auto"),
+    ]
+    assert "nvidia.com/gpu" not in str(decide["resources"]) and "nvidia.com/gpu" not in str(pod_spec(watch))
+    assert decide["resources"]["requests"] == {"cpu": "100m", "memory": "512Mi"}
+    state = next(m for m in decide["volumeMounts"] if m["mountPath"] == STATE_DIR)
+    assert state["readOnly"] is True
+    env = {e["name"]: e for e in decide["env"]}
+    assert (
+        env["EMBEDSERVE_ADMIN_API_KEY"] == {e["name"]: e for e in container(release)["env"]}["EMBEDSERVE_ADMIN_API_KEY"]
+    )
+    # Its own account, the only one of the chart with a token, allowed to read that template and start Jobs.
+    spec = pod_spec(watch)
+    assert spec["serviceAccountName"] == f"{RELEASE}-release-watch" and spec["automountServiceAccountToken"] is True
+    (role,) = find(manifests, "Role", f"{RELEASE}-release-watch")
+    assert {
+        "apiGroups": ["batch"],
+        "resources": ["cronjobs"],
+        "resourceNames": [f"{RELEASE}-release-auto"],
+        "verbs": ["get"],
+    } in role["rules"]
+    assert {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "create"]} in role["rules"]
+    (binding,) = find(manifests, "RoleBinding", f"{RELEASE}-release-watch")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": f"{RELEASE}-release-watch", "namespace": NAMESPACE}
+    ]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
 
 
 def test_release_mounts_corpus_repository_and_state(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -126,7 +164,7 @@ def test_the_network_policy_lets_release_jobs_reach_the_gateway(rendered: dict[s
     manifests = rendered["bundled-redis"]
     (policy,) = find(manifests, "NetworkPolicy", RELEASE)
     peers = policy["spec"]["ingress"][0]["from"]
-    for name in (f"{RELEASE}-release", f"{RELEASE}-release-watch"):
+    for name in (f"{RELEASE}-release", f"{RELEASE}-release-auto", f"{RELEASE}-release-watch"):
         labels = cronjob(manifests, name)["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
         assert {"podSelector": {"matchLabels": labels}} in peers
 
@@ -135,6 +173,7 @@ def test_defaults_of_an_enabled_release() -> None:
     manifests = render(with_release(enabled=True))
     job = cronjob(manifests, f"{RELEASE}-release")
     assert find(manifests, "CronJob", f"{RELEASE}-release-watch") == []
+    assert find(manifests, "Role") == [] and find(manifests, "RoleBinding") == []
     assert container(job)["image"] == "embedserve/trainer:0.1.0"  # the chart's appVersion
     assert container(job)["resources"]["requests"]["nvidia.com/gpu"] == 1
     run = yaml.safe_load(find(manifests, "ConfigMap", f"{RELEASE}-release")[0]["data"]["run.yaml"])
@@ -144,9 +183,10 @@ def test_defaults_of_an_enabled_release() -> None:
         "corpus": {"path": "/data/corpus"},
         "export": {"repository": "/models"},
     }
-    # Only the watch: its CronJob alone.
+    # Only the watch: its CronJob and the template it starts Jobs from.
     watch_only = render(with_release(watch={"enabled": True}))
-    assert [j["metadata"]["name"] for j in find(watch_only, "CronJob")] == [f"{RELEASE}-release-watch"]
+    names = sorted(j["metadata"]["name"] for j in find(watch_only, "CronJob"))
+    assert names == [f"{RELEASE}-release-auto", f"{RELEASE}-release-watch"]
 
 
 def test_a_config_change_rolls_into_the_next_run() -> None:
@@ -162,9 +202,12 @@ def test_a_config_change_rolls_into_the_next_run() -> None:
 
 def test_long_names_stay_within_the_cronjob_limit() -> None:
     manifests = render({**with_release(enabled=True, watch={"enabled": True}), "fullnameOverride": "e" * 63})
-    names = [job["metadata"]["name"] for job in find(manifests, "CronJob")]
-    assert len(set(names)) == 2 and all(len(name) <= 52 for name in names), names
-    assert names[0].endswith("e-release") and names[1].endswith("e-release-watch"), names
+    names = {
+        job["metadata"]["name"].rsplit("e-release", 1)[1]: job["metadata"]["name"] for job in find(manifests, "CronJob")
+    }
+    assert sorted(names) == ["", "-auto", "-watch"] and all(len(name) <= 52 for name in names.values()), names
+    (role,) = find(manifests, "Role")
+    assert role["rules"][0]["resourceNames"] == [names["-auto"]]
 
 
 @pytest.mark.parametrize(

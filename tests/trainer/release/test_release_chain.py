@@ -25,6 +25,7 @@ import yaml
 from loadtests.processes import MilvusLiteServer, gateway, milvus_server
 from tests.conftest import SHARED_REDIS_URL
 from tests.trainer.conftest import tiny_config
+from tests.trainer.release.kube_api import NAMESPACE, KubeApi, kube_api
 from trainer.data.sample_text import paragraphs, sentences
 from trainer.release.publish import publish
 from trainer.train import train
@@ -32,6 +33,7 @@ from trainer.train import train
 ADMIN_KEY = "release-admin"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 DOCS = "docs"  # the collection of tiny each test's gateway serves
+TEMPLATE = "embedserve-release-auto"  # the suspended CronJob the release watch starts Jobs from
 # Judged every second on a handful of requests; one pass steps, one failure fails.
 FAST_ANALYSIS: dict[str, Any] = {
     "interval_s": 1.0,
@@ -163,6 +165,18 @@ def run_release(
     command += ["--state-dir", str(state_dir), "--report", str(report), "--trigger", trigger]
     env = {**os.environ, "EMBEDSERVE_ADMIN_API_KEY": ADMIN_KEY}
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
+def run_watch(config: Path, url: str, state_dir: Path, api: KubeApi) -> dict[str, Any]:
+    """``python -m trainer release-watch`` against the Kubernetes API stand-in; its decision."""
+    command = [sys.executable, "-m", "trainer", "release-watch", "--config", str(config), "--gateway", url]
+    command += ["--state-dir", str(state_dir), "--job-template", TEMPLATE, "--kube-api", api.url]
+    command += ["--namespace", NAMESPACE]
+    env = {**os.environ, "EMBEDSERVE_ADMIN_API_KEY": ADMIN_KEY}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    decision: dict[str, Any] = json.loads(done.stdout)
+    return decision
 
 
 def gateway_state(url: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -352,6 +366,11 @@ def test_an_auto_trigger_starts_a_release_only_when_the_gateway_says_one_is_due(
     state_dir = tmp_path / "state"
     # Nothing due (the stable version is young, no drift): exit 0, no release, nothing in the ledger.
     with release_gateway(repository, own_milvus, shared_redis_prefix, tmp_path / "young") as url:
+        # The watch asks the same question first, and starts no Job.
+        with kube_api(TEMPLATE) as api:
+            decision = run_watch(config, url, state_dir, api)
+            assert decision == {"model": "tiny", "decision": "not_due", "reason": None, "job": None}
+            assert [method for method, _, _ in api.requests] == []
         done = run_release(config, url, state_dir, tmp_path / "quiet.json", trigger="auto")
         assert done.returncode == 0, done.stderr[-3000:]
         assert json.loads(done.stdout)["outcome"] == "not_due"
@@ -365,3 +384,37 @@ def test_an_auto_trigger_starts_a_release_only_when_the_gateway_says_one_is_due(
         assert (report["trigger"], report["outcome"], done.returncode) == ("staleness", "gate_refused", 1)
         metrics = httpx.get(f"{url}/metrics").text
         assert 'embedserve_release_triggers_total{decision="started",model="tiny",trigger="staleness"} 1.0' in metrics
+
+
+def test_the_watch_starts_one_release_job_when_a_release_is_due(
+    corpus_file: Path,
+    pairs_file: Path,
+    repository: Path,
+    tmp_path: Path,
+    own_milvus: MilvusLiteServer,
+    shared_redis_prefix: str,
+) -> None:
+    config = release_config(corpus_file, pairs_file, repository, tmp_path)
+    state_dir = tmp_path / "state"
+    stale = {"EMBEDSERVE_RELEASE_MAX_MODEL_AGE_S": "1"}
+    with (
+        release_gateway(repository, own_milvus, shared_redis_prefix, tmp_path / "stale", **stale) as url,
+        kube_api(TEMPLATE) as api,
+    ):
+        started = run_watch(config, url, state_dir, api)
+        assert (started["decision"], started["reason"]) == ("started", "staleness")
+        (job,) = api.jobs
+        assert started["job"] == job["metadata"]["name"] and job["spec"] == api.cronjob["spec"]["jobTemplate"]["spec"]
+        # While that Job runs, the next slots start none; once it has finished, a release still due starts one.
+        assert run_watch(config, url, state_dir, api)["decision"] == "already_running"
+        job["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+        assert run_watch(config, url, state_dir, api)["decision"] == "started"
+        # The watch itself claims nothing: the gateway's ledger has no release until a Job runs one.
+        assert gateway_state(url)[2]["releases"] == []
+        # An unfinished release (a release pod that died) is resumed by a Job, whatever the gateway says.
+        for running in api.jobs:
+            running["status"] = {"conditions": [{"type": "Failed", "status": "True"}]}
+        (state_dir / "tiny").mkdir(parents=True)
+        (state_dir / "tiny" / "current").write_text("20261205T000000Z-abcdef")
+        resumed = run_watch(config, url, state_dir, api)
+        assert (resumed["decision"], resumed["reason"], len(api.jobs)) == ("started", "unfinished", 3)
