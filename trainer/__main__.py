@@ -82,14 +82,13 @@ def main() -> None:
     release_watch = commands.add_parser(
         "release-watch",
         help="start the release Job from a CronJob's template when a release is due (from a small CPU-only pod)",
-        description="Decide whether a release of the config's model is due (an unfinished release, or the gateway's "
-        "staleness or drift signal) and, when it is and no Job from --job-template runs, create one from that "
-        "CronJob's template, as kubectl create job --from=cronjob/NAME does (trainer/release/watch.py). Prints the "
-        "decision as JSON; exit 0 whatever it is, 1 on an error. The admin key is EMBEDSERVE_ADMIN_API_KEY.",
+        description="Decide whether a release of the config's model is due (the gateway's staleness or drift signal, "
+        "or its running release whose Job is gone) and, when it is and no release Job runs, create one from the "
+        "--job-template CronJob's template, as kubectl create job --from=cronjob/NAME does (trainer/release/watch.py). "
+        "Prints the decision as JSON; exit 0 whatever it is, 1 on an error. The admin key is EMBEDSERVE_ADMIN_API_KEY.",
     )
     release_watch.add_argument("--config", type=Path, required=True, help="the release's run config (its model)")
     release_watch.add_argument("--gateway", default=os.environ.get("EMBEDSERVE_URL", "http://127.0.0.1:8000"))
-    release_watch.add_argument("--state-dir", type=Path, default=Path("releases"), help="the releases' state")
     release_watch.add_argument("--job-template", required=True, help="the (suspended) CronJob whose Job releases")
     release_watch.add_argument("--kube-api", help="Kubernetes API URL (default: the pod's own cluster)")
     release_watch.add_argument("--namespace", help="namespace of the CronJob (default: the pod's own)")
@@ -208,7 +207,7 @@ def release_command(args: argparse.Namespace) -> int:
 
 
 def release_watch_command(args: argparse.Namespace) -> int:
-    from client.gateway import Gateway
+    from client.gateway import Gateway, GatewayError
     from trainer.config import load_config
     from trainer.release.kube import Cluster
     from trainer.release.watch import watch
@@ -217,8 +216,8 @@ def release_watch_command(args: argparse.Namespace) -> int:
     try:
         cluster = Cluster.in_cluster(args.kube_api, args.namespace)
         with Gateway(args.gateway, os.environ.get("EMBEDSERVE_ADMIN_API_KEY")) as gateway:
-            decision = watch(model, gateway, args.state_dir, cluster, args.job_template)
-    except RuntimeError as error:  # the cluster's refusals, said plainly
+            decision = watch(model, gateway, cluster, args.job_template)
+    except (RuntimeError, GatewayError) as error:  # the cluster's refusals, an unreachable gateway: said plainly
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(decision.model_dump_json())

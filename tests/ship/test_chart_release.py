@@ -84,13 +84,16 @@ def test_the_watch_starts_the_gpu_release_only_from_a_suspended_template(
         *("python", "-m", "trainer", "release-watch"),
         *("--config", "/etc/embedserve/release/run.yaml"),
         *("--gateway", f"http://{RELEASE}.{NAMESPACE}.svc:80"),
-        *("--state-dir", STATE_DIR),
         *("--job-template", f"{RELEASE}-release-auto"),
     ]
     assert "nvidia.com/gpu" not in str(decide["resources"]) and "nvidia.com/gpu" not in str(pod_spec(watch))
     assert decide["resources"]["requests"] == {"cpu": "100m", "memory": "512Mi"}
-    state = next(m for m in decide["volumeMounts"] if m["mountPath"] == STATE_DIR)
-    assert state["readOnly"] is True
+    # Every release Job is labelled so (the watch starts none while one runs); the watch's own Jobs are not.
+    for job, runs in ((release, "release"), (auto, "release"), (watch, None)):
+        assert job["spec"]["jobTemplate"]["metadata"]["labels"].get("embedserve.io/runs") == runs
+    # No claim: it asks the gateway and the Kubernetes API only.
+    assert [m["mountPath"] for m in decide["volumeMounts"]] == ["/etc/embedserve/release", "/tmp"]
+    assert not [v for v in pod_spec(watch)["volumes"] if "persistentVolumeClaim" in v]
     env = {e["name"]: e for e in decide["env"]}
     assert (
         env["EMBEDSERVE_ADMIN_API_KEY"] == {e["name"]: e for e in container(release)["env"]}["EMBEDSERVE_ADMIN_API_KEY"]

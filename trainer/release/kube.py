@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-# The label on every Job started here, naming its template: how the watch finds the ones still running.
+# The label on every Job started here, naming its template.
 STARTED_FROM = "embedserve.io/started-from"
 TIMEOUT_S = 30.0
 
@@ -53,12 +53,10 @@ class Cluster:
         return httpx.Client(base_url=self.api, headers=headers, verify=verify, timeout=TIMEOUT_S)
 
 
-def running_jobs(cluster: Cluster, client: httpx.Client, cronjob: str) -> list[str]:
-    """The Jobs started from ``cronjob``'s template that have neither completed nor failed."""
-    answer = client.get(
-        f"/apis/batch/v1/namespaces/{cluster.namespace}/jobs", params={"labelSelector": f"{STARTED_FROM}={cronjob}"}
-    )
-    _raise_for_status(answer, f"list the Jobs started from {cronjob}")
+def running_jobs(cluster: Cluster, client: httpx.Client, selector: str) -> list[str]:
+    """The Jobs of the namespace that match the label ``selector`` and have neither completed nor failed."""
+    answer = client.get(f"/apis/batch/v1/namespaces/{cluster.namespace}/jobs", params={"labelSelector": selector})
+    _raise_for_status(answer, f"list the Jobs labelled {selector}")
     return [job["metadata"]["name"] for job in answer.json().get("items", []) if not _finished(job)]
 
 

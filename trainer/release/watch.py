@@ -2,17 +2,20 @@
 small CPU-only pod that decides whether a release is due and, only then, starts the release Job, with its GPU, from
 the template of a suspended CronJob that runs ``release --trigger auto``.
 
-Due means: the model has an unfinished release (a release pod that died; the Job resumes it), or the gateway says
-staleness or drift calls for one. Nothing is started while a Job from that template still runs. The Job decides
-again when it starts (``--trigger auto``), so a signal that cleared meanwhile starts nothing there either.
+Due means: the gateway's ledger holds a running release of the model while no release Job runs (its pod died; the
+Job resumes it from the state claim), or the gateway says staleness or drift calls for one. Nothing is started while
+any release Job runs (the chart labels every release Job ``RELEASE_JOBS``: scheduled, started here or by hand). The
+watch asks only the gateway and the Kubernetes API, so it mounts no claim (a ReadWriteOnce state claim held by a
+release Job on a GPU node would keep it from starting). The Job decides again when it starts (``--trigger auto``),
+so a signal that cleared meanwhile starts nothing there either.
 """
-
-from pathlib import Path
 
 from pydantic import BaseModel
 
 from client.gateway import Gateway
 from trainer.release.kube import Cluster, running_jobs, start_job
+
+RELEASE_JOBS = "embedserve.io/runs=release"  # the label selector of every Job that runs a release
 
 
 class WatchDecision(BaseModel):
@@ -22,17 +25,14 @@ class WatchDecision(BaseModel):
     job: str | None = None
 
 
-def watch(model: str, gateway: Gateway, state_dir: Path, cluster: Cluster, cronjob: str) -> WatchDecision:
-    """Start a Job from ``cronjob`` when a release of ``model`` is due and none runs; what was decided."""
-    if (state_dir / model / "current").is_file():
-        reason = "unfinished"
-    else:
-        due = gateway.release_signals(model).due
-        if not due:
-            return WatchDecision(model=model, decision="not_due")
-        reason = due[0]
+def watch(model: str, gateway: Gateway, cluster: Cluster, cronjob: str) -> WatchDecision:
+    """Start a Job from ``cronjob`` when a release of ``model`` is due and no release Job runs; what was decided."""
+    signals = gateway.release_signals(model)
+    reason = "unfinished" if signals.release_running else (signals.due[0] if signals.due else None)
+    if reason is None:
+        return WatchDecision(model=model, decision="not_due")
     with cluster.client() as client:
-        running = running_jobs(cluster, client, cronjob)
+        running = running_jobs(cluster, client, RELEASE_JOBS)
         if running:
             return WatchDecision(model=model, decision="already_running", reason=reason, job=running[0])
         return WatchDecision(model=model, decision="started", reason=reason, job=start_job(cluster, client, cronjob))

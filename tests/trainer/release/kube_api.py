@@ -31,7 +31,7 @@ def cronjob(name: str) -> dict[str, Any]:
         "spec": {
             "suspend": True,
             "jobTemplate": {
-                "metadata": {"labels": {"app.kubernetes.io/component": "release"}},
+                "metadata": {"labels": {"app.kubernetes.io/component": "release", "embedserve.io/runs": "release"}},
                 "spec": {"backoffLimit": 1, "template": {"spec": {"containers": [{"name": "release"}]}}},
             },
         },

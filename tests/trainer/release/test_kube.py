@@ -4,6 +4,7 @@ import pytest
 
 from tests.trainer.release.kube_api import NAMESPACE, TOKEN, kube_api
 from trainer.release.kube import STARTED_FROM, Cluster, running_jobs, start_job
+from trainer.release.watch import RELEASE_JOBS
 
 TEMPLATE = "embedserve-release-auto"
 
@@ -12,9 +13,9 @@ def test_a_job_is_the_cronjobs_template_owned_by_it_and_labelled_as_started_from
     with kube_api(TEMPLATE) as api:
         cluster = Cluster(api=api.url, namespace=NAMESPACE, token=TOKEN)
         with cluster.client() as client:
-            assert running_jobs(cluster, client, TEMPLATE) == []
+            assert running_jobs(cluster, client, RELEASE_JOBS) == []
             name = start_job(cluster, client, TEMPLATE)
-            assert running_jobs(cluster, client, TEMPLATE) == [name]
+            assert running_jobs(cluster, client, RELEASE_JOBS) == [name]
     (job,) = api.jobs
     template = api.cronjob["spec"]["jobTemplate"]
     assert name.startswith(f"{TEMPLATE}-") and job["spec"] == template["spec"]
@@ -31,7 +32,7 @@ def test_finished_jobs_do_not_count_as_running() -> None:
             *_, pending = (start_job(cluster, client, TEMPLATE) for _ in range(3))
             api.jobs[0]["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
             api.jobs[1]["status"] = {"conditions": [{"type": "Failed", "status": "True"}]}
-            assert running_jobs(cluster, client, TEMPLATE) == [pending]
+            assert running_jobs(cluster, client, RELEASE_JOBS) == [pending]
 
 
 def test_a_refusal_says_which_call_and_which_account_is_needed() -> None:

@@ -22,6 +22,7 @@ import httpx
 import pytest
 import yaml
 
+from client.gateway import Gateway
 from loadtests.processes import MilvusLiteServer, gateway, milvus_server
 from tests.conftest import SHARED_REDIS_URL
 from tests.trainer.conftest import tiny_config
@@ -167,11 +168,10 @@ def run_release(
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
-def run_watch(config: Path, url: str, state_dir: Path, api: KubeApi) -> dict[str, Any]:
+def run_watch(config: Path, url: str, api: KubeApi) -> dict[str, Any]:
     """``python -m trainer release-watch`` against the Kubernetes API stand-in; its decision."""
     command = [sys.executable, "-m", "trainer", "release-watch", "--config", str(config), "--gateway", url]
-    command += ["--state-dir", str(state_dir), "--job-template", TEMPLATE, "--kube-api", api.url]
-    command += ["--namespace", NAMESPACE]
+    command += ["--job-template", TEMPLATE, "--kube-api", api.url, "--namespace", NAMESPACE]
     env = {**os.environ, "EMBEDSERVE_ADMIN_API_KEY": ADMIN_KEY}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -368,7 +368,7 @@ def test_an_auto_trigger_starts_a_release_only_when_the_gateway_says_one_is_due(
     with release_gateway(repository, own_milvus, shared_redis_prefix, tmp_path / "young") as url:
         # The watch asks the same question first, and starts no Job.
         with kube_api(TEMPLATE) as api:
-            decision = run_watch(config, url, state_dir, api)
+            decision = run_watch(config, url, api)
             assert decision == {"model": "tiny", "decision": "not_due", "reason": None, "job": None}
             assert [method for method, _, _ in api.requests] == []
         done = run_release(config, url, state_dir, tmp_path / "quiet.json", trigger="auto")
@@ -395,26 +395,30 @@ def test_the_watch_starts_one_release_job_when_a_release_is_due(
     shared_redis_prefix: str,
 ) -> None:
     config = release_config(corpus_file, pairs_file, repository, tmp_path)
-    state_dir = tmp_path / "state"
     stale = {"EMBEDSERVE_RELEASE_MAX_MODEL_AGE_S": "1"}
     with (
         release_gateway(repository, own_milvus, shared_redis_prefix, tmp_path / "stale", **stale) as url,
         kube_api(TEMPLATE) as api,
     ):
-        started = run_watch(config, url, state_dir, api)
+        started = run_watch(config, url, api)
         assert (started["decision"], started["reason"]) == ("started", "staleness")
         (job,) = api.jobs
         assert started["job"] == job["metadata"]["name"] and job["spec"] == api.cronjob["spec"]["jobTemplate"]["spec"]
         # While that Job runs, the next slots start none; once it has finished, a release still due starts one.
-        assert run_watch(config, url, state_dir, api)["decision"] == "already_running"
+        assert run_watch(config, url, api)["decision"] == "already_running"
         job["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
-        assert run_watch(config, url, state_dir, api)["decision"] == "started"
+        # Nor while a release Job of another origin runs (the scheduled CronJob's, one made by hand).
+        scheduled = {"name": "embedserve-release-29410560", "labels": {"embedserve.io/runs": "release"}}
+        api.jobs.append({"metadata": scheduled, "status": {}})
+        assert run_watch(config, url, api)["job"] == scheduled["name"]
+        api.jobs.pop()
+        assert run_watch(config, url, api)["decision"] == "started"
         # The watch itself claims nothing: the gateway's ledger has no release until a Job runs one.
         assert gateway_state(url)[2]["releases"] == []
-        # An unfinished release (a release pod that died) is resumed by a Job, whatever the gateway says.
+        # A release the ledger holds as running while no release Job runs (its pod died) gets a Job to resume it.
         for running in api.jobs:
             running["status"] = {"conditions": [{"type": "Failed", "status": "True"}]}
-        (state_dir / "tiny").mkdir(parents=True)
-        (state_dir / "tiny" / "current").write_text("20261205T000000Z-abcdef")
-        resumed = run_watch(config, url, state_dir, api)
+        with Gateway(url, ADMIN_KEY) as admin:
+            admin.claim_release("tiny", "staleness", "20261205T000000Z-abcdef")
+        resumed = run_watch(config, url, api)
         assert (resumed["decision"], resumed["reason"], len(api.jobs)) == ("started", "unfinished", 3)
