@@ -87,7 +87,7 @@ def test_the_watch_starts_the_gpu_release_only_from_a_suspended_template(
         *("--job-template", f"{RELEASE}-release-auto"),
     ]
     assert "nvidia.com/gpu" not in str(decide["resources"]) and "nvidia.com/gpu" not in str(pod_spec(watch))
-    assert decide["resources"]["requests"] == {"cpu": "100m", "memory": "512Mi"}
+    assert decide["resources"]["requests"] == {"cpu": "100m", "memory": "128Mi"}
     # Every release Job is labelled so (the watch starts none while one runs); the watch's own Jobs are not.
     for job, runs in ((release, "release"), (auto, "release"), (watch, None)):
         assert job["spec"]["jobTemplate"]["metadata"]["labels"].get("embedserve.io/runs") == runs
