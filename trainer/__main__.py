@@ -207,6 +207,8 @@ def release_command(args: argparse.Namespace) -> int:
 
 
 def release_watch_command(args: argparse.Namespace) -> int:
+    import httpx
+
     from client.gateway import Gateway, GatewayError
     from trainer.config import load_config
     from trainer.release.kube import Cluster
@@ -217,7 +219,7 @@ def release_watch_command(args: argparse.Namespace) -> int:
         cluster = Cluster.in_cluster(args.kube_api, args.namespace)
         with Gateway(args.gateway, os.environ.get("EMBEDSERVE_ADMIN_API_KEY")) as gateway:
             decision = watch(model, gateway, cluster, args.job_template)
-    except (RuntimeError, GatewayError) as error:  # the cluster's refusals, an unreachable gateway: said plainly
+    except (RuntimeError, GatewayError, httpx.HTTPError) as error:  # refusals, unreachable peers: said plainly
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(decision.model_dump_json())

@@ -96,7 +96,7 @@ def start_job(cluster: Cluster, client: httpx.Client, cronjob: str) -> str:
 
 
 def _finished(job: dict[str, Any]) -> bool:
-    conditions = job.get("status", {}).get("conditions") or []
+    conditions = (job.get("status") or {}).get("conditions") or []
     return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions)
 
 
