@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from loadtests.bench_search import synthetic_text, synthetic_vocabulary, unit_vectors
 from service.settings import Settings
 from service.vectors.fusion import DEFAULT_CANDIDATES, DEFAULT_FUSION, fuse
 from service.vectors.milvus import Milvus
@@ -36,25 +37,19 @@ OUTPUTS = ["text", "metadata"]
 MAX_HYBRID_P95_RATIO = 1.5
 
 
-def unit_vectors(rng: np.random.Generator, count: int) -> np.ndarray:
-    vectors = rng.standard_normal((count, DIMENSION)).astype(np.float32)
-    unit: np.ndarray = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    return unit
-
-
 async def load(milvus: Milvus, name: str, settings: Settings, count: int) -> float:
     """Create collection ``name`` as the gateway creates one and fill it with ``count`` items; items/s."""
-    vocabulary = sorted({word.strip(".,;:!?\"'()").lower() for text in sentences() for word in text.split()} - {""})
+    vocabulary = synthetic_vocabulary()
     words, rng = random.Random(1), np.random.default_rng(1)
     await milvus.create_physical(name, DIMENSION, settings.vector_index, settings.vector_index_params, "english_stop")
     started = time.perf_counter()
     for start in range(0, count, 1000):
         ids = range(start, min(count, start + 1000))
-        vectors = unit_vectors(rng, len(ids))
+        vectors = unit_vectors(rng, len(ids), DIMENSION)
         rows = [
             {
                 "id": f"s{i:07d}",
-                "text": " ".join(words.choices(vocabulary, k=words.randint(6, 24))),
+                "text": synthetic_text(words, vocabulary),
                 "vector": vector.tolist(),
                 "metadata": {"shard": i % 16},
             }
@@ -87,7 +82,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     milvus = Milvus(settings)
     name = f"bench_hybrid_{os.getpid()}"
     queries = list(sentences())[:500]
-    vectors = unit_vectors(np.random.default_rng(2), len(queries)).tolist()
+    vectors = unit_vectors(np.random.default_rng(2), len(queries), DIMENSION).tolist()
     breadth = {"ef": settings.vector_search_ef} if args.index == "HNSW" else {}
     dense_params = {"metric_type": "COSINE", "params": breadth}
     keyword_params = {"metric_type": "BM25"}

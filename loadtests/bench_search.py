@@ -66,6 +66,21 @@ def real_texts(count: int) -> list[str]:
     return texts[:count]
 
 
+def synthetic_vocabulary() -> list[str]:
+    """The words of the packaged sentences, which synthetic item texts are drawn from."""
+    return sorted({word.strip(".,;:!?\"'()").lower() for text in sentences() for word in text.split()} - {""})
+
+
+def synthetic_text(rng: random.Random, vocabulary: list[str]) -> str:
+    return " ".join(rng.choices(vocabulary, k=rng.randint(6, 24)))
+
+
+def unit_vectors(rng: np.random.Generator, count: int, dimension: int) -> np.ndarray:
+    vectors = rng.standard_normal((count, dimension)).astype(np.float32)
+    unit: np.ndarray = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return unit
+
+
 class SyntheticEncoder:
     """minilm@1's version and dimension with random unit vectors: 100k items are indexed, not embedded."""
 
@@ -79,13 +94,12 @@ class SyntheticEncoder:
         return version
 
     async def embed(self, texts: list[str], version: ModelVersion, purpose: str = "client") -> SimpleNamespace:
-        vectors = self.rng.standard_normal((len(texts), version.dimension)).astype(np.float32)
-        return SimpleNamespace(vectors=vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+        return SimpleNamespace(vectors=unit_vectors(self.rng, len(texts), version.dimension))
 
 
 async def load_synthetic(milvus_uri: str, repository: Path, count: int) -> dict[str, float]:
     """Create collection ``synthetic`` with ``count`` items through the vector store, in this process."""
-    vocabulary = sorted({word.strip(".,;:!?\"'()").lower() for text in sentences() for word in text.split()} - {""})
+    vocabulary = synthetic_vocabulary()
     rng = random.Random(1)
     settings = Settings(model_repository=repository, milvus_uri=milvus_uri)
     store = VectorStore(settings, SyntheticEncoder(ModelStore.scan(repository)), VectorMetrics(CollectorRegistry()))
@@ -97,7 +111,7 @@ async def load_synthetic(milvus_uri: str, repository: Path, count: int) -> dict[
             items = [
                 ItemIn(
                     id=f"s{i:07d}",
-                    text=" ".join(rng.choices(vocabulary, k=rng.randint(6, 24))),
+                    text=synthetic_text(rng, vocabulary),
                     metadata={"shard": i % 16},
                 )
                 for i in range(start, min(count, start + 1000))
