@@ -1,16 +1,18 @@
 """make bench: the gateway against the machine's compute floor, raw ONNX Runtime and a naive server, in one run.
 
-The packaged all-MiniLM-L6-v2 is exported here three ways, into a temporary repository:
+The packaged all-MiniLM-L6-v2 is exported here four ways, into a temporary repository:
   - unoptimised: the graph as torch traces it with transformers' default attention (what versions exported
     before graph optimisation hold) — the raw reference ``raw_ort_batch32_per_s``;
-  - optimised: what ``python -m trainer export`` writes now (fused attention, bias-GELU, embedding
-    layer-norm) — ``raw_ort_optimized_*``, and what the gateway serves;
+  - fused: padded, with ONNX Runtime's fused attention, bias-GELU and embedding layer-norm (``export.graph:
+    fused``; what versions exported before the unpadded graph hold) — ``raw_ort_fused_*``;
+  - optimised: what ``python -m trainer export`` writes now, the unpadded graph (every weight product on real
+    tokens only) — ``raw_ort_optimized_*``, and what the gateway serves;
   - INT8: the per-channel dynamic quantisation of the optimised version (``python -m trainer quantize``).
 Then, for short sentences (~22 tokens) and ~110-token paragraphs of real English text:
   1. the compute floor (``loadtests.compute_floor``): ONNX Runtime MatMul speed on the model's weight shapes ×
      the graph's FLOPs per token, on real tokens;
   2. raw ONNX Runtime in-process (tokenise + pad + run, the gateway's thread budget and session options):
-     batch-32 throughput and single-input latency, the three graphs in alternating rounds;
+     batch-32 throughput and single-input latency, the four graphs in alternating rounds;
   3. the gateway (cache off) at concurrency 1, 8, 32, 64, one input per request, with the padded vs real
      tokens of its batches at c=32; c=1 and c=32 again with idle threads not spinning; c=32 with float output;
   4. the gateway with every input cached; 5. the naive server (one request = one inference).
@@ -45,7 +47,7 @@ from service.models.tokenization import TextTokenizer, pad_batch
 from trainer.data.sample_text import paragraphs, sentences
 from trainer.encoder import load_base, packaged_minilm
 from trainer.release.bootstrap import bootstrap
-from trainer.release.export import write_onnx
+from trainer.release.export import write_graph, write_onnx
 from trainer.release.quantize import quantize_version
 
 matplotlib.use("Agg")
@@ -69,13 +71,14 @@ def bodies(texts: list[str], encoding_format: str = "base64") -> list[bytes]:
 
 
 def build_graphs(work: Path) -> dict[str, Path]:
-    """The three graphs of the packaged MiniLM: unoptimised, optimised (a served repository) and INT8."""
+    """The four graphs of the packaged MiniLM: unoptimised, fused, optimised (a served repository) and INT8."""
     repository = work / "repository"
-    print("exporting MiniLM: optimised version, unoptimised graph, INT8 version ...", flush=True)
+    print("exporting MiniLM: optimised version, unoptimised and fused graphs, INT8 version ...", flush=True)
     optimised = bootstrap(repository)
     assert optimised is not None
-    unoptimised = work / "unoptimised.onnx"
+    unoptimised, fused = work / "unoptimised.onnx", work / "fused.onnx"
     write_onnx(load_base(packaged_minilm()).eval(), unoptimised, attention="sdpa")
+    write_graph(load_base(packaged_minilm()).eval(), fused, "fused")
     # INT8 in a copy, so the served repository keeps one version (one session, spinning threads).
     int8_repository = work / "int8"
     shutil.copytree(optimised.parent, int8_repository / optimised.parent.name)
@@ -83,6 +86,7 @@ def build_graphs(work: Path) -> dict[str, Path]:
     return {
         "repository": repository,
         "unoptimised": unoptimised,
+        "fused": fused,
         "optimised": optimised / ONNX_FILE,
         "int8": int8 / ONNX_FILE,
     }
@@ -151,10 +155,10 @@ def bench_text_kind(
     threads = available_cpus()
     tokens = [len(ids) for ids in tokenizer.encode(texts, truncate=True)]
     figures: dict[str, Any] = {"texts": len(texts), "mean_tokens": round(float(np.mean(tokens)), 1)}
-    print(f"[{kind}] compute floor and raw ONNX Runtime (unoptimised, optimised, INT8), in turns ...", flush=True)
+    print(f"[{kind}] compute floor, raw ONNX Runtime (unoptimised, fused, optimised, INT8) in turns ...", flush=True)
     mean_tokens = float(np.mean(tokens))
     probe = GemmProbe(graph_flops(graphs["unoptimised"], round(mean_tokens)), round(32 * mean_tokens), threads)
-    raw_graphs = {name: graphs[name] for name in ("unoptimised", "optimised", "int8")}
+    raw_graphs = {name: graphs[name] for name in ("unoptimised", "fused", "optimised", "int8")}
     figures["raw_ort"] = raw_ort(raw_graphs, probe, tokenizer, texts, seconds * 3)
     floor = floor_of(probe, mean_tokens)
     figures["compute_floor_per_s"] = round(floor.inputs_per_s, 1)
@@ -201,6 +205,8 @@ def flatten(kind: str, figures: dict[str, Any]) -> dict[str, float | None]:
         "compute_floor_per_s": floor,
         "raw_ort_batch32_per_s": raw["unoptimised"]["batch32_per_s"],
         "raw_ort_single_p50_ms": raw["unoptimised"]["single_p50_ms"],
+        "raw_ort_fused_batch32_per_s": raw["fused"]["batch32_per_s"],
+        "raw_ort_fused_single_p50_ms": raw["fused"]["single_p50_ms"],
         "raw_ort_optimized_batch32_per_s": raw["optimised"]["batch32_per_s"],
         "raw_ort_optimized_single_p50_ms": raw["optimised"]["single_p50_ms"],
         "raw_ort_int8_batch32_per_s": raw["int8"]["batch32_per_s"],
@@ -213,7 +219,8 @@ def flatten(kind: str, figures: dict[str, Any]) -> dict[str, float | None]:
         "cached_c32_per_s": figures["cached_c32"]["per_s"],
         "cached_c32_p99_ms": figures["cached_c32"]["p99_ms"],
     }
-    for name in ("raw_ort_batch32_per_s", "raw_ort_optimized_batch32_per_s", "raw_ort_int8_batch32_per_s"):
+    raw_keys = ("raw_ort_batch32_per_s", "raw_ort_fused_batch32_per_s", "raw_ort_optimized_batch32_per_s")
+    for name in (*raw_keys, "raw_ort_int8_batch32_per_s"):
         keys[name.removesuffix("_per_s") + "_pct_of_floor"] = round(100 * float(keys[name] or 0) / floor, 1)
     keys["gateway_c32_pct_of_floor"] = round(100 * figures["gateway_c32"]["per_s"] / floor, 1)
     out = {prefix + key: value for key, value in keys.items()}
@@ -253,7 +260,7 @@ def plot(figures: dict[str, Any], path: Path) -> None:
     axes.plot(CONCURRENCIES, [figures[f"gateway_c{c}"]["per_s"] for c in CONCURRENCIES], "o-", label="gateway")
     naive = [c for c in (1, 8, 32) if f"naive_c{c}" in figures]
     axes.plot(naive, [figures[f"naive_c{c}"]["per_s"] for c in naive], "s-", label="naive server")
-    for name, style in (("unoptimised", ":"), ("optimised", "--"), ("int8", "-.")):
+    for name, style in (("unoptimised", ":"), ("fused", (0, (1, 4))), ("optimised", "--"), ("int8", "-.")):
         axes.axhline(figures["raw_ort"][name]["batch32_per_s"], linestyle=style, color="grey")
         axes.annotate(f"raw ORT {name}, batch 32", (1, figures["raw_ort"][name]["batch32_per_s"]), fontsize=8)
     axes.axhline(figures["compute_floor_per_s"], color="black")

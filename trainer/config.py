@@ -253,9 +253,18 @@ class ExportGateConfig(_Strict):
     seed: int = Field(0, description="Seed of the dev set's query sentences and of the bootstrap.")
 
 
+# The ONNX graph a version is written as (trainer.release.export).
+ExportGraph = Literal["unpadded", "fused", "traced"]
+
+
 class ExportConfig(_Strict):
     model: str = Field("minilm", description="Model of the repository the trained encoder becomes a version of.")
     repository: Path = Field(Path("model_repository"), description="The Triton model repository.")
+    graph: ExportGraph = Field(
+        "unpadded",
+        description="The version's ONNX graph. unpadded: weight products on real tokens only (BERT encoders; "
+        "others get fused); fused: padded, with ONNX Runtime's fused attention; traced: as torch traces it.",
+    )
     gate: ExportGateConfig = Field(
         default_factory=ExportGateConfig,
         description="The export gate: the candidate against its parent, on export.eval_file or a self-supervised "

@@ -84,11 +84,13 @@ class Evaluation(BaseModel):
 
 
 class GraphOptimization(BaseModel):
-    """The fusions applied to the exported graph (ONNX Runtime's transformer optimiser), op -> count."""
+    """How the exported graph was rewritten: padding removed (its token-wise layers run on real tokens only),
+    and the fusions of ONNX Runtime's transformer optimiser, op -> count."""
 
     tool: str
     onnxruntime: str
-    fused: dict[str, int]
+    fused: dict[str, int] = Field(default_factory=dict)
+    padding_removed: bool = False
 
 
 class Manifest(BaseModel):
@@ -105,7 +107,7 @@ class Manifest(BaseModel):
     normalized: bool = True
     precision: Literal["fp32", "int8"] = "fp32"
     graph_optimization: GraphOptimization | None = Field(
-        None, description="Fused operators of model.onnx; None: the exporter's graph as it came (older versions)."
+        None, description="How model.onnx was rewritten (unpadded, fused); None: the graph as torch traced it."
     )
     files: dict[str, FileDigest] = Field(description="Relative path -> digest of every file of the version.")
     dataset_fingerprint: str | None = None

@@ -1,8 +1,10 @@
 """Export an encoder as a new immutable, checksummed version of the Triton model repository.
 
-The ONNX graph carries pooling and normalisation and is traced with eager attention, the pattern ONNX
-Runtime's transformer optimiser fuses (``trainer.release.optimize``); the optimised graph's outputs are
-checked against torch before the version is written; the version folder appears atomically (staged, then
+The ONNX graph carries pooling and normalisation. By default a BERT encoder is written unpadded (its token-wise
+layers run on real tokens only: ``trainer.release.unpadded``); ``fused`` traces it with eager attention, the
+pattern ONNX Runtime's transformer optimiser fuses (``trainer.release.optimize``), which is also what an
+encoder that can't be unpadded gets. The graph's outputs are checked against torch before the version is
+written; the version folder appears atomically (staged, then
 renamed) with a manifest holding the sha256 of every file, provenance, the fusions applied and reference
 embedding statistics for drift monitoring.
 """
@@ -21,7 +23,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import onnxruntime as ort
 import torch
+from torch import nn
 
 from service.models.manifest import (
     MANIFEST_FILE,
@@ -34,6 +38,7 @@ from service.models.manifest import (
 from service.models.session import cpu_session
 from service.models.store import ONNX_FILE
 from service.models.tokenization import TOKENIZER_FILE, TextTokenizer, pad_batch
+from trainer.config import ExportGraph
 from trainer.encoder import SentenceEncoder
 from trainer.release.optimize import optimize_graph
 from trainer.release.triton_config import (
@@ -45,6 +50,7 @@ from trainer.release.triton_config import (
     version_digests,
     write_config,
 )
+from trainer.release.unpadded import UnpaddedBert, unpadding_refusal
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +79,9 @@ class ExportRequest:
     training_config: dict[str, Any] | None = None
     evaluation: Evaluation | None = None
     forced: bool = False
-    # Fuse attention, layer norms and GELU with ONNX Runtime's transformer optimiser (off: the traced graph).
-    optimize: bool = True
+    # unpadded: token-wise layers on real tokens only (BERT; others fall back to fused); fused: padded, with
+    # ONNX Runtime's fused attention, GELU and embedding layer-norm; traced: the traced graph as it comes.
+    graph: ExportGraph = "unpadded"
     notes: dict[str, Any] = field(default_factory=dict)
     # Changes to the model's config.pbtxt (Triton instances, TensorRT); what is not changed is kept.
     triton: TritonChanges = field(default_factory=TritonChanges)
@@ -102,11 +109,7 @@ def export_version(encoder: SentenceEncoder, request: ExportRequest, repository:
     staging.mkdir()
     try:
         encoder = encoder.eval().cpu()
-        write_onnx(encoder, staging / ONNX_FILE)
-        optimization = None
-        if request.optimize:
-            config = encoder.transformer.config
-            optimization = optimize_graph(staging / ONNX_FILE, config.num_attention_heads, config.hidden_size)
+        optimization = write_graph(encoder, staging / ONNX_FILE, request.graph)
         for name in TOKENIZER_FILES:
             if (request.tokenizer_dir / name).is_file():
                 shutil.copy2(request.tokenizer_dir / name, staging / name)
@@ -125,17 +128,40 @@ def export_version(encoder: SentenceEncoder, request: ExportRequest, repository:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def write_graph(encoder: SentenceEncoder, path: Path, graph: ExportGraph) -> GraphOptimization | None:
+    """Write ``encoder`` as the ``graph`` kind of ONNX graph at ``path``; returns what the manifest records of it
+    (None: the traced graph)."""
+    if graph == "unpadded":
+        refusal = unpadding_refusal(encoder)
+        if refusal is None:
+            _trace(UnpaddedBert(encoder).eval(), path)
+            return GraphOptimization(tool="trainer.release.unpadded", onnxruntime=ort.__version__, padding_removed=True)
+        log.warning("graph exported padded and fused: it can't be unpadded", extra={"reason": refusal})
+    if graph == "traced":
+        write_onnx(encoder, path)
+        return None
+    write_onnx(encoder, path)
+    config = encoder.transformer.config
+    return optimize_graph(path, config.num_attention_heads, config.hidden_size)
+
+
 def write_onnx(encoder: SentenceEncoder, path: Path, attention: str = "eager") -> None:
-    """Trace ``encoder`` to ONNX at ``path``; ``attention``: the transformers attention implementation traced
-    (eager: the pattern the optimiser fuses; sdpa: what transformers runs by default, which it cannot)."""
+    """Trace ``encoder`` (padded) to ONNX at ``path``; ``attention``: the transformers attention implementation
+    traced (eager: the pattern the optimiser fuses; sdpa: what transformers runs by default, which it cannot)."""
+    with _attention(encoder, attention):
+        _trace(encoder, path)
+
+
+def _trace(module: nn.Module, path: Path) -> None:
+    """``module`` (input_ids, attention_mask -> embedding) traced to ONNX at ``path``."""
     example = (torch.ones(2, 8, dtype=torch.int64), torch.ones(2, 8, dtype=torch.int64))
     dynamic = {0: "batch", 1: "sequence"}
     # The TorchScript exporter: stable output names and dynamic axes for BERT-style graphs. Its tracer
     # warnings about Python control flow in transformers are expected and say nothing about this graph.
-    with warnings.catch_warnings(), _attention(encoder, attention):
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            encoder,
+            module,
             example,
             str(path),
             input_names=["input_ids", "attention_mask"],

@@ -203,6 +203,7 @@ def publish(
         forced=gate.decision == "refused",
         notes={"dataset": dataset} if dataset else {},
         triton=triton,
+        graph=config.export.graph,
     )
     version_dir = export_version(trained.encoder, request, repository)
     if registry is not None:

@@ -5,17 +5,19 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
 from google.protobuf import text_format
+from transformers import RobertaConfig, RobertaModel
 from tritonclient.grpc import model_config_pb2
 
 import trainer.__main__ as trainer_cli
 from service.models.manifest import file_sha256, triton_sha256_key, verify_version
 from service.models.tokenization import TextTokenizer
 from tests.conftest import TINY_DIMENSION, export_tiny
-from trainer.config import TrainConfig
+from trainer.config import ExportGraph, TrainConfig
 from trainer.data.sample_text import paragraphs, sentences
 from trainer.encoder import SentenceEncoder, from_scratch, packaged_minilm
 from trainer.release.export import ExportRefused, ExportRequest, embed_with_onnx, embed_with_torch, export_version
@@ -162,7 +164,7 @@ def test_int8_is_a_version_of_its_own_with_its_agreement_recorded(repository_cop
     written = quantize_version(repository_copy / "minilm" / "1", list(sentences()[:64]))
     manifest = verify_version(written)
     assert (written.name, manifest.precision, manifest.parent_version) == ("2", "int8", 1)
-    # Quantised from the fused fp32 graph, and says so.
+    # Quantised from the unpadded fp32 graph, and says so.
     assert manifest.graph_optimization == verify_version(repository_copy / "minilm" / "1").graph_optimization
     agreement = manifest.notes["fp32_agreement"]
     assert agreement["mean_cosine"] >= 0.98, agreement  # per-channel: ~0.99 on MiniLM
@@ -180,32 +182,72 @@ def test_int8_is_a_version_of_its_own_with_its_agreement_recorded(repository_cop
     )
 
 
-def test_the_exported_graph_has_fused_attention_and_its_parity_is_checked_on_it(tmp_path: Path) -> None:
-    written = export_tiny(tmp_path)  # 2 layers
-    manifest = verify_version(written)
-    ops = Counter(node.op_type for node in onnx.load(str(written / "model.onnx")).graph.node)
-    assert manifest.graph_optimization is not None
-    assert manifest.graph_optimization.fused == {"EmbedLayerNormalization": 1, "Attention": 2, "BiasGelu": 2}
-    assert (ops["Attention"], ops["EmbedLayerNormalization"], ops["BiasGelu"]) == (2, 1, 2)
-    assert ops["SkipLayerNormalization"] == 0  # slower on ONNX Runtime's CPU kernel: left unfused
-    # What the gateway serves (the fused graph, opened as the gateway opens it) is what torch computes.
-    encoder = from_scratch(vocab_size=30522, hidden_size=TINY_DIMENSION, layers=2, heads=2, max_seq_length=64).eval()
-    tokenizer = TextTokenizer(written / "tokenizer.json", 64)
-    texts = list(paragraphs()[:8])
-    served = embed_with_onnx(written / "model.onnx", tokenizer, texts)
-    assert float((served * embed_with_torch(encoder, tokenizer, texts)).sum(axis=1).min()) >= 0.9999
-
-
-def test_an_export_without_optimisation_keeps_the_traced_graph(tmp_path: Path) -> None:
-    encoder = from_scratch(vocab_size=30522, hidden_size=TINY_DIMENSION, layers=2, heads=2, max_seq_length=64)
-    request = ExportRequest(
+def tiny_request(graph: ExportGraph = "unpadded") -> ExportRequest:
+    return ExportRequest(
         model="m",
         source="test",
         tokenizer_dir=packaged_minilm().path,
         validation_texts=list(sentences()[:16]),
-        optimize=False,
+        graph=graph,
     )
-    written = export_version(encoder, request, tmp_path)
+
+
+def served_and_torch(written: Path, encoder: SentenceEncoder, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The version's vectors (its graph opened as the gateway opens it) and the torch encoder's, for ``texts``."""
+    tokenizer = TextTokenizer(written / "tokenizer.json", encoder.max_seq_length)
+    return embed_with_onnx(written / "model.onnx", tokenizer, texts), embed_with_torch(encoder.eval(), tokenizer, texts)
+
+
+def test_the_default_graph_computes_on_real_tokens_only_and_matches_torch(tmp_path: Path) -> None:
+    written = export_tiny(tmp_path)  # 2 layers
+    optimization = verify_version(written).graph_optimization
+    assert optimization is not None and optimization.padding_removed
+    ops = Counter(node.op_type for node in onnx.load(str(written / "model.onnx")).graph.node)
+    assert ops["NonZero"] == 1  # the real tokens, gathered once
+    assert not {"Attention", "MultiHeadAttention", "Gemm"} & set(ops)  # standard operators; MatMuls INT8 can rewrite
+    # Mixed lengths in one batch (sentences padded to paragraphs' length): what torch computes, to 0.9999.
+    encoder = from_scratch(vocab_size=30522, hidden_size=TINY_DIMENSION, layers=2, heads=2, max_seq_length=64)
+    texts = [text for pair in zip(paragraphs()[:8], sentences()[:8], strict=True) for text in pair]
+    served, expected = served_and_torch(written, encoder, texts)
+    assert float((served * expected).sum(axis=1).min()) >= 0.9999
+    # A text's vector does not depend on how much padding its batch gave it.
+    alone, _ = served_and_torch(written, encoder, [texts[1]])
+    assert float(np.abs(alone[0] - served[1]).max()) < 1e-5
+
+
+def test_an_encoder_that_cannot_be_unpadded_gets_the_fused_graph(tmp_path: Path) -> None:
+    # RoBERTa numbers positions from the padding, not from the column: the rewrite is BERT's only.
+    config = RobertaConfig(
+        vocab_size=30522, hidden_size=TINY_DIMENSION, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=4 * TINY_DIMENSION, max_position_embeddings=66,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    roberta = SentenceEncoder(RobertaModel(config, add_pooling_layer=False), 64)
+    written = export_version(roberta, tiny_request(), tmp_path)
+    optimization = verify_version(written).graph_optimization
+    assert optimization is not None and not optimization.padding_removed
+    texts = [*paragraphs()[:4], *sentences()[:4]]
+    served, expected = served_and_torch(written, roberta, texts)
+    assert float((served * expected).sum(axis=1).min()) >= 0.9999
+
+
+def test_a_fused_graph_is_exported_on_request_and_its_parity_is_checked_on_it(tmp_path: Path) -> None:
+    encoder = from_scratch(vocab_size=30522, hidden_size=TINY_DIMENSION, layers=2, heads=2, max_seq_length=64)
+    written = export_version(encoder, tiny_request("fused"), tmp_path)
+    manifest = verify_version(written)
+    ops = Counter(node.op_type for node in onnx.load(str(written / "model.onnx")).graph.node)
+    assert manifest.graph_optimization is not None and not manifest.graph_optimization.padding_removed
+    assert manifest.graph_optimization.fused == {"EmbedLayerNormalization": 1, "Attention": 2, "BiasGelu": 2}
+    assert (ops["Attention"], ops["EmbedLayerNormalization"], ops["BiasGelu"]) == (2, 1, 2)
+    assert ops["SkipLayerNormalization"] == 0  # slower on ONNX Runtime's CPU kernel: left unfused
+    # What the gateway serves (the fused graph, opened as the gateway opens it) is what torch computes.
+    served, expected = served_and_torch(written, encoder, list(paragraphs()[:8]))
+    assert float((served * expected).sum(axis=1).min()) >= 0.9999
+
+
+def test_a_traced_graph_is_exported_as_torch_traces_it(tmp_path: Path) -> None:
+    encoder = from_scratch(vocab_size=30522, hidden_size=TINY_DIMENSION, layers=2, heads=2, max_seq_length=64)
+    written = export_version(encoder, tiny_request("traced"), tmp_path)
     ops = Counter(node.op_type for node in onnx.load(str(written / "model.onnx")).graph.node)
     assert verify_version(written).graph_optimization is None
-    assert ops["Attention"] == 0 and ops["Softmax"] == 2  # one unfused attention per layer
+    assert ops["Attention"] == 0 and ops["Softmax"] == 2 and ops["NonZero"] == 0  # padded, one attention per layer
