@@ -62,7 +62,7 @@ def graph_flops(onnx_path: Path, tokens: int) -> GraphFlops:
             weights[(k, n)] = weights.get((k, n), 0.0) + flops / tokens
             sequence.append((k, n))
     if total == 0:
-        raise ValueError(f"{onnx_path} has no MatMul to count; count an unfused graph (export --no-optimize)")
+        raise ValueError(f"{onnx_path} has no MatMul to count; count the traced graph (export.graph: traced)")
     return GraphFlops(per_token=total / tokens, weight_shapes=weights, weight_sequence=tuple(sequence))
 
 
