@@ -98,6 +98,9 @@ class GemmProbe:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Not spinning, as the gateway's sessions by default: idle threads that spin would take the cores from
+        # the graphs whose runs alternate with the probe's passes.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         self._session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self._x = rng.standard_normal((rows, first_k), dtype=np.float32)
