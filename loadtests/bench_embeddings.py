@@ -77,8 +77,9 @@ def build_graphs(work: Path) -> dict[str, Path]:
     optimised = bootstrap(repository)
     assert optimised is not None
     unoptimised, fused = work / "unoptimised.onnx", work / "fused.onnx"
-    write_onnx(load_base(packaged_minilm()).eval(), unoptimised, attention="sdpa")
-    write_graph(load_base(packaged_minilm()).eval(), fused, "fused")
+    base = load_base(packaged_minilm()).eval()
+    write_onnx(base, unoptimised, attention="sdpa")
+    write_graph(base, fused, "fused")
     # INT8 in a copy, so the served repository keeps one version (one session, spinning threads).
     int8_repository = work / "int8"
     shutil.copytree(optimised.parent, int8_repository / optimised.parent.name)
@@ -92,6 +93,14 @@ def build_graphs(work: Path) -> dict[str, Path]:
     }
 
 
+def timed_run(session: ort.InferenceSession, tokenizer: TextTokenizer, texts: list[str]) -> float:
+    """Seconds to embed ``texts`` as one batch in-process: tokenise, pad, run."""
+    started = time.perf_counter()
+    batch = pad_batch(tokenizer.encode(texts, truncate=True), tokenizer.pad_id)
+    session.run(["embedding"], {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
+    return time.perf_counter() - started
+
+
 def raw_ort(
     graphs: dict[str, Path], probe: GemmProbe, tokenizer: TextTokenizer, texts: list[str], seconds: float
 ) -> dict[str, dict[str, float]]:
@@ -102,23 +111,16 @@ def raw_ort(
     thread count, threads not spinning (``EMBEDSERVE_INFERENCE_SPINNING=off``; spinning sessions measured in
     turns made the ratios between graphs change by 20 % from run to run here)."""
     sessions = {name: cpu_session(path, probe.threads, spinning=False) for name, path in graphs.items()}
-
-    def run(session: ort.InferenceSession, batch_texts: list[str]) -> float:
-        started = time.perf_counter()
-        batch = pad_batch(tokenizer.encode(batch_texts, truncate=True), tokenizer.pad_id)
-        session.run(["embedding"], {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
-        return time.perf_counter() - started
-
     for session in sessions.values():
-        run(session, texts[:32])  # first runs allocate: not timed
+        timed_run(session, tokenizer, texts[:32])  # first runs allocate: not timed
     batch_s = dict.fromkeys(sessions, 0.0)
     single_ms: dict[str, list[float]] = {name: [] for name in sessions}
     batches, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         batch_texts = [texts[(batches * 32 + i) % len(texts)] for i in range(32)]
         for name, session in sessions.items():
-            batch_s[name] += run(session, batch_texts)
-            single_ms[name].append(run(session, batch_texts[7:8]) * 1000)
+            batch_s[name] += timed_run(session, tokenizer, batch_texts)
+            single_ms[name].append(timed_run(session, tokenizer, batch_texts[7:8]) * 1000)
         probe.run()
         batches += 1
     return {
@@ -208,20 +210,17 @@ def paired(
     session = cpu_session(served, available_cpus(), spinning=False)
 
     def raw(batch_size: int, duration: float, offset: int) -> list[float]:
-        """Seconds per run of ``batch_size`` texts (tokenise + pad + run) for ``duration`` seconds."""
+        """Seconds per run of ``batch_size`` texts for ``duration`` seconds."""
         times: list[float] = []
         started = time.perf_counter()
         while time.perf_counter() - started < duration:
             first = offset + len(times) * batch_size
-            batch_texts = [texts[(first + i) % len(texts)] for i in range(batch_size)]
-            begun = time.perf_counter()
-            batch = pad_batch(tokenizer.encode(batch_texts, truncate=True), tokenizer.pad_id)
-            session.run(["embedding"], {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
-            times.append(time.perf_counter() - begun)
+            times.append(timed_run(session, tokenizer, [texts[(first + i) % len(texts)] for i in range(batch_size)]))
         return times
 
-    rounds: dict[str, list[float]] = {"gateway_c32_per_s": [], "raw_batch32_per_s": [], "gateway_c1_p50_ms": []}
-    rounds["raw_single_p50_ms"] = []
+    rounds: dict[str, list[float]] = {
+        name: [] for name in ("gateway_c32_per_s", "raw_batch32_per_s", "gateway_c1_p50_ms", "raw_single_p50_ms")
+    }
     for index in range(PAIRED_ROUNDS):
         rounds["gateway_c32_per_s"].append(measure(url, payloads, 32, seconds / 2)["per_s"])
         batch_s = raw(32, seconds / 2, index * 997)

@@ -137,10 +137,9 @@ def write_graph(encoder: SentenceEncoder, path: Path, graph: ExportGraph) -> Gra
             _trace(UnpaddedBert(encoder).eval(), path)
             return GraphOptimization(tool="trainer.release.unpadded", onnxruntime=ort.__version__, padding_removed=True)
         log.warning("graph exported padded and fused: it can't be unpadded", extra={"reason": refusal})
-    if graph == "traced":
-        write_onnx(encoder, path)
-        return None
     write_onnx(encoder, path)
+    if graph == "traced":
+        return None
     config = encoder.transformer.config
     return optimize_graph(path, config.num_attention_heads, config.hidden_size)
 
