@@ -259,7 +259,7 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
     app.state.draining = False  # set on SIGTERM by the server (service/__main__.py): /readyz answers 503
     app.state.metrics = metrics
     app.state.tracing = tracing
-    app.include_router(embeddings.router, dependencies=[Depends(require("embed"))])
+    app.include_router(embeddings.router)  # its route checks the embed scope itself
     app.include_router(tei.router)  # TEI's routes: embed scope, except the /health probe
     app.include_router(ops.router)
     app.include_router(models.router, dependencies=[Depends(require("embed"))])

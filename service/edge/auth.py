@@ -61,32 +61,37 @@ def require(scope: Scope) -> Callable[..., Awaitable[None]]:
     """The dependency of a route that needs ``scope``."""
 
     async def check(request: Request, authorization: str | None = Header(None, description="Bearer <API key>")) -> None:
-        settings: Settings = request.app.state.settings
-        admin_possible = settings.admin_api_key is not None or any("admin" in k.scopes for k in settings.api_keys)
-        if scope == "admin" and not admin_possible:
-            raise Forbidden("admin API disabled: set EMBEDSERVE_ADMIN_API_KEY.")
-        key = _bearer(authorization)
-        scopes = _scopes_of(key, settings) if key is not None else None
-        checked = bool(settings.api_keys) or scope == "admin"
-        if scopes is None and checked:
-            if key is None:
-                raise Unauthorized("missing API key; send it as 'Authorization: Bearer <key>'.")
-            raise Unauthorized("unknown API key; check the key you send as 'Authorization: Bearer <key>'.")
-        if scopes is None:  # no client keys configured: an open deployment, and this caller is anonymous
-            if scope == "write" and not settings.allow_anonymous_writes:
-                raise Forbidden(
-                    "writing to collections needs an API key with the 'write' scope: set EMBEDSERVE_API_KEYS "
-                    '(e.g. [{"key": "...", "scopes": ["embed", "search", "write"]}]), or '
-                    "EMBEDSERVE_ALLOW_ANONYMOUS_WRITES=true on a network you trust.",
-                    code="write_scope_required",
-                )
-            return
-        if scope not in scopes:
-            if scope == "admin":
-                raise Forbidden("this is a client API key; admin routes need the admin API key.")
-            raise Forbidden(
-                f"this API key lacks the '{scope}' scope this route needs; use a key that has it.",
-                code="scope_missing",
-            )
+        authorize(request.app.state.settings, scope, authorization)
 
     return check
+
+
+def authorize(settings: Settings, scope: Scope, authorization: str | None) -> None:
+    """Raise the 401 or 403 a caller sending ``authorization`` gets on a route that needs ``scope``
+    (``require``'s check, for a route that reads its request itself)."""
+    admin_possible = settings.admin_api_key is not None or any("admin" in k.scopes for k in settings.api_keys)
+    if scope == "admin" and not admin_possible:
+        raise Forbidden("admin API disabled: set EMBEDSERVE_ADMIN_API_KEY.")
+    key = _bearer(authorization)
+    scopes = _scopes_of(key, settings) if key is not None else None
+    checked = bool(settings.api_keys) or scope == "admin"
+    if scopes is None and checked:
+        if key is None:
+            raise Unauthorized("missing API key; send it as 'Authorization: Bearer <key>'.")
+        raise Unauthorized("unknown API key; check the key you send as 'Authorization: Bearer <key>'.")
+    if scopes is None:  # no client keys configured: an open deployment, and this caller is anonymous
+        if scope == "write" and not settings.allow_anonymous_writes:
+            raise Forbidden(
+                "writing to collections needs an API key with the 'write' scope: set EMBEDSERVE_API_KEYS "
+                '(e.g. [{"key": "...", "scopes": ["embed", "search", "write"]}]), or '
+                "EMBEDSERVE_ALLOW_ANONYMOUS_WRITES=true on a network you trust.",
+                code="write_scope_required",
+            )
+        return
+    if scope not in scopes:
+        if scope == "admin":
+            raise Forbidden("this is a client API key; admin routes need the admin API key.")
+        raise Forbidden(
+            f"this API key lacks the '{scope}' scope this route needs; use a key that has it.",
+            code="scope_missing",
+        )

@@ -97,3 +97,19 @@ def test_health_and_readiness(client: TestClient) -> None:
     assert ready.status_code == 200 and ready.json()["ready"] is True
     states = {(v["model"], v["version"]): v["state"] for v in ready.json()["versions"]}
     assert states == {("minilm", 1): "ready", ("tiny", 1): "ready", ("tiny", 2): "ready"}
+
+
+def test_the_openapi_document_describes_the_route_it_reads_by_hand(client: TestClient) -> None:
+    """/v1/embeddings reads its key, headers and body itself (not as FastAPI parameters): the document that
+    clients are generated from must still show all of them, and the response."""
+    operation = client.get("/openapi.json").json()["paths"]["/v1/embeddings"]["post"]
+    assert {p["name"] for p in operation["parameters"] if p["in"] == "header"} == {
+        "authorization",
+        "x-model-version",
+        "x-routing-key",
+    }
+    body = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert {"input", "model", "encoding_format", "dimensions", "user"} <= set(body["properties"])
+    assert operation["requestBody"]["required"] is True
+    response = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    assert response == {"$ref": "#/components/schemas/EmbeddingResponse"}
