@@ -101,6 +101,12 @@ def request_schema(model: type[RequestBody], required: bool = True) -> dict[str,
     return {"requestBody": {"required": required, "content": {"application/json": {"schema": inlined}}}}
 
 
+def openapi_parameter(name: str, where: str, description: str) -> dict[str, Any]:
+    """An optional string parameter (``where``: header or query) of a route that reads it itself, declared for
+    the OpenAPI document in ``openapi_extra``."""
+    return {"name": name, "in": where, "required": False, "schema": {"type": "string"}, "description": description}
+
+
 def _inline(node: Any, definitions: dict[str, Any]) -> Any:
     """``node`` with every ``{"$ref": "#/$defs/Name"}`` replaced by that definition (request models nest, never
     recursively)."""

@@ -9,7 +9,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from service.edge.auth import authorize, caller_identity
-from service.edge.json_body import read_json_body, request_schema
+from service.edge.json_body import openapi_parameter, read_json_body, request_schema
 from service.embeddings.embedder import Embedder
 from service.embeddings.protocol import EmbeddingRequest, EmbeddingResponse
 from service.embeddings.serving import CLIENT_CLOSED_REQUEST, serve, timing_headers
@@ -19,15 +19,13 @@ from service.settings import Settings
 router = APIRouter()
 
 
-def _header(name: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "header", "required": False, "schema": {"type": "string"}, "description": description}
-
-
 # The route reads these itself (see create_embeddings); declared here for the OpenAPI document.
 _HEADERS = [
-    _header("authorization", "Bearer <API key>"),
-    _header("x-model-version", "Pin a version (e.g. 2) when model has none."),
-    _header("x-routing-key", "Sticky key of a canary rollout; default: 'user', else the API key; none: stable."),
+    openapi_parameter("authorization", "header", "Bearer <API key>"),
+    openapi_parameter("x-model-version", "header", "Pin a version (e.g. 2) when model has none."),
+    openapi_parameter(
+        "x-routing-key", "header", "Sticky key of a canary rollout; default: 'user', else the API key; none: stable."
+    ),
 ]
 
 

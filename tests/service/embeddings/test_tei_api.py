@@ -283,6 +283,28 @@ async def test_tei_routes_take_the_embed_scope_and_health_is_open(settings: Sett
         assert metric(found, "embedserve_requests_total", route="/embed", status="200") == 1
 
 
+async def test_the_openapi_document_describes_embed_which_reads_its_request_by_hand(gateway: Gateway) -> None:
+    """/embed reads its API key, model, headers and body itself (not as FastAPI parameters): the document TEI
+    clients are generated from must still show all of them, and the response."""
+    _, client = gateway
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    operation = paths["/embed"]["post"]
+    assert {(p["in"], p["name"]) for p in operation["parameters"]} == {
+        ("query", "model"),
+        ("header", "authorization"),
+        ("header", "x-model-version"),
+        ("header", "x-routing-key"),
+    }
+    body = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert {"inputs", "normalize", "truncate", "truncation_direction", "dimensions", "prompt_name"} <= set(
+        body["properties"]
+    )
+    assert operation["requestBody"]["required"] is True
+    response = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    assert response == {"$ref": "#/components/schemas/EmbedResponse"}
+    assert "/" not in paths  # POST / is /embed again, for huggingface_hub; documented once
+
+
 async def test_embed_is_routed_recorded_and_mirrored_like_v1_embeddings(settings: Settings) -> None:
     configured = settings.model_copy(update={"admin_api_key": SecretStr("admin"), "stable_versions": {"tiny": 1}})
     async with running_gateway(configured) as (app, client):
