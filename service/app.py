@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.telemetry import TelemetryConfig
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
@@ -254,7 +255,11 @@ def create_app(settings: Settings, span_exporter: SpanExporter | None = None) ->
             await backend.close()
             await asyncio.to_thread(tracing.shutdown)
 
-    app = FastAPI(title="embedserve", version="0.1.0", lifespan=lifespan)
+    # FastAPI's own OpenTelemetry (HTTP spans, metrics, logs) stays off: the app's spans and metrics are its
+    # own (service.telemetry), and a process-wide provider (opentelemetry-instrument) would get a second span
+    # for every request. Off, FastAPI also stops looking the global providers up on every request.
+    telemetry: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
+    app = FastAPI(title="embedserve", version="0.1.0", lifespan=lifespan, telemetry=telemetry)
     app.state.settings = settings
     app.state.draining = False  # set on SIGTERM by the server (service/__main__.py): /readyz answers 503
     app.state.metrics = metrics

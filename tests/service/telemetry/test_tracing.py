@@ -13,7 +13,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from pydantic import SecretStr
@@ -252,6 +254,21 @@ async def test_probes_and_scrapes_make_no_spans(gateway: Gateway, spans: InMemor
     for path in ("/healthz", "/metrics"):
         assert (await client.get(path)).status_code == 200
     assert spans.get_finished_spans() == ()
+
+
+async def test_a_process_wide_tracer_provider_gets_no_spans_from_fastapi_itself(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app's spans are its own (no global provider). A process-wide provider, as ``opentelemetry-instrument``
+    sets one, must not get FastAPI's native HTTP spans: they would double every request span."""
+    process_wide = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(process_wide))
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    async with running_gateway(settings) as (_, client):
+        response = await client.post("/v1/embeddings", json={"input": "one input", "model": "tiny"})
+        assert response.status_code == 200, response.text
+    assert process_wide.get_finished_spans() == ()
 
 
 def test_without_an_endpoint_nothing_is_exported(settings: Settings) -> None:
