@@ -63,7 +63,8 @@ class TextTokenizer:
             encoder = self._untruncated
         else:
             encoder = self._left_truncating if direction == "left" else self._truncating
-        return [encoding.ids for encoding in encoder.encode_batch(texts)]
+        # The ids only: encode_batch_fast leaves out the character offsets, ~15 % of a short input's time.
+        return [encoding.ids for encoding in encoder.encode_batch_fast(texts)]
 
     def tokens(self, texts: list[str], *, add_special_tokens: bool) -> list[list["Token"]]:
         """Each text's tokens, whole (never truncated): id, the piece of the text it stands for, and where that
