@@ -125,9 +125,9 @@ class Settings(BaseSettings):
         512,
         description="Most tokens in one inference batch of the in-process ONNX backend, padding included (rows x "
         "longest row): it bounds a batch's latency. On CPU a padded graph's throughput peaked around 500 padded "
-        "tokens per batch; an unpadded one (the default export) gains ~5 % more from batches twice that size, at "
-        "twice the latency (see README, Benchmark). Triton's batches have their own budget, "
-        "EMBEDSERVE_TRITON_MAX_BATCH_TOKENS.",
+        "tokens per batch. At c=32 batches hold ~16 short inputs whatever the budget (one batch runs while the "
+        "next fills), so a larger one changes only deeper queues' batches (see README, Benchmark). Triton's "
+        "batches have their own budget, EMBEDSERVE_TRITON_MAX_BATCH_TOKENS.",
     )
     max_wait_ms: float = Field(
         0.0,
