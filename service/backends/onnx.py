@@ -15,7 +15,7 @@ build), with inputs and outputs bound once per batch (IO binding) instead of cop
 A batch runs on its version's inference thread, and the event loop hands it over by waiting (the GIL released)
 until that thread is about to enter ONNX Runtime, at most ``_HANDOVER_WAIT_S``. Left to compete for the GIL with
 a busy event loop, the thread waited 3.4 ms on average (Python's 5 ms switch interval) at the start of each
-~50 ms batch at concurrency 32, ONNX Runtime idle meanwhile; handed over, 0.15 ms, for ~0.3 ms of the loop's.
+~50 ms batch at concurrency 32, ONNX Runtime idle meanwhile; handed over, 0.15 ms, which the loop waits.
 """
 
 import asyncio
@@ -41,10 +41,10 @@ from service.models.tokenization import TokenBatch
 log = logging.getLogger(__name__)
 
 Device = Literal["cpu", "cuda"]
+Spinning = Literal["auto", "on", "off"]
 # Longest the event loop waits for a version's inference thread to take a batch (it is idle when a batch comes:
 # one batch at a time per version in process); past it, the loop goes on and the thread gets the GIL as it can.
 _HANDOVER_WAIT_S = 0.005
-Spinning = Literal["auto", "on", "off"]
 
 
 class DeviceUnavailable(RuntimeError):
