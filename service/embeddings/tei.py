@@ -108,13 +108,14 @@ def _error_examples(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 router = APIRouter(route_class=TeiRoute, tags=["TEI"])
 EMBED_SCOPE = [Depends(require("embed"))]
-ModelQuery = Annotated[
-    str | None, Query(description="A model name, or name@version to pin one; omitted = the default model.")
-]
-VersionHeader = Annotated[str | None, Header(description="Pin a version (e.g. 2) when model has none.")]
-RoutingKeyHeader = Annotated[
-    str | None, Header(description="Sticky key of a canary rollout; default: the API key; none: stable.")
-]
+# What the model query and the version and routing-key headers mean: declared as parameters of the routes that
+# take them from FastAPI, and in /embed's OpenAPI document (it reads them itself).
+_MODEL = "A model name, or name@version to pin one; omitted = the default model."
+_VERSION = "Pin a version (e.g. 2) when model has none."
+_ROUTING_KEY = "Sticky key of a canary rollout; default: the API key; none: stable."
+ModelQuery = Annotated[str | None, Query(description=_MODEL)]
+VersionHeader = Annotated[str | None, Header(description=_VERSION)]
+RoutingKeyHeader = Annotated[str | None, Header(description=_ROUTING_KEY)]
 
 
 async def routed(
@@ -142,10 +143,10 @@ def route(
 Routed = Annotated[tuple[ModelVersion, bool], Depends(routed)]
 # /embed reads these itself (see embed); declared here for the OpenAPI document.
 _EMBED_PARAMETERS = [
-    openapi_parameter("model", "query", "A model name, or name@version to pin one; omitted = the default model."),
+    openapi_parameter("model", "query", _MODEL),
     openapi_parameter("authorization", "header", "Bearer <API key>"),
-    openapi_parameter("x-model-version", "header", "Pin a version (e.g. 2) when model has none."),
-    openapi_parameter("x-routing-key", "header", "Sticky key of a canary rollout; default: the API key; none: stable."),
+    openapi_parameter("x-model-version", "header", _VERSION),
+    openapi_parameter("x-routing-key", "header", _ROUTING_KEY),
 ]
 
 
