@@ -64,9 +64,18 @@ def create_backend(settings: Settings) -> Backend:
         )
         explicit = settings.triton_model_control == "explicit"
         return TritonBackend(
-            settings.triton_url, timeout_s=settings.triton_timeout_s, explicit_loading=explicit, tls=tls
+            settings.triton_url,
+            timeout_s=settings.triton_timeout_s,
+            explicit_loading=explicit,
+            tls=tls,
+            batches_in_flight=settings.triton_batches_in_flight,
         )
-    return OnnxBackend(threads=settings.inference_threads, device=settings.device, spinning=settings.inference_spinning)
+    return OnnxBackend(
+        threads=settings.inference_threads,
+        device=settings.device,
+        spinning=settings.inference_spinning,
+        parallel_batches=settings.inference_parallel_batches,
+    )
 
 
 def create_cache(settings: Settings, metrics: Metrics, tracer: Tracer) -> EmbeddingCache | None:
@@ -116,9 +125,9 @@ def batcher_factory(
     settings: Settings, backend: Backend, metrics: Metrics, tracer: Tracer
 ) -> Callable[[ModelVersion], Batcher]:
     """What makes (and starts) a version's batcher: at start, and for each version hot-loaded later."""
-    # In process, one batch at a time per version already uses every core, and bulk batches stay small so an
-    # interactive input waits behind one at most; a remote GPU idles through each round trip unless several
-    # batches are in flight, and gains from larger ones in both lanes.
+    # In process, a version runs a batch per thread at most (service.backends.onnx), and bulk batches stay small
+    # so an interactive input waits behind few; a remote GPU idles through each round trip unless several batches
+    # are in flight, and gains from larger ones in both lanes.
     triton = settings.backend == "triton"
     interactive_tokens = settings.triton_max_batch_tokens if triton else settings.max_batch_tokens
     limits = QueueLimits(
@@ -131,10 +140,9 @@ def batcher_factory(
         bulk_share=settings.bulk_share,
         max_wait_ms=settings.max_wait_ms,
     )
-    in_flight = settings.triton_batches_in_flight if triton else 1
 
     def make(version: ModelVersion) -> Batcher:
-        batcher = Batcher(version, backend, limits, metrics, tracer, in_flight)
+        batcher = Batcher(version, backend, limits, metrics, tracer, backend.batches_in_flight)
         batcher.start()
         return batcher
 

@@ -95,6 +95,14 @@ class Settings(BaseSettings):
         description="CPU threads in-process inference may use, shared by every loaded version; 0 = the "
         "container's CPU quota (cgroup), else the CPUs this process may run on.",
     )
+    inference_parallel_batches: int = Field(
+        0,
+        ge=0,
+        description="Batches of one version in-process CPU inference runs at once, each on its share of the "
+        "threads; 0 = one per thread (under load, one-thread batches side by side beat one batch on every thread; "
+        "a lone batch still gets every thread). Above 1 a version's graph is opened twice (its weights twice in "
+        "memory); 1 = one batch at a time on every thread.",
+    )
     model_rescan_s: float = Field(
         30.0,
         ge=0,

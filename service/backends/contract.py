@@ -34,6 +34,7 @@ READY = Availability("ready")
 
 class Backend(Protocol):
     name: str
+    batches_in_flight: int  # batches of one version it takes at once (the batcher keeps that many in flight)
 
     async def start(self, versions: list[ModelVersion]) -> None:
         """Load (or connect to) every version the gateway serves."""

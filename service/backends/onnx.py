@@ -9,13 +9,22 @@ waits for the preempted thread, and the tail grows (P99 ×1.3 for single sentenc
 ``make bench-lanes``, ×1.9 beside one busy process). Spinning set ``on`` spins during batches, ``auto`` only
 while one version is loaded; neither spins between batches.
 
-On ``EMBEDSERVE_DEVICE=cuda`` sessions run on ONNX Runtime's CUDA execution provider (the ``onnxruntime-gpu``
-build), with inputs and outputs bound once per batch (IO binding) instead of copied by ``run``.
+Batches side by side (``EMBEDSERVE_INFERENCE_PARALLEL_BATCHES``, by default one per thread): a batch that
+starts while none of its version's runs uses every thread (the lowest latency for a lone request); one that
+starts beside a running batch runs on its share of the threads, in a second session of the version opened
+with that many. Under load every batch runs on one thread of its own: each operator of a batch split over two
+threads waits for the slower of them, and the event loop's work preempts one of them often, so on 2 cores two
+one-thread batches of 16 gave 10–19 % more than one two-thread batch of 32 (``make bench``). The second
+session costs the version's weights again in memory (~90 MB for MiniLM); 1 keeps one batch at a time.
 
-A batch runs on its version's inference thread, and the event loop hands it over by waiting (the GIL released)
-until that thread is about to enter ONNX Runtime, at most ``_HANDOVER_WAIT_S``. Left to compete for the GIL with
-a busy event loop, the thread waited 3.4 ms on average (Python's 5 ms switch interval) at the start of each
-~50 ms batch at concurrency 32, ONNX Runtime idle meanwhile; handed over, 0.15 ms, which the loop waits.
+On ``EMBEDSERVE_DEVICE=cuda`` sessions run on ONNX Runtime's CUDA execution provider (the ``onnxruntime-gpu``
+build), one batch at a time per version, with inputs and outputs bound once per batch (IO binding) instead of
+copied by ``run``.
+
+A batch runs on one of its version's inference threads, and the event loop hands it over by waiting (the GIL
+released) until that thread is about to enter ONNX Runtime, at most ``_HANDOVER_WAIT_S``. Left to compete for
+the GIL with a busy event loop, the thread waited 3.4 ms on average (Python's 5 ms switch interval) at the start
+of each ~50 ms batch at concurrency 32, ONNX Runtime idle meanwhile; handed over, 0.15 ms, which the loop waits.
 """
 
 import asyncio
@@ -25,7 +34,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -42,8 +51,9 @@ log = logging.getLogger(__name__)
 
 Device = Literal["cpu", "cuda"]
 Spinning = Literal["auto", "on", "off"]
-# Longest the event loop waits for a version's inference thread to take a batch (it is idle when a batch comes:
-# one batch at a time per version in process); past it, the loop goes on and the thread gets the GIL as it can.
+# Longest the event loop waits for a version's inference thread to take a batch (one is idle when a batch comes:
+# the batcher keeps no more batches in flight than the version has threads); past it, the loop goes on and the
+# thread gets the GIL as it can.
 _HANDOVER_WAIT_S = 0.005
 
 
@@ -51,16 +61,18 @@ class DeviceUnavailable(RuntimeError):
     """The device asked for has no execution provider in this ONNX Runtime build."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Loaded:
-    """A version's session and the one thread that runs it."""
+    """A version's sessions and the threads that run its batches."""
 
-    session: ort.InferenceSession
-    # One inference at a time per version: each run already uses every core through intra-op threads,
-    # and ONNX Runtime releases the GIL so the event loop keeps serving meanwhile. Versions get a thread
-    # each, so during a rollout a slow canary's batches never hold stable's up (they share the cores, not a
-    # queue), and each version's latency is its own.
-    thread: ThreadPoolExecutor
+    session: ort.InferenceSession  # every thread: for a batch that runs alone
+    narrow: ort.InferenceSession | None  # a share of the threads: for a batch beside others (None: one at a time)
+    # One thread per batch that may run at once; ONNX Runtime releases the GIL, so the event loop keeps serving
+    # meanwhile. Versions get threads of their own, so during a rollout a slow canary's batches never hold
+    # stable's up (they share the cores, not a queue), and each version's latency is its own.
+    threads: ThreadPoolExecutor
+    running: int = 0  # batches of the version in ONNX Runtime now; changed under ``lock``
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
@@ -88,9 +100,14 @@ def _cgroup_quota(root: Path) -> float | None:
 class OnnxBackend:
     name = "onnx"
 
-    def __init__(self, threads: int = 0, device: Device = "cpu", spinning: Spinning = "off") -> None:
+    def __init__(
+        self, threads: int = 0, device: Device = "cpu", spinning: Spinning = "off", parallel_batches: int = 0
+    ) -> None:
         self.threads = threads or available_cpus()
         self.device = device
+        # Batches of one version at once (the batcher keeps this many in flight), each beside the others on
+        # ``threads // batches_in_flight`` threads: one per thread by default; one at a time on CUDA.
+        self.batches_in_flight = 1 if device == "cuda" else min(parallel_batches or self.threads, self.threads)
         self._spinning = spinning
         self._loaded: dict[tuple[str, int], _Loaded] = {}
         if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -105,7 +122,13 @@ class OnnxBackend:
             await self._open(version, spinning)
         log.info(
             "onnx thread budget",
-            extra={"threads": self.threads, "versions": len(versions), "spinning": spinning, "device": self.device},
+            extra={
+                "threads": self.threads,
+                "batches_in_flight": self.batches_in_flight,
+                "versions": len(versions),
+                "spinning": spinning,
+                "device": self.device,
+            },
         )
 
     async def load(self, version: ModelVersion) -> None:
@@ -115,15 +138,19 @@ class OnnxBackend:
     async def unload(self, version: ModelVersion) -> None:
         loaded = self._loaded.pop((version.model, version.version), None)
         if loaded is not None:
-            loaded.thread.shutdown(wait=False)
+            loaded.threads.shutdown(wait=False)
 
     def _spins(self, versions: int) -> bool:
         return self._spinning == "on" or (self._spinning == "auto" and versions <= 1)
 
     async def _open(self, version: ModelVersion, spinning: bool) -> None:
         session = await asyncio.to_thread(self._load, version, spinning)
-        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"onnx-{version.name}")
-        self._loaded[(version.model, version.version)] = _Loaded(session, thread)
+        narrow = None
+        if self.batches_in_flight > 1:
+            share = self.threads // self.batches_in_flight
+            narrow = await asyncio.to_thread(cpu_session, version.onnx_path, share, spinning and share > 1)
+        threads = ThreadPoolExecutor(max_workers=self.batches_in_flight, thread_name_prefix=f"onnx-{version.name}")
+        self._loaded[(version.model, version.version)] = _Loaded(session, narrow, threads)
 
     def _load(self, version: ModelVersion, spinning: bool) -> ort.InferenceSession:
         if self.device == "cuda":
@@ -147,27 +174,33 @@ class OnnxBackend:
             raise ServiceUnavailable(f"model version {version.name} is not loaded; check /readyz.")
         run = _run_bound if self.device == "cuda" else _run
         entering = threading.Event()
-        vectors = asyncio.get_running_loop().run_in_executor(
-            loaded.thread, _enter, entering, run, loaded.session, batch
-        )
+        vectors = asyncio.get_running_loop().run_in_executor(loaded.threads, _enter, entering, run, loaded, batch)
         entering.wait(_HANDOVER_WAIT_S)  # blocks the event loop, briefly: see the module's docstring
         return np.asarray(await vectors, dtype=np.float32)
 
     async def close(self) -> None:
         for loaded in self._loaded.values():
-            loaded.thread.shutdown(wait=False, cancel_futures=True)
+            loaded.threads.shutdown(wait=False, cancel_futures=True)
         self._loaded.clear()
 
 
 def _enter(
     entering: threading.Event,
     run: Callable[[ort.InferenceSession, TokenBatch], np.ndarray],
-    session: ort.InferenceSession,
+    loaded: _Loaded,
     batch: TokenBatch,
 ) -> np.ndarray:
-    """On the inference thread: say it holds the GIL and is about to run the batch, then run it."""
+    """On an inference thread: say it holds the GIL and is about to run the batch, then run it, on every thread
+    when no other batch of the version runs, else beside them on its share."""
+    with loaded.lock:
+        session = loaded.narrow if loaded.running and loaded.narrow is not None else loaded.session
+        loaded.running += 1
     entering.set()
-    return run(session, batch)
+    try:
+        return run(session, batch)
+    finally:
+        with loaded.lock:
+            loaded.running -= 1
 
 
 def _run(session: ort.InferenceSession, batch: TokenBatch) -> np.ndarray:

@@ -76,8 +76,10 @@ class TritonBackend:
         ready_timeout_s: float = 1.0,
         explicit_loading: bool = False,
         tls: TritonTls | None = None,
+        batches_in_flight: int = 4,
     ) -> None:
         self.url = url
+        self.batches_in_flight = batches_in_flight
         self._explicit_loading = explicit_loading  # Triton in --model-control-mode=explicit: load through its API
         self._timeout_s = timeout_s
         self._ready_timeout_s = ready_timeout_s

@@ -1,14 +1,19 @@
 """The in-process backend: its thread budget (the container's CPUs, not the node's, shared by every version),
-spinning and device."""
+batches side by side, spinning and device."""
 
+import asyncio
 import os
+import threading
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 
 from service.backends.onnx import DeviceUnavailable, OnnxBackend, available_cpus
-from service.models.store import ModelStore
+from service.models.store import ModelStore, ModelVersion
+from service.models.tokenization import TokenBatch, pad_batch
 from service.settings import Settings
 
 AFFINITY = len(os.sched_getaffinity(0))
@@ -91,3 +96,69 @@ def test_cuda_without_onnx_runtimes_cuda_build_is_refused_with_how_to_fix() -> N
         pytest.skip("this ONNX Runtime has CUDA")
     with pytest.raises(DeviceUnavailable, match=r"onnxruntime-gpu.*EMBEDSERVE_DEVICE=cpu"):
         OnnxBackend(device="cuda")
+
+
+def batch_of(version: ModelVersion, texts: list[str]) -> TokenBatch:
+    return pad_batch(version.tokenizer.encode(texts, truncate=True), version.tokenizer.pad_id)
+
+
+class HeldSession:
+    """A real session whose runs wait until ``hold`` is set: a batch that is still running when the next starts."""
+
+    def __init__(self, session: ort.InferenceSession, hold: threading.Event) -> None:
+        self._session = session
+        self._hold = hold
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        self._hold.wait(10)
+        return self._session.run(*args, **kwargs)
+
+
+async def test_by_default_a_version_runs_a_batch_per_thread_each_on_one(model_repository: Path) -> None:
+    version = ModelStore.scan(model_repository).versions_of("tiny")[0]
+    defaults = Settings.model_fields
+    side_by_side = OnnxBackend(threads=2, parallel_batches=defaults["inference_parallel_batches"].default)
+    one_at_a_time = OnnxBackend(threads=2, parallel_batches=1)
+    try:
+        await side_by_side.start([version])
+        await one_at_a_time.start([version])
+        assert side_by_side.batches_in_flight == 2  # the batcher keeps two in flight
+        loaded = side_by_side._loaded[(version.model, version.version)]
+        assert loaded.session.get_session_options().intra_op_num_threads == 2  # a lone batch: every thread
+        assert loaded.narrow is not None and loaded.narrow.get_session_options().intra_op_num_threads == 1
+        assert one_at_a_time.batches_in_flight == 1
+        assert one_at_a_time._loaded[(version.model, version.version)].narrow is None  # one session: less memory
+    finally:
+        await side_by_side.close()
+        await one_at_a_time.close()
+
+
+async def test_a_batch_beside_a_running_one_runs_on_its_own_thread_and_gets_the_same_vectors(
+    model_repository: Path,
+) -> None:
+    version = ModelStore.scan(model_repository).versions_of("tiny")[0]
+    backend = OnnxBackend(threads=2)
+    texts = ["a short one", "a somewhat longer input about search and vectors", "x"]
+    try:
+        await backend.start([version])
+        alone = await backend.embed(version, batch_of(version, texts))
+        loaded = backend._loaded[(version.model, version.version)]
+        hold = threading.Event()
+        loaded.session = HeldSession(loaded.session, hold)  # type: ignore[assignment]
+        running = asyncio.create_task(backend.embed(version, batch_of(version, ["held on every thread"] * 4)))
+        while loaded.running == 0:  # until its thread is in the (held) session's run
+            await asyncio.sleep(0.001)
+        # On the session of every thread this would wait for the held batch; on its own thread it does not.
+        beside = await asyncio.wait_for(backend.embed(version, batch_of(version, texts)), 5)
+        hold.set()
+        assert (await running).shape == (4, version.dimension)
+        np.testing.assert_allclose(beside, alone, atol=1e-5)
+        # Once the held batch is done, a batch runs alone again: on every thread (the held session's).
+        hold.clear()
+        lone = asyncio.create_task(backend.embed(version, batch_of(version, texts)))
+        await asyncio.sleep(0.2)
+        assert not lone.done()
+        hold.set()
+        np.testing.assert_allclose(await lone, alone, atol=1e-5)
+    finally:
+        await backend.close()
