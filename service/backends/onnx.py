@@ -13,9 +13,10 @@ Batches side by side (``EMBEDSERVE_INFERENCE_PARALLEL_BATCHES``, by default one 
 starts while none of its version's runs uses every thread (the lowest latency for a lone request); one that
 starts beside a running batch runs on its share of the threads, in a second session of the version opened
 with that many. Under load every batch runs on one thread of its own: each operator of a batch split over two
-threads waits for the slower of them, and the event loop's work preempts one of them often, so on 2 cores two
-one-thread batches of 16 gave 10–19 % more than one two-thread batch of 32 (``make bench``). The second
-session costs the version's weights again in memory (~90 MB for MiniLM); 1 keeps one batch at a time.
+threads waits for the slower of them, and the event loop's work preempts one of them often. On 2 cores, raw
+ONNX Runtime ran two one-thread batches of 16 side by side 1.03–1.19× as fast as one two-thread batch of 32,
+and the gateway at concurrency 32 went from 0.81 to 0.965 of the latter (``make bench``). The second session
+costs the version's weights again in memory (+89 MB resident for MiniLM); 1 keeps one batch at a time.
 
 On ``EMBEDSERVE_DEVICE=cuda`` sessions run on ONNX Runtime's CUDA execution provider (the ``onnxruntime-gpu``
 build), one batch at a time per version, with inputs and outputs bound once per batch (IO binding) instead of
