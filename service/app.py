@@ -142,7 +142,8 @@ def batcher_factory(
     )
 
     def make(version: ModelVersion) -> Batcher:
-        batcher = Batcher(version, backend, limits, metrics, tracer, backend.batches_in_flight)
+        bulk_alone = isinstance(backend, OnnxBackend)  # bulk batches on every thread: see the batcher
+        batcher = Batcher(version, backend, limits, metrics, tracer, backend.batches_in_flight, bulk_alone)
         batcher.start()
         return batcher
 

@@ -2,10 +2,18 @@
 deadline keeps the batches it already paid for."""
 
 import asyncio
+import itertools
+import time
+from collections.abc import Awaitable
 
+import httpx
+import numpy as np
+import pytest
 from opentelemetry import context as otel_context
 
 from service.embeddings.queue import InputQueue, LaneLimits, Origin, Pending, QueueLimits
+from service.models.store import ModelVersion
+from service.models.tokenization import TokenBatch
 from service.settings import Settings
 from tests.helpers import metric, queued_at_least, read_metrics, running_gateway, until
 from trainer.data.sample_text import paragraphs, sentences
@@ -86,3 +94,43 @@ def test_bulk_owed_turns_stay_bounded_after_a_long_interactive_stretch() -> None
         assert turns.count("bulk") <= 10 and "interactive" in turns[:5]  # bulk gets its share, not a backlog of it
     finally:
         loop.close()
+
+
+async def test_in_process_a_bulk_batch_runs_alone_while_interactive_batches_run_side_by_side(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lanes = settings.model_copy(update={"cache_enabled": False, "bulk_min_inputs": 16, "inference_threads": 2})
+    async with running_gateway(lanes) as (app, client):
+        backend = app.state.backend
+        assert backend.batches_in_flight == 2
+        runs: list[tuple[float, float, bool]] = []  # start, end, bulk (rows of paragraphs, not of a few words)
+        embed = backend.embed
+
+        async def recorded(version: ModelVersion, batch: TokenBatch) -> np.ndarray:
+            started = time.monotonic()
+            await asyncio.sleep(0.05)  # long enough for a next batch to start beside this one, where it may
+            vectors = await embed(version, batch)
+            runs.append((started, time.monotonic(), batch.input_ids.shape[1] > 40))
+            return vectors
+
+        monkeypatch.setattr(backend, "embed", recorded)
+
+        def one(text: str) -> Awaitable[httpx.Response]:
+            return client.post("/v1/embeddings", json={"input": text, "model": "tiny"})
+
+        first = asyncio.ensure_future(one(sentences()[0]))
+        await asyncio.sleep(0.02)  # its batch is running: the next requests form the next batch
+        interactive = [*await asyncio.gather(*(one(text) for text in sentences()[1:8])), await first]
+        assert all(answer.status_code == 200 for answer in interactive)
+        assert any(a[0] < b[1] and b[0] < a[1] for a, b in itertools.combinations(runs, 2)), "never side by side"
+        runs.clear()
+        bulk = asyncio.ensure_future(
+            client.post("/v1/embeddings", json={"input": list(paragraphs()[:48]), "model": "tiny"})
+        )
+        await until(lambda: queued_at_least(client, 8, model="tiny"))
+        interactive = await asyncio.gather(*(one(f"a short query, number {i}") for i in range(8)))
+        assert (await bulk).status_code == 200 and all(answer.status_code == 200 for answer in interactive)
+    bulk_runs = [run for run in runs if run[2]]
+    assert bulk_runs and len(bulk_runs) < len(runs)
+    for run in bulk_runs:  # alone: every thread for it, and no interactive batch behind two bulk ones
+        assert not any(other is not run and other[0] < run[1] and run[0] < other[1] for other in runs)
