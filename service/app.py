@@ -125,9 +125,9 @@ def batcher_factory(
     settings: Settings, backend: Backend, metrics: Metrics, tracer: Tracer
 ) -> Callable[[ModelVersion], Batcher]:
     """What makes (and starts) a version's batcher: at start, and for each version hot-loaded later."""
-    # In process, a version runs a batch per thread at most (service.backends.onnx), and bulk batches stay small
-    # so an interactive input waits behind few; a remote GPU idles through each round trip unless several batches
-    # are in flight, and gains from larger ones in both lanes.
+    # In process, a version runs a batch per thread at most (service.backends.onnx), and a bulk batch is small and
+    # runs alone, so an interactive input waits behind one at most; a remote GPU idles through each round trip
+    # unless several batches are in flight, and gains from larger ones in both lanes.
     triton = settings.backend == "triton"
     interactive_tokens = settings.triton_max_batch_tokens if triton else settings.max_batch_tokens
     limits = QueueLimits(
@@ -140,9 +140,9 @@ def batcher_factory(
         bulk_share=settings.bulk_share,
         max_wait_ms=settings.max_wait_ms,
     )
+    bulk_alone = isinstance(backend, OnnxBackend)  # bulk batches on every thread: see the batcher
 
     def make(version: ModelVersion) -> Batcher:
-        bulk_alone = isinstance(backend, OnnxBackend)  # bulk batches on every thread: see the batcher
         batcher = Batcher(version, backend, limits, metrics, tracer, backend.batches_in_flight, bulk_alone)
         batcher.start()
         return batcher

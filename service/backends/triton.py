@@ -73,10 +73,10 @@ class TritonBackend:
         self,
         url: str,
         timeout_s: float,
+        batches_in_flight: int,
         ready_timeout_s: float = 1.0,
         explicit_loading: bool = False,
         tls: TritonTls | None = None,
-        batches_in_flight: int = 4,
     ) -> None:
         self.url = url
         self.batches_in_flight = batches_in_flight
