@@ -49,9 +49,10 @@ def url(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 def settled(base: str, texts: list[str], timeout_s: float = 30.0) -> None:
     """Wait until Milvus Lite answers as it will from now on. Right after a bulk load it scans its memtable,
     then (once the gateway's idle flush has run) searches the flushed segment and builds BM25 on the first keyword
-    search; near-tied scores of the tiny encoder came out in another order before and after (seen in CI and here:
+    search; near-tied scores of the tiny encoder came out in another order early and later (seen in CI and here:
     dense or keyword recall@1 one query apart between the evaluation and the later route searches, with one or
-    several batches in flight alike). Settled = two rounds of every leg a few words deep agree, IDLE_S apart."""
+    several batches in flight alike; those steps are the likely cause, not a proven one). Settled = two rounds
+    of every leg a few words deep agree, 2 x IDLE_S apart."""
     queries = [" ".join(text.split()[1:5]) for text in texts[::5]]
 
     def round_of_searches() -> list[list[str]]:
