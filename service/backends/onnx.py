@@ -71,7 +71,11 @@ class _Loaded:
     # One thread per batch that may run at once; ONNX Runtime releases the GIL, so the event loop keeps serving
     # meanwhile. Versions get threads of their own, so during a rollout a slow canary's batches never hold
     # stable's up (they share the cores, not a queue), and each version's latency is its own.
-    threads: ThreadPoolExecutor
+    threads: list[ThreadPoolExecutor]
+    # Indexes of ``threads`` not running a batch, the one that ran last at the end (changed on the event loop
+    # only): a lone batch goes to the thread that ran the previous one. Taking turns (one pool of two threads),
+    # a single sentence's request took 0.5 ms longer at concurrency 1 (P50, 9 of 12 alternating rounds).
+    idle: list[int]
     running: int = 0  # batches of the version in ONNX Runtime now; changed under ``lock``
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -139,7 +143,8 @@ class OnnxBackend:
     async def unload(self, version: ModelVersion) -> None:
         loaded = self._loaded.pop((version.model, version.version), None)
         if loaded is not None:
-            loaded.threads.shutdown(wait=False)
+            for thread in loaded.threads:
+                thread.shutdown(wait=False)
 
     def _spins(self, versions: int) -> bool:
         return self._spinning == "on" or (self._spinning == "auto" and versions <= 1)
@@ -150,8 +155,11 @@ class OnnxBackend:
         if self.batches_in_flight > 1:
             share = self.threads // self.batches_in_flight
             narrow = await asyncio.to_thread(cpu_session, version.onnx_path, share, spinning and share > 1)
-        threads = ThreadPoolExecutor(max_workers=self.batches_in_flight, thread_name_prefix=f"onnx-{version.name}")
-        self._loaded[(version.model, version.version)] = _Loaded(session, narrow, threads)
+        threads = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"onnx-{version.name}-{index}")
+            for index in range(self.batches_in_flight)
+        ]
+        self._loaded[(version.model, version.version)] = _Loaded(session, narrow, threads, list(range(len(threads))))
 
     def _load(self, version: ModelVersion, spinning: bool) -> ort.InferenceSession:
         if self.device == "cuda":
@@ -174,14 +182,22 @@ class OnnxBackend:
         if loaded is None:
             raise ServiceUnavailable(f"model version {version.name} is not loaded; check /readyz.")
         run = _run_bound if self.device == "cuda" else _run
-        entering = threading.Event()
-        vectors = asyncio.get_running_loop().run_in_executor(loaded.threads, _enter, entering, run, loaded, batch)
-        entering.wait(_HANDOVER_WAIT_S)  # blocks the event loop, briefly: see the module's docstring
-        return np.asarray(await vectors, dtype=np.float32)
+        # The batcher keeps no more batches in flight than there are threads; past that, the first one's queue.
+        taken = loaded.idle.pop() if loaded.idle else None
+        thread = loaded.threads[taken if taken is not None else 0]
+        try:
+            entering = threading.Event()
+            vectors = asyncio.get_running_loop().run_in_executor(thread, _enter, entering, run, loaded, batch)
+            entering.wait(_HANDOVER_WAIT_S)  # blocks the event loop, briefly: see the module's docstring
+            return np.asarray(await vectors, dtype=np.float32)
+        finally:
+            if taken is not None:
+                loaded.idle.append(taken)
 
     async def close(self) -> None:
         for loaded in self._loaded.values():
-            loaded.threads.shutdown(wait=False, cancel_futures=True)
+            for thread in loaded.threads:
+                thread.shutdown(wait=False, cancel_futures=True)
         self._loaded.clear()
 
 
