@@ -247,13 +247,17 @@ class Embedder:
         shared = set(owners)
         for computation in shared:
             computation.waiters += 1
+        waits = [asyncio.shield(c.task) for c in shared]
         try:
-            await asyncio.gather(*(asyncio.shield(c.task) for c in shared))
+            await (waits[0] if len(waits) == 1 else asyncio.gather(*waits))
         finally:
             for computation in shared:
                 computation.waiters -= 1
-                # The last request waiting for it went away: drop the inputs before inference.
+                # The last request waiting for it went away (deadline, client gone): what is computed goes to the
+                # cache now, before this request's answer, so a retry at once pays only for the rest; the inputs
+                # still queued are dropped before inference.
                 if computation.waiters == 0 and not computation.task.done():
+                    self._keep_computed(version, computation)
                     computation.task.cancel()
         limit = version.tokenizer.max_seq_length
         for computation in shared:
@@ -262,6 +266,11 @@ class Embedder:
                 if digest in computation.too_long:  # named as this request numbers its inputs
                     raise TooManyTokens(index, computation.too_long[digest], limit)
         return found, len(missing), _mean_times(owners, len(by_digest))
+
+    def _keep_computed(self, version: ModelVersion, computation: "_Computation") -> None:
+        done = {d: CachedEmbedding(f.result(), tokens) for d, tokens, f in computation.queued if _succeeded(f)}
+        if done and self._cache:
+            self._cache.put_many(version, done)
 
     def _batcher(self, version: ModelVersion) -> Batcher:
         batcher = self._batchers.get((version.model, version.version))
@@ -301,13 +310,10 @@ class Embedder:
             if not fitting:
                 return {}
             futures = batcher.submit([ids for _, ids in fitting], lane, computation.times)
+            computation.queued = [(d, len(ids), f) for (d, ids), f in zip(fitting, futures, strict=True)]
             try:
-                vectors = await asyncio.gather(*futures)
+                vectors = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
             except BaseException:
-                # Deadline passed or client gone: the batches already run are kept, so a retry pays for the rest.
-                done = [(d, ids, f) for (d, ids), f in zip(fitting, futures, strict=True) if _succeeded(f)]
-                if done and self._cache:
-                    self._cache.put_many(version, {d: CachedEmbedding(f.result(), len(ids)) for d, ids, f in done})
                 for future in futures:
                     future.cancel()
                 raise
@@ -352,6 +358,8 @@ class _Computation:
     tokenization_s: float = 0.0
     times: InputTimes = field(default_factory=InputTimes)  # the batcher's, for the inputs that fit
     waiters: int = 0
+    # (digest, tokens, its vector's future) of each input given to the batcher
+    queued: list[tuple[str, int, "asyncio.Future[np.ndarray]"]] = field(default_factory=list)
 
 
 def _mean_times(owners: list[_Computation], distinct: int) -> StageTimes:

@@ -2,10 +2,14 @@
 
 import asyncio
 import base64
+import json
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 
+from loadtests.processes import gateway
 from service.settings import Settings
 from tests.helpers import metric, queued_at_least, read_metrics, running_gateway, until
 from trainer.data.sample_text import paragraphs, sentences
@@ -108,6 +112,42 @@ async def test_a_cancelled_request_is_dropped_before_inference(settings: Setting
         found = await read_metrics(client)
         assert metric(found, "embedserve_batch_size_sum", model="minilm") == 80
         assert metric(found, "embedserve_batcher_dropped_inputs_total", model="minilm", reason="abandoned") == 2
+
+
+async def test_a_client_that_disconnects_has_its_inputs_dropped_before_inference(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """Over real HTTP, to a gateway process: the client closes its connection while its inputs wait."""
+    env = {
+        "EMBEDSERVE_MODEL_REPOSITORY": str(model_repository),
+        "EMBEDSERVE_MILVUS_URI": str(tmp_path / "milvus.db"),
+        "EMBEDSERVE_CACHE_ENABLED": "false",
+        "EMBEDSERVE_MAX_BATCH_SIZE": "2",
+    }
+    with gateway(env, tmp_path / "gateway.log") as url:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            # 40 batches of paragraphs ahead of the short inputs (as in the test above).
+            busy = asyncio.ensure_future(
+                client.post("/v1/embeddings", json={"input": list(paragraphs()[:80]), "model": "minilm"})
+            )
+            await until(lambda: accepted_exactly(client, 80))
+            address = urlsplit(url)
+            _, writer = await asyncio.open_connection(address.hostname, address.port)
+            body = json.dumps({"input": ["nobody waits for this", "nor this"], "model": "minilm"}).encode()
+            head = "POST /v1/embeddings HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
+            writer.write(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
+            await writer.drain()
+            await until(lambda: accepted_exactly(client, 82))
+            writer.close()  # the client leaves
+            await writer.wait_closed()
+            assert (await busy).status_code == 200
+            await until(lambda: dropped_at_least(client, 2))
+            found = await read_metrics(client)
+            assert metric(found, "embedserve_batch_size_sum", model="minilm") == 80
+            assert metric(found, "embedserve_requests_total", model="minilm", status="499") == 1
+            # The gateway goes on serving, and the inputs are computed for whoever asks again.
+            again = await client.post("/v1/embeddings", json={"input": ["nobody waits for this"], "model": "minilm"})
+            assert again.status_code == 200
 
 
 async def test_identical_inputs_are_computed_once_within_and_across_requests(settings: Settings) -> None:

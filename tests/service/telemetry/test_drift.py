@@ -66,8 +66,12 @@ def test_the_reservoir_is_a_uniform_sample_of_everything_observed() -> None:
         reservoir = Reservoir(capacity, 1, rng)
         # A first batch that fills the reservoir and overflows it, uneven ones, a last one of 300 rows.
         cuts = [int(rng.integers(101, 200)), *np.sort(rng.choice(np.arange(200, 700), 8, replace=False)), 700]
-        for batch in np.split(np.arange(total, dtype=np.float32)[:, None], cuts):
-            reservoir.observe(batch)
+        for index, batch in enumerate(np.split(np.arange(total, dtype=np.float32)[:, None], cuts)):
+            if index in (3, 6):  # two stretches one vector at a time, as requests of one input offer them
+                for row in batch:
+                    reservoir.observe(row[None])
+            else:
+                reservoir.observe(batch)
         sample = reservoir.snapshot()[:, 0].astype(int)
         assert len(set(sample)) == capacity
         kept[sample] += 1
