@@ -74,7 +74,7 @@ class _Loaded:
     threads: list[ThreadPoolExecutor]
     # Indexes of ``threads`` not running a batch, the one that ran last at the end (changed on the event loop
     # only): a lone batch goes to the thread that ran the previous one. Taking turns (one pool of two threads),
-    # a single sentence's request took 0.5 ms longer at concurrency 1 (P50, 9 of 12 alternating rounds).
+    # a single sentence's request took 0.5-0.6 ms longer at concurrency 1 (P50, 10 of 12 alternating rounds).
     idle: list[int]
     running: int = 0  # batches of the version in ONNX Runtime now; changed under ``lock``
     lock: threading.Lock = field(default_factory=threading.Lock)
