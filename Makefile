@@ -42,7 +42,9 @@ triton: bootstrap-model triton-setup
 
 ## Set up, make sure a Redis answers, run the whole test suite.
 test: bootstrap-model ensure-redis triton-setup lint typecheck
-	$(PY) -m pytest -q --durations=25
+	# One OpenBLAS thread: the suite forks DataLoader workers in a process where a gateway app's drift thread
+	# may be in a numpy matmul, and OpenBLAS's fork handler then waits for its threads forever (seen once).
+	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q --durations=25
 
 ## ruff (lint + format) and the import contracts of pyproject.toml's [tool.importlinter] (imports go one way).
 lint: $(STAMP)
