@@ -247,9 +247,8 @@ class Embedder:
         shared = set(owners)
         for computation in shared:
             computation.waiters += 1
-        waits = [asyncio.shield(c.task) for c in shared]
         try:
-            await (waits[0] if len(waits) == 1 else asyncio.gather(*waits))
+            await asyncio.gather(*(asyncio.shield(c.task) for c in shared))
         finally:
             for computation in shared:
                 computation.waiters -= 1
@@ -312,7 +311,7 @@ class Embedder:
             futures = batcher.submit([ids for _, ids in fitting], lane, computation.times)
             computation.queued = [(d, len(ids), f) for (d, ids), f in zip(fitting, futures, strict=True)]
             try:
-                vectors = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
+                vectors = await asyncio.gather(*futures)
             except BaseException:
                 for future in futures:
                     future.cancel()
